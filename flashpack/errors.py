@@ -1,0 +1,90 @@
+"""The exception hierarchy.
+
+Every error flashpack raises derives from :class:`FlashPackError`, and each subclass is also the
+builtin a caller would naturally catch: format problems are :class:`ValueError`, I/O problems are
+:class:`OSError` (keeping ``errno``), an unavailable backend is :class:`RuntimeError`. Messages name
+the file and the key or byte offset involved, and say what to do next.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class FlashPackError(Exception):
+    """Base class of every error raised by flashpack."""
+
+
+# --------------------------------------------------------------------------- format errors
+
+
+class FormatError(FlashPackError, ValueError):
+    """The file breaks an invariant of the format (see docs/FORMAT.md)."""
+
+
+class NotAFlashPackError(FormatError):
+    """The file does not start with the flashpack magic and has no fal flashpack footer (I1)."""
+
+
+class HeaderError(FormatError):
+    """The 4096-byte header is damaged or inconsistent (I2, I3)."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The header or weight map names a format version this reader does not know (I4)."""
+
+
+class TruncatedFileError(FormatError):
+    """The file is shorter than its header says (I5)."""
+
+
+class TrailingBytesError(FormatError):
+    """The file is longer than its header says (I5)."""
+
+
+class WeightMapError(FormatError):
+    """The weight map is damaged: bad checksum, bad UTF-8/JSON, missing or ill-typed fields (I6, I7)."""
+
+
+class DtypeError(FormatError):
+    """A dtype name is unknown, or this torch build lacks it (I9)."""
+
+
+class LayoutError(FormatError):
+    """Offsets, sizes or shapes in the weight map are out of range, misaligned or overlapping (I8, I10-I14)."""
+
+
+class ChecksumMismatchError(FormatError):
+    """A payload chunk's checksum does not match the weight map (I15)."""
+
+
+# --------------------------------------------------------------------------- model errors
+
+
+class ModelMismatchError(FlashPackError, ValueError):
+    """The file does not fit the model: a shape, dtype, missing/unexpected key or conflicting tie."""
+
+
+# --------------------------------------------------------------------------- I/O and backends
+
+
+class ReadError(FlashPackError, OSError):
+    """A read failed or came back short. ``errno``, ``filename`` and ``strerror`` are set."""
+
+    def __init__(self, err: int, message: str, filename: str | os.PathLike | None = None):
+        OSError.__init__(self, err, message, None if filename is None else os.fspath(filename))
+
+
+class BackendUnavailableError(FlashPackError, RuntimeError):
+    """A reader backend that was asked for by name cannot run here; the message says why and how to fix it."""
+
+
+def short_read_error(path: str | os.PathLike, file_offset: int, expected: int, got: int) -> ReadError:
+    """The error for a read that returned fewer bytes than the file should hold (cases C18, C30)."""
+    return ReadError(
+        _errno.EIO,
+        f"short read at byte offset {file_offset}: expected {expected} bytes, got {got} "
+        f"(was the file truncated or replaced while loading?)",
+        path,
+    )

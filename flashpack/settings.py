@@ -1,0 +1,127 @@
+"""Every ``FLASHPACK_*`` environment variable, read in this one place.
+
+==============================  ===========  ==========================================================
+variable                        default      meaning
+==============================  ===========  ==========================================================
+``FLASHPACK_BACKEND``           ``auto``     reader backend: ``auto``, ``uring`` or ``threads``
+``FLASHPACK_VERIFY``            ``1``        verify payload checksums on load (``0`` to skip)
+``FLASHPACK_DIRECT``            ``auto``     O_DIRECT policy: ``auto`` (direct when the pages are not
+                                             cached), ``on`` (always direct), ``off`` (always buffered)
+``FLASHPACK_QUEUE_DEPTH``       ``8``        reads in flight per load
+``FLASHPACK_THREADS``           ``4``        worker threads of the ``threads`` backend
+``FLASHPACK_EXTENT_NBYTES``     8 MiB        bytes per read request (a multiple of 4096)
+``FLASHPACK_SLOT_NBYTES``       64 MiB       bytes per pinned staging slot (GPU loads)
+``FLASHPACK_NUM_SLOTS``         ``4``        staging slots per GPU load
+``FLASHPACK_PINNED_CAP_NBYTES`` 1 GiB        most pinned host memory one load may hold
+``FLASHPACK_DISTRIBUTED``       ``0``        ``1``: use the default process group when initialised
+``FLASHPACK_DEBUG``             ``0``        ``1``: the CLI prints tracebacks
+==============================  ===========  ==========================================================
+
+Sizes accept plain byte counts or a ``K``/``M``/``G`` suffix (powers of 1024): ``FLASHPACK_SLOT_NBYTES=16M``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+#: Alignment of O_DIRECT offsets, lengths and buffer addresses, and of every block in a pack.
+#: 4096 covers the logical block size of every common device (see open(2), "O_DIRECT").
+PAGE_NBYTES = 4096
+
+
+def parse_nbytes(text: str) -> int:
+    """Parse ``"123"``, ``"64K"``, ``"16M"``, ``"2G"`` (powers of 1024) into a byte count.
+
+    Raises:
+        ValueError: the text is not a non-negative size.
+    """
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": KiB, "M": MiB, "G": GiB}.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    try:
+        value = int(t) * mult
+    except ValueError:
+        raise ValueError(f"not a byte count: {text!r} (use e.g. 4096, 64K, 16M, 2G)") from None
+    if value < 0:
+        raise ValueError(f"byte count must be >= 0, got {text!r}")
+    return value
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip()
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    v = _env(name, "1" if default else "0").lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{name}={v!r}: expected 0 or 1")
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str
+    verify: bool
+    direct: str
+    queue_depth: int
+    threads: int
+    extent_nbytes: int
+    slot_nbytes: int
+    num_slots: int
+    pinned_cap_nbytes: int
+    distributed: bool
+    debug: bool
+
+
+def settings() -> Settings:
+    """Read the environment now (cheap; callers read it once per load).
+
+    Raises:
+        ValueError: a variable holds a value of the wrong form; the message names it.
+    """
+    def size(name: str, default: str) -> int:
+        try:
+            return parse_nbytes(_env(name, default))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+    def count(name: str, default: int) -> int:
+        v = _env(name, str(default))
+        try:
+            n = int(v)
+        except ValueError:
+            raise ValueError(f"{name}={v!r}: expected a positive integer") from None
+        if n < 1:
+            raise ValueError(f"{name}={v!r}: expected a positive integer")
+        return n
+
+    direct = _env("FLASHPACK_DIRECT", "auto").lower()
+    if direct not in ("auto", "on", "off"):
+        raise ValueError(f"FLASHPACK_DIRECT={direct!r}: expected auto, on or off")
+    extent = size("FLASHPACK_EXTENT_NBYTES", "8M")
+    if extent < PAGE_NBYTES or extent % PAGE_NBYTES:
+        raise ValueError(f"FLASHPACK_EXTENT_NBYTES={extent}: must be a positive multiple of {PAGE_NBYTES}")
+    slot = size("FLASHPACK_SLOT_NBYTES", "64M")
+    if slot < PAGE_NBYTES or slot % PAGE_NBYTES:
+        raise ValueError(f"FLASHPACK_SLOT_NBYTES={slot}: must be a positive multiple of {PAGE_NBYTES}")
+    return Settings(
+        backend=_env("FLASHPACK_BACKEND", "auto").lower() or "auto",
+        verify=_env_bool("FLASHPACK_VERIFY", True),
+        direct=direct,
+        queue_depth=count("FLASHPACK_QUEUE_DEPTH", 8),
+        threads=count("FLASHPACK_THREADS", 4),
+        extent_nbytes=extent,
+        slot_nbytes=slot,
+        num_slots=count("FLASHPACK_NUM_SLOTS", 4),
+        pinned_cap_nbytes=size("FLASHPACK_PINNED_CAP_NBYTES", "1G"),
+        distributed=_env_bool("FLASHPACK_DISTRIBUTED", False),
+        debug=_env_bool("FLASHPACK_DEBUG", False),
+    )
