@@ -1,0 +1,67 @@
+"""``FlashPackMixin`` for ``nn.Module`` subclasses, and building a module without allocating its weights."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+_patch_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def init_empty_weights():
+    """Build modules with parameters on the meta device (no memory, no random init) while buffers
+    stay real, so non-persistent buffers (``position_ids = arange(n)``) keep their computed values
+    (case C11). Unlike ``accelerate.init_empty_weights``, ``ACCELERATE_INIT_INCLUDE_BUFFERS`` has no
+    effect here. Temporarily wraps ``nn.Module.register_parameter`` for the duration of the block.
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    with _patch_lock:
+        torch.nn.Module.register_parameter = register_parameter
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = original
+
+
+class FlashPackMixin:
+    """Adds ``save_flashpack`` and ``from_flashpack`` to an ``nn.Module`` subclass::
+
+        class MyModule(nn.Module, FlashPackMixin): ...
+        MyModule(4).save_flashpack("model.flashpack")
+        m = MyModule.from_flashpack("model.flashpack", 4)
+    """
+
+    def save_flashpack(self, path: str | os.PathLike, target_dtype: torch.dtype | None = None, *,
+                       metadata: dict[str, str] | None = None) -> int:
+        """Write this module's state_dict with :func:`flashpack.pack_to_file` (atomic). Returns the file size in bytes."""
+        from .serialization import pack_to_file
+
+        return pack_to_file(self, path, target_dtype, metadata=metadata)
+
+    @classmethod
+    def from_flashpack(cls, path: str | os.PathLike, *init_args, device="cpu", strict: bool = True,
+                       backend: str | None = None, verify: bool | None = None, mmap: bool = False,
+                       process_group=None, **init_kwargs):
+        """Build ``cls(*init_args, **init_kwargs)`` with meta parameters, fill it from ``path`` with
+        :func:`flashpack.assign_from_file`, and return it in eval mode on ``device``.
+
+        Raises:
+            Everything :func:`flashpack.assign_from_file` raises; no partially loaded module is returned.
+        """
+        from .deserialization import assign_from_file
+
+        with init_empty_weights():
+            module = cls(*init_args, **init_kwargs)
+        assign_from_file(module, path, device=device, strict=strict, backend=backend, verify=verify, mmap=mmap,
+                         process_group=process_group)
+        return module.eval()

@@ -1,0 +1,241 @@
+"""Writing: ``pack_to_file`` turns a state_dict (or a module) into a ``.flashpack`` file, atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+import xxhash
+
+from .errors import FlashPackError
+from .format import (
+    BLOCK_ALIGN,
+    CHUNK_NBYTES,
+    HEADER_NBYTES,
+    TENSOR_ALIGN,
+    BlockInfo,
+    TensorInfo,
+    dtype_name,
+    encode_header,
+    encode_weight_map,
+)
+
+#: Largest piece of one tensor moved to the CPU and written at a time (bounds extra memory).
+WRITE_PIECE_NBYTES = 64 * 1024 * 1024
+_ZEROS = bytes(BLOCK_ALIGN)
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def _storage_key(t: torch.Tensor):
+    """Identity of a tensor's bytes: equal keys mean the same view of the same storage (an alias)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+@dataclass
+class _Planned:
+    key: str
+    tensor: torch.Tensor
+    out_dtype: torch.dtype
+    info: TensorInfo
+
+
+def state_dict_of(obj) -> dict[str, torch.Tensor]:
+    """``obj.state_dict()`` for a module (tied parameters appear under every name), else the mapping."""
+    if isinstance(obj, torch.nn.Module):
+        return obj.state_dict(keep_vars=False)
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    raise TypeError(f"expected an nn.Module or a state_dict mapping, got {type(obj).__name__}")
+
+
+def _plan(state_dict: Mapping[str, torch.Tensor], target_dtype: torch.dtype | None, path: str):
+    """Group tensors by stored dtype, lay out blocks and tensors, find aliases."""
+    seen: dict = {}
+    aliases: dict[str, str] = {}
+    groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for key, t in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{path}: state_dict keys must be strings, got {key!r}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{path}: value of key {key!r} is a {type(t).__name__}, not a tensor")
+        if t.device.type == "meta":
+            raise FlashPackError(f"{path}: key {key!r} is on the meta device and has no data to write")
+        if t.is_quantized or t.is_sparse or t.layout != torch.strided:
+            raise FlashPackError(f"{path}: key {key!r}: only dense strided tensors can be packed (got {t.layout}"
+                                 f"{', quantized' if t.is_quantized else ''})")
+        sk = _storage_key(t)
+        if sk is not None and sk in seen:
+            aliases[key] = seen[sk]
+            continue
+        if sk is not None:
+            seen[sk] = key
+        out = target_dtype if (target_dtype is not None and t.is_floating_point()) else t.dtype
+        dtype_name(out)  # raises for dtypes the format cannot hold
+        groups.setdefault(out, []).append((key, t))
+
+    planned: list[_Planned] = []
+    blocks: list[tuple[torch.dtype, int, int]] = []
+    offset = HEADER_NBYTES
+    for dt, items in groups.items():
+        name = dtype_name(dt)
+        offset = _round_up(offset, BLOCK_ALIGN)
+        start = pos = offset
+        for key, t in items:
+            nbytes = t.numel() * dt.itemsize
+            if nbytes == 0:
+                planned.append(_Planned(key, t, dt, TensorInfo(key, name, tuple(t.shape), 0, 0)))
+                continue
+            pos = _round_up(pos, TENSOR_ALIGN)
+            planned.append(_Planned(key, t, dt, TensorInfo(key, name, tuple(t.shape), pos, nbytes)))
+            pos += nbytes
+        if pos > start:
+            blocks.append((dt, start, pos - start))
+            offset = pos
+    return planned, blocks, aliases
+
+
+class _ChunkHasher:
+    """Feeds a block's bytes in order and keeps one xxh3_64 digest per ``chunk_nbytes``."""
+
+    def __init__(self, chunk_nbytes: int):
+        self.chunk = chunk_nbytes
+        self.digests: list[int] = []
+        self._h = xxhash.xxh3_64()
+        self._fill = 0
+
+    def update(self, data: memoryview) -> None:
+        while data.nbytes:
+            take = min(self.chunk - self._fill, data.nbytes)
+            self._h.update(data[:take])
+            self._fill += take
+            data = data[take:]
+            if self._fill == self.chunk:
+                self.finish_chunk()
+
+    def finish_chunk(self) -> None:
+        self.digests.append(self._h.intdigest())
+        self._h = xxhash.xxh3_64()
+        self._fill = 0
+
+    def close(self) -> tuple[int, ...]:
+        if self._fill or not self.digests:
+            self.finish_chunk()
+        return tuple(self.digests)
+
+
+def _pieces(t: torch.Tensor, out_dtype: torch.dtype) -> Iterable[memoryview]:
+    """The tensor's bytes in logical row-major order, cast to ``out_dtype``, on the CPU, in pieces of at
+    most :data:`WRITE_PIECE_NBYTES` (a contiguous tensor is sliced, never copied whole)."""
+    flat = t.detach().reshape(-1)  # copies only if the tensor is not viewable as 1-D (non-contiguous)
+    step = max(1, WRITE_PIECE_NBYTES // max(t.element_size(), out_dtype.itemsize))
+    for i in range(0, flat.numel(), step):
+        piece = flat[i:i + step].to(device="cpu", dtype=out_dtype).contiguous()
+        yield memoryview(piece.view(torch.uint8).numpy()).cast("B")
+
+
+def _write_all(fd: int, data) -> None:
+    mv = memoryview(data).cast("B")
+    while mv.nbytes:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def pack_to_file(model_or_state_dict, path: str | os.PathLike, target_dtype: torch.dtype | None = None, *,
+                 metadata: Mapping[str, str] | None = None, chunk_nbytes: int = CHUNK_NBYTES) -> int:
+    """Write a module's state_dict, or a state_dict, to ``path`` as a flashpack file.
+
+    Args:
+        model_or_state_dict: an ``nn.Module`` (its ``state_dict()``) or a mapping of key -> tensor, on any
+            device (moved to the CPU piece by piece). Tensors sharing storage with the same offset,
+            shape and strides (tied weights) are stored once and recorded as aliases.
+        path: destination file. Written atomically: a temporary file in the same folder, fsync, rename;
+            on any error the temporary file is removed and an existing ``path`` is untouched. The file
+            mode follows the umask.
+        target_dtype: cast floating-point tensors (including float8) to this dtype; integer, bool and
+            complex tensors keep theirs. Also accepted as the third positional argument.
+        metadata: free-form ``str -> str`` pairs stored in the weight map.
+        chunk_nbytes: checksum chunk size in bytes (a multiple of 4096).
+
+    Returns:
+        The file's size in bytes.
+
+    Raises:
+        TypeError: keys or values of the wrong type; metadata that is not ``str -> str``.
+        FlashPackError: a meta, sparse or quantized tensor, or a dtype the format cannot hold.
+        OSError: the destination cannot be written.
+
+    Notes:
+        Blocks start on 4096-byte boundaries, tensors on 64-byte boundaries inside their block; all bytes
+        are little-endian, row-major (docs/FORMAT.md). Extra memory is bounded by one piece of
+        :data:`WRITE_PIECE_NBYTES` (plus one whole tensor when it is non-contiguous or cast).
+    """
+    path = os.fspath(path)
+    if chunk_nbytes <= 0 or chunk_nbytes % BLOCK_ALIGN:
+        raise ValueError(f"chunk_nbytes must be a positive multiple of {BLOCK_ALIGN}, got {chunk_nbytes}")
+    meta = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise TypeError("metadata must map str to str")
+    state_dict = state_dict_of(model_or_state_dict)
+    planned, blocks, aliases = _plan(state_dict, target_dtype, path)
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        _write_all(fd, bytes(HEADER_NBYTES))
+        pos = HEADER_NBYTES
+        block_infos: list[BlockInfo] = []
+        by_dtype: dict[torch.dtype, list[_Planned]] = {}
+        for p in planned:
+            by_dtype.setdefault(p.out_dtype, []).append(p)
+        for dt, start, nbytes in blocks:
+            _write_all(fd, bytes(start - pos))
+            pos = start
+            hasher = _ChunkHasher(chunk_nbytes)
+            for p in by_dtype[dt]:
+                if p.info.nbytes == 0:
+                    continue
+                pad = p.info.offset - pos
+                if pad:
+                    hasher.update(memoryview(_ZEROS)[:pad])
+                    _write_all(fd, _ZEROS[:pad])
+                for piece in _pieces(p.tensor, dt):
+                    hasher.update(piece)
+                    _write_all(fd, piece)
+                pos = p.info.offset + p.info.nbytes
+            block_infos.append(BlockInfo(dtype_name(dt), start, nbytes, hasher.close()))
+        order = {k: i for i, k in enumerate(state_dict)}
+        infos = sorted((p.info for p in planned), key=lambda t: order[t.key])  # weight map in state_dict order
+        index = encode_weight_map(metadata=meta, tensors=infos, aliases=aliases,
+                                  blocks=block_infos, chunk_nbytes=chunk_nbytes)
+        _write_all(fd, index)
+        file_nbytes = pos + len(index)
+        os.pwrite(fd, encode_header(file_nbytes, pos, len(index), xxhash.xxh3_64_intdigest(index)), 0)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return file_nbytes
