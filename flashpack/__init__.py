@@ -3,29 +3,58 @@
 Public API (names kept from fal's flashpack): :func:`pack_to_file`, :func:`load`,
 :func:`assign_from_file`, :class:`FlashPackMixin`; plus :func:`verify`, :func:`read_weight_map`,
 :func:`backends`. The file format is specified in docs/FORMAT.md.
+
+Names are imported on first use (a module-level ``__getattr__``, PEP 562), so ``import flashpack``
+and ``flashpack --help`` do not pay for importing torch; ``from flashpack import load`` works as usual.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from .deserialization import LoadStats, VerifyReport, assign_from_file, load, read_weight_map, verify
-from .errors import (
-    BackendUnavailableError,
-    ChecksumMismatchError,
-    DtypeError,
-    FlashPackError,
-    FormatError,
-    ModelMismatchError,
-    NotAFlashPackError,
-    ReadError,
-)
-from .io import backends
-from .mixin import FlashPackMixin, init_empty_weights
-from .serialization import pack_to_file
+#: public name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(["LoadStats", "VerifyReport", "assign_from_file", "load", "read_weight_map", "verify"],
+                    ".deserialization"),
+    **dict.fromkeys(["BackendUnavailableError", "ChecksumMismatchError", "DtypeError", "FlashPackError",
+                     "FormatError", "ModelMismatchError", "NotAFlashPackError", "ReadError"], ".errors"),
+    "backends": ".io",
+    "FlashPackMixin": ".mixin",
+    "init_empty_weights": ".mixin",
+    "pack_to_file": ".serialization",
+}
 
-__all__ = [
-    "BackendUnavailableError", "ChecksumMismatchError", "DtypeError", "FlashPackError", "FlashPackMixin",
-    "FormatError", "LoadStats", "ModelMismatchError", "NotAFlashPackError", "ReadError", "VerifyReport",
-    "assign_from_file", "backends", "init_empty_weights", "load", "pack_to_file", "read_weight_map", "verify",
-]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'flashpack' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
+    from .deserialization import LoadStats, VerifyReport, assign_from_file, load, read_weight_map, verify
+    from .errors import (
+        BackendUnavailableError,
+        ChecksumMismatchError,
+        DtypeError,
+        FlashPackError,
+        FormatError,
+        ModelMismatchError,
+        NotAFlashPackError,
+        ReadError,
+    )
+    from .io import backends
+    from .mixin import FlashPackMixin, init_empty_weights
+    from .serialization import pack_to_file

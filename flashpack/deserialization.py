@@ -438,6 +438,7 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike, *, device=
     load_keys = [k for k in wm.keys() if k in kinds] if keys is None else [k for k in keys if k in kinds and k in file_keys]
     sd = load(path, device=dev, backend=backend, keys=load_keys, verify=verify, mmap=mmap, process_group=process_group)
 
+    sources = []  # check every tie before changing the model: on error it stays untouched
     for names in groups.values():
         present = [n for n in names if n in sd]
         if not present:
@@ -450,6 +451,8 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike, *, device=
                     f"{path}: {present[0]!r} and {n!r} are tied in the model but hold different values in the file; "
                     f"untie them in the model or repack the file"
                 )
+        sources.append((names, src))
+    for names, src in sources:
         kind, cur = kinds[names[0]]
         new = torch.nn.Parameter(src, requires_grad=cur.requires_grad) if kind == "param" else src
         for n in names:

@@ -237,6 +237,11 @@ def decode_header(data: bytes, path: str, actual_nbytes: int) -> Header:
         NotAFlashPackError (I1), HeaderError (I2, I3), UnsupportedVersionError (I4),
         TruncatedFileError / TrailingBytesError (I5).
     """
+    if data[:8] == MAGIC and len(data) < _HEADER.size:
+        raise TruncatedFileError(
+            f"{path}: truncated: the file has {actual_nbytes} bytes, fewer than the {_HEADER.size}-byte header; "
+            f"copy or download it again"
+        )
     if len(data) < _HEADER.size or data[:8] != MAGIC:
         raise NotAFlashPackError(
             f"{path}: not a flashpack file (no flashpack magic at byte 0, no fal flashpack footer); "
@@ -495,6 +500,8 @@ def decode_fal_footer(footer: bytes, path: str, file_nbytes: int, footer_offset:
         tensors: dict[str, TensorInfo] = {}
         for rec in doc["index"]:
             name = rec["name"]
+            if not isinstance(name, str) or name in tensors:
+                raise LayoutError(f"{path}: fal flashpack index name {name!r} is not a string or appears twice")
             mbi = int(rec.get("macroblock", 0))
             if not 0 <= mbi < len(raw_blocks):
                 raise LayoutError(f"{path}: key {name!r}: macroblock {mbi} does not exist")
@@ -508,7 +515,7 @@ def decode_fal_footer(footer: bytes, path: str, file_nbytes: int, footer_offset:
                 raise LayoutError(f"{path}: key {name!r}: length {length} does not match shape {list(shape)}")
             tensors[name] = TensorInfo(name, dt, shape, boff + int(rec["offset"]) * item if length else 0, length * item)
     except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, (LayoutError, DtypeError, WeightMapError)):
+        if isinstance(e, (LayoutError, DtypeError, WeightMapError, UnsupportedVersionError)):
             raise
         raise WeightMapError(f"{path}: fal flashpack footer is missing or has a malformed field: {e!r}") from None
 

@@ -8,6 +8,7 @@ destination buffer laid end to end; each region is cut into *extents* of at most
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -53,6 +54,11 @@ class LoadPlan:
     chunk_extent_counts: tuple[int, ...]
     buffer_nbytes: int
 
+    @functools.cached_property
+    def _region_starts(self) -> list[int]:
+        # computed once: buffer_offset runs once per tensor, and a partial load can have many regions
+        return [r.file_offset for r in self.regions]
+
     @property
     def read_nbytes(self) -> int:
         return sum(e.nbytes for e in self.extents)
@@ -63,7 +69,7 @@ class LoadPlan:
         Raises:
             KeyError: the byte is not in any region of this plan.
         """
-        i = bisect.bisect_right([r.file_offset for r in self.regions], file_offset) - 1
+        i = bisect.bisect_right(self._region_starts, file_offset) - 1
         if i < 0 or file_offset >= self.regions[i].file_offset + self.regions[i].nbytes:
             raise KeyError(file_offset)
         r = self.regions[i]

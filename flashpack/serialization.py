@@ -36,7 +36,54 @@ def _storage_key(t: torch.Tensor):
     """Identity of a tensor's bytes: equal keys mean the same view of the same storage (an alias)."""
     if t.numel() == 0 or t.device.type == "meta":
         return None
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+            t.is_conj(), t.is_neg())  # a lazy conj/neg view of the same bytes holds other values
+
+
+class LazyTensor:
+    """A tensor known up front by shape and dtype whose bytes are produced only when they are written.
+
+    Lets :func:`pack_to_file` stream a checkpoint that does not fit in memory (``flashpack convert``):
+    the plan needs only shape and dtype; ``load()`` is called once, in the write pass, and its result is
+    dropped as soon as its bytes are written. The same ``LazyTensor`` object under several keys is one
+    tensor stored once, the other keys recorded as aliases.
+
+    Args:
+        shape: the tensor's shape.
+        dtype: its ``torch.dtype``.
+        load: a callable returning a tensor of that shape and dtype (any device, any strides).
+    """
+
+    __slots__ = ("shape", "dtype", "load")
+
+    def __init__(self, shape, dtype: torch.dtype, load):
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.load = load
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def materialize(self) -> torch.Tensor:
+        """``load()``, checked against the promised shape and dtype.
+
+        Raises:
+            FlashPackError: the loaded tensor differs from what was promised.
+        """
+        t = self.load()
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(self.shape) or t.dtype != self.dtype:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise FlashPackError(f"lazy tensor promised {tuple(self.shape)} {self.dtype}, its loader gave {got}")
+        return t
+
+
+def _castable(dtype: torch.dtype) -> bool:
+    """Whether ``target_dtype`` applies: floating-point dtypes, except packed sub-byte ones
+    (``float4_e2m1fn_x2`` holds two values per byte; torch defines no cast for it)."""
+    return dtype.is_floating_point and dtype != getattr(torch, "float4_e2m1fn_x2", None)
 
 
 @dataclass
@@ -64,20 +111,23 @@ def _plan(state_dict: Mapping[str, torch.Tensor], target_dtype: torch.dtype | No
     for key, t in state_dict.items():
         if not isinstance(key, str):
             raise TypeError(f"{path}: state_dict keys must be strings, got {key!r}")
-        if not isinstance(t, torch.Tensor):
+        if isinstance(t, LazyTensor):
+            sk = ("lazy", id(t)) if t.numel() else None
+        elif not isinstance(t, torch.Tensor):
             raise TypeError(f"{path}: value of key {key!r} is a {type(t).__name__}, not a tensor")
-        if t.device.type == "meta":
+        elif t.device.type == "meta":
             raise FlashPackError(f"{path}: key {key!r} is on the meta device and has no data to write")
-        if t.is_quantized or t.is_sparse or t.layout != torch.strided:
+        elif t.is_quantized or t.is_sparse or t.layout != torch.strided:
             raise FlashPackError(f"{path}: key {key!r}: only dense strided tensors can be packed (got {t.layout}"
                                  f"{', quantized' if t.is_quantized else ''})")
-        sk = _storage_key(t)
+        else:
+            sk = _storage_key(t)
         if sk is not None and sk in seen:
             aliases[key] = seen[sk]
             continue
         if sk is not None:
             seen[sk] = key
-        out = target_dtype if (target_dtype is not None and t.is_floating_point()) else t.dtype
+        out = target_dtype if (target_dtype is not None and _castable(t.dtype)) else t.dtype
         dtype_name(out)  # raises for dtypes the format cannot hold
         groups.setdefault(out, []).append((key, t))
 
@@ -131,10 +181,23 @@ class _ChunkHasher:
         return tuple(self.digests)
 
 
+#: Same-size integer dtypes to view a tensor's raw bits through.
+_BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _pieces(t: torch.Tensor, out_dtype: torch.dtype) -> Iterable[memoryview]:
     """The tensor's bytes in logical row-major order, cast to ``out_dtype``, on the CPU, in pieces of at
-    most :data:`WRITE_PIECE_NBYTES` (a contiguous tensor is sliced, never copied whole)."""
-    flat = t.detach().reshape(-1)  # copies only if the tensor is not viewable as 1-D (non-contiguous)
+    most :data:`WRITE_PIECE_NBYTES` (a contiguous tensor is sliced, never copied whole). A
+    :class:`LazyTensor` is materialized here and dropped when its last piece is written."""
+    if isinstance(t, LazyTensor):
+        t = t.materialize()
+    src = t.detach().resolve_conj().resolve_neg()  # lazy conj/neg views: bits must hold the real values
+    if out_dtype == src.dtype and src.dtype.itemsize in _BITS_VIEW:
+        # No cast: move raw bits. torch has no copy kernel for sub-byte/bits dtypes (uint4, bits8, ...),
+        # so a non-contiguous one could not be made row-major in its own dtype.
+        src = src.view(_BITS_VIEW[src.dtype.itemsize])
+        out_dtype = src.dtype
+    flat = src.reshape(-1)  # copies only if the tensor is not viewable as 1-D (non-contiguous)
     step = max(1, WRITE_PIECE_NBYTES // max(t.element_size(), out_dtype.itemsize))
     for i in range(0, flat.numel(), step):
         piece = flat[i:i + step].to(device="cpu", dtype=out_dtype).contiguous()
@@ -154,7 +217,8 @@ def pack_to_file(model_or_state_dict, path: str | os.PathLike, target_dtype: tor
 
     Args:
         model_or_state_dict: an ``nn.Module`` (its ``state_dict()``) or a mapping of key -> tensor, on any
-            device (moved to the CPU piece by piece). Tensors sharing storage with the same offset,
+            device (moved to the CPU piece by piece); a value may be a :class:`LazyTensor`, read only
+            when written. Tensors sharing storage with the same offset,
             shape and strides (tied weights) are stored once and recorded as aliases.
         path: destination file. Written atomically: a temporary file in the same folder, fsync, rename;
             on any error the temporary file is removed and an existing ``path`` is untouched. The file
