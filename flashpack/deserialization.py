@@ -206,7 +206,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend
         mmap: zero-copy mode (CPU only): tensors are views of a private copy-on-write mapping of the file,
             like ``torch.load(mmap=True)``: writable, writes never reach the file, nothing is copied up front.
             Caveat: if another process truncates the file while the mapping is alive, touching the lost
-            pages raises SIGBUS and kills the process. Checksums are verified only when ``verify=True``.
+            pages raises SIGBUS and kills the process. Checksums are verified (touching every page) only when
+            ``verify=True`` is passed explicitly; ``FLASHPACK_VERIFY`` does not apply to this mode.
         process_group: distributed loading over ``torch.distributed`` (see :mod:`flashpack.distributed`).
         stats: a :class:`LoadStats` to fill in (bytes read, backend used).
 
@@ -227,10 +228,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend
     path = os.fspath(path)
     dev = _parse_device(device)
     cfg = settings()
+    if mmap:
+        verify = bool(verify)
     verify = cfg.verify if verify is None else verify
     stats = stats if stats is not None else LoadStats()
     pg = _resolve_process_group(process_group, cfg)
     if pg is not None:
+        if mmap:
+            raise FlashPackError(f"{path}: mmap=True maps the file in this process; it cannot be combined with a process group")
         from .distributed import load_distributed
 
         return load_distributed(path, device=dev, backend=backend, keys=keys, verify=verify,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
 import torch
 
 _patch_lock = threading.RLock()
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
 
 
 @contextlib.contextmanager
@@ -17,6 +21,8 @@ def init_empty_weights():
     stay real, so non-persistent buffers (``position_ids = arange(n)``) keep their computed values
     (case C11). Unlike ``accelerate.init_empty_weights``, ``ACCELERATE_INIT_INCLUDE_BUFFERS`` has no
     effect here. Temporarily wraps ``nn.Module.register_parameter`` for the duration of the block.
+    The ``torch.nn.init`` functions skip meta tensors inside the block: random init of a meta tensor is
+    wasted work, and the first one costs seconds in torch 2.13 (it imports the compiler stack).
     """
     original = torch.nn.Module.register_parameter
 
@@ -25,12 +31,25 @@ def init_empty_weights():
             param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
+    def skip_meta(fn):
+        @functools.wraps(fn)
+        def init(tensor, *args, **kwargs):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+                return tensor
+            return fn(tensor, *args, **kwargs)
+        return init
+
+    inits = {n: getattr(torch.nn.init, n) for n in _INIT_FUNCTIONS if hasattr(torch.nn.init, n)}
     with _patch_lock:
         torch.nn.Module.register_parameter = register_parameter
+        for n, fn in inits.items():
+            setattr(torch.nn.init, n, skip_meta(fn))
         try:
             yield
         finally:
             torch.nn.Module.register_parameter = original
+            for n, fn in inits.items():
+                setattr(torch.nn.init, n, fn)
 
 
 class FlashPackMixin:
