@@ -387,7 +387,7 @@ def _default_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def assign_from_file(model: torch.nn.Module, path: str | os.PathLike, *, device=None, strict: bool = True,
+def assign_from_file(model: torch.nn.Module, path: str | os.PathLike, device=None, *, strict: bool = True,
                      backend: str | None = None, verify: bool | None = None, mmap: bool = False,
                      process_group=None, keys: Iterable[str] | None = None):
     """Load a flashpack file and assign its tensors into ``model`` as zero-copy views.

@@ -9,6 +9,8 @@ import threading
 
 import torch
 
+from .deserialization import assign_from_file  # noqa: F401  (fal's flashpack exports it here; diffusers calls it)
+
 _patch_lock = threading.RLock()
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",

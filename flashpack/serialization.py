@@ -211,17 +211,19 @@ def _write_all(fd: int, data) -> None:
         mv = mv[n:]
 
 
-def pack_to_file(model_or_state_dict, path: str | os.PathLike, target_dtype: torch.dtype | None = None, *,
+def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, target_dtype: torch.dtype | None = None, *,
                  metadata: Mapping[str, str] | None = None, chunk_nbytes: int = CHUNK_NBYTES) -> int:
-    """Write a module's state_dict, or a state_dict, to ``path`` as a flashpack file.
+    """Write a module's state_dict, or a state_dict, to ``destination_path`` as a flashpack file.
+
+    The argument names are those of fal's flashpack (diffusers passes them by keyword).
 
     Args:
-        model_or_state_dict: an ``nn.Module`` (its ``state_dict()``) or a mapping of key -> tensor, on any
+        state_dict_or_model: an ``nn.Module`` (its ``state_dict()``) or a mapping of key -> tensor, on any
             device (moved to the CPU piece by piece); a value may be a :class:`LazyTensor`, read only
             when written. Tensors sharing storage with the same offset,
             shape and strides (tied weights) are stored once and recorded as aliases.
-        path: destination file. Written atomically: a temporary file in the same folder, fsync, rename;
-            on any error the temporary file is removed and an existing ``path`` is untouched. The file
+        destination_path: the file. Written atomically: a temporary file in the same folder, fsync, rename;
+            on any error the temporary file is removed and an existing destination is untouched. The file
             mode follows the umask.
         target_dtype: cast floating-point tensors (including float8) to this dtype; integer, bool and
             complex tensors keep theirs. Also accepted as the third positional argument.
@@ -241,13 +243,13 @@ def pack_to_file(model_or_state_dict, path: str | os.PathLike, target_dtype: tor
         are little-endian, row-major (docs/FORMAT.md). Extra memory is bounded by one piece of
         :data:`WRITE_PIECE_NBYTES` (plus one whole tensor when it is non-contiguous or cast).
     """
-    path = os.fspath(path)
+    path = os.fspath(destination_path)
     if chunk_nbytes <= 0 or chunk_nbytes % BLOCK_ALIGN:
         raise ValueError(f"chunk_nbytes must be a positive multiple of {BLOCK_ALIGN}, got {chunk_nbytes}")
     meta = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise TypeError("metadata must map str to str")
-    state_dict = state_dict_of(model_or_state_dict)
+    state_dict = state_dict_of(state_dict_or_model)
     planned, blocks, aliases = _plan(state_dict, target_dtype, path)
 
     folder = os.path.dirname(os.path.abspath(path))

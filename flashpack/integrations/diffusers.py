@@ -1,0 +1,320 @@
+"""``FlashPackDiffusersModelMixin`` for diffusers models and ``FlashPackDiffusionPipeline`` for whole pipelines.
+
+Usage::
+
+    class FlashPackAutoencoderKL(FlashPackDiffusersModelMixin, AutoencoderKL):
+        pass
+
+    class FlashPackStableDiffusionPipeline(FlashPackDiffusionPipeline, StableDiffusionPipeline):
+        def __init__(self, vae: FlashPackAutoencoderKL, text_encoder: FlashPackCLIPTextModel, ...): ...
+
+    pipe.save_pretrained_flashpack("out/sd")
+    pipe = FlashPackStableDiffusionPipeline.from_pretrained_flashpack("out/sd", device_map="cuda")
+
+Model folder layout (``save_pretrained_flashpack`` on a model)::
+
+    config.json          the diffusers config (``_class_name`` names the diffusers class, e.g. ``AutoencoderKL``)
+    model.flashpack      the weights; ``model.<variant>.flashpack`` with ``variant=``
+
+``model.flashpack`` is the name diffusers itself gives FlashPack weights (``FLASHPACK_WEIGHTS_NAME``), and
+transformers components of a pipeline use the same name, so every pack in a pipeline is ``<component>/model.flashpack``.
+
+Pipeline folder layout::
+
+    model_index.json     component name -> [library, class]; FlashPack classes are recorded as the library class
+                         they derive from (``FlashPackAutoencoderKL`` -> ``["diffusers", "AutoencoderKL"]``)
+    vae/, unet/, text_encoder/ ...        FlashPack-enabled models: config + pack (as above)
+    tokenizer/, scheduler/, plain models  whatever their own ``save_pretrained`` writes
+
+diffusers is imported only when a method runs; nothing in diffusers is patched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import tempfile
+
+import torch
+
+from . import base_library_class, default_dtype, find_pack, load_model, parse_device_map, save_model_folder
+from .hub import pack_name, push_folder, resolve_folder, sub_patterns
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+MODEL_INDEX_NAME = "model_index.json"
+#: Non-weight files a pipeline needs: configs, tokenizer vocabularies and merges, sentencepiece models.
+PIPELINE_FILE_PATTERNS = ["model_index.json", "*.json", "*.txt", "*.model", "*.tiktoken"]
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".onnx", ".gguf")
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class FlashPackDiffusersModelMixin:
+    """Adds :meth:`save_pretrained_flashpack` and :meth:`from_pretrained_flashpack` to a diffusers ``ModelMixin``
+    subclass. Put the mixin first: ``class X(FlashPackDiffusersModelMixin, AutoencoderKL): pass``."""
+
+    def save_pretrained_flashpack(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
+                                  repo_id: str | None = None, token: str | bool | None = None,
+                                  private: bool | None = None, commit_message: str | None = None,
+                                  variant: str | None = None, target_dtype: torch.dtype | None = None) -> str:
+        """Write ``config.json`` and ``model[.<variant>].flashpack`` into ``save_directory`` (created if missing).
+
+        Args and atomicity as for
+        :meth:`flashpack.integrations.transformers.FlashPackTransformersModelMixin.save_pretrained_flashpack`.
+
+        Returns:
+            The pack's path.
+        """
+        model = self
+
+        def write_configs(tmp: str) -> None:
+            config = json.loads(model.to_json_string())
+            config["_class_name"] = base_library_class(model, ("diffusers",)).__name__
+            config.pop("_name_or_path", None)
+            _write_json_atomic(os.path.join(tmp, CONFIG_NAME), config)
+
+        return save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
+                                 target_dtype=target_dtype, push_to_hub=push_to_hub, repo_id=repo_id, token=token,
+                                 private=private, commit_message=commit_message)
+
+    @classmethod
+    def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, *, device_map=None,
+                                  subfolder: str | None = None, variant: str | None = None,
+                                  revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                                  local_files_only: bool = False, token: str | bool | None = None,
+                                  **config_overrides):
+        """Build the model from ``config.json`` on the meta device and fill it from its pack.
+
+        Args:
+            name_or_path: a local folder, or a Hub repo id (only ``config.json`` and the pack are downloaded).
+            device_map: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or a dict putting the
+                whole model on one device.
+            subfolder, variant, revision, cache_dir, local_files_only, token: as for ``from_pretrained``.
+            **config_overrides: config values to change, as for ``from_config``.
+
+        Returns:
+            The model in eval mode, in the pack's dtypes, on the device.
+
+        Raises:
+            As :meth:`flashpack.integrations.transformers.FlashPackTransformersModelMixin.from_pretrained_flashpack`.
+        """
+        from ..mixin import init_empty_weights
+
+        device = parse_device_map(device_map)
+        name = pack_name(variant)
+        folder = resolve_folder(name_or_path, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, name]),
+                                subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                local_files_only=local_files_only, token=token)
+        pack = find_pack(folder, name)
+        config = cls.load_config(folder)
+
+        def build(dtype):
+            with init_empty_weights(), default_dtype(dtype):
+                model, unused = cls.from_config(config, return_unused_kwargs=True, **config_overrides)
+            unknown = sorted(k for k in unused if k in config_overrides)
+            if unknown:
+                raise TypeError(f"{cls.__name__}.from_pretrained_flashpack: unknown config overrides {unknown}")
+            return model
+
+        model = load_model(build, pack, device)
+        model.register_to_config(_name_or_path=os.fspath(name_or_path))
+        return model
+
+
+def _flashpack_class(candidates) -> type | None:
+    """The first FlashPack-enabled class among a component's annotated types."""
+    for c in candidates:
+        if isinstance(c, type) and hasattr(c, "from_pretrained_flashpack"):
+            return c
+    return None
+
+
+def _has_weights(folder: str) -> bool:
+    """Whether ``folder`` holds ordinary (non-FlashPack) weight files."""
+    return os.path.isdir(folder) and any(f.endswith(_WEIGHT_SUFFIXES) for f in os.listdir(folder))
+
+
+def _variant_files(folder: str, variant: str | None) -> bool:
+    return variant is not None and os.path.isdir(folder) and any(
+        f.endswith(_WEIGHT_SUFFIXES) and (f".{variant}." in f or f".{variant}-" in f) for f in os.listdir(folder))
+
+
+class FlashPackDiffusionPipeline:
+    """Adds :meth:`save_pretrained_flashpack` and :meth:`from_pretrained_flashpack` to a diffusers pipeline class
+    whose ``__init__`` annotates FlashPack-enabled component classes (see the module docstring). Put it first:
+    ``class X(FlashPackDiffusionPipeline, StableDiffusionXLPipeline): ...``."""
+
+    def save_pretrained_flashpack(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
+                                  repo_id: str | None = None, token: str | bool | None = None,
+                                  private: bool | None = None, commit_message: str | None = None,
+                                  variant: str | None = None) -> str:
+        """Write ``model_index.json`` and every component into its subfolder: FlashPack-enabled models as config +
+        pack (``save_pretrained_flashpack``), everything else with its own ``save_pretrained`` (safetensors).
+
+        Args:
+            save_directory: the folder (created if missing).
+            push_to_hub, repo_id, token, private, commit_message: upload the folder with ``huggingface_hub.HfApi``
+                (``repo_id`` defaults to the folder's name).
+            variant: ``model.<variant>.flashpack`` for packs, the library's variant naming for the rest.
+
+        Returns:
+            The folder's path. ``model_index.json`` is written last, atomically.
+        """
+        folder = os.fspath(save_directory)
+        if os.path.isfile(folder):
+            raise NotADirectoryError(f"{folder} is a file; save_directory must be a folder")
+        os.makedirs(folder, exist_ok=True)
+        expected, _ = self._get_signature_keys(self)
+        index = json.loads(self.to_json_string())
+        for k in ("_name_or_path", "_module"):
+            index.pop(k, None)
+        index["_class_name"] = base_library_class(self, ("diffusers",)).__name__
+        for name in expected:
+            entry = index.get(name)
+            component = getattr(self, name, None)
+            if component is None or not isinstance(entry, (list, tuple)) or entry[0] is None:
+                continue
+            sub = os.path.join(folder, name)
+            if hasattr(component, "save_pretrained_flashpack"):
+                component.save_pretrained_flashpack(sub, variant=variant)
+                base = base_library_class(component)
+                index[name] = [base.__module__.split(".")[0], base.__name__]
+            elif hasattr(component, "save_pretrained"):
+                params = inspect.signature(component.save_pretrained).parameters
+                kwargs = {}
+                if "safe_serialization" in params:
+                    kwargs["safe_serialization"] = True
+                if "variant" in params:
+                    kwargs["variant"] = variant
+                if "save_peft_format" in params:
+                    kwargs["save_peft_format"] = False
+                component.save_pretrained(sub, **kwargs)
+            else:
+                logger.warning("%s: component %r (%s) has no save_pretrained; not saved", folder, name,
+                               type(component).__name__)
+                index[name] = [None, None]
+        _write_json_atomic(os.path.join(folder, MODEL_INDEX_NAME), index)
+        if push_to_hub:
+            push_folder(folder, repo_id=repo_id, token=token, private=private, commit_message=commit_message)
+        return folder
+
+    @classmethod
+    def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, *, device_map=None,
+                                  variant: str | None = None, torch_dtype: torch.dtype | None = None,
+                                  revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                                  local_files_only: bool = False, token: str | bool | None = None, **kwargs):
+        """Load a pipeline: FlashPack-enabled components from their packs, the rest with their ordinary
+        ``from_pretrained`` through diffusers' own ``DiffusionPipeline.from_pretrained`` (which receives the
+        FlashPack components ready-made).
+
+        Args:
+            name_or_path: a local folder, or a Hub repo id. From the Hub, the configs, tokenizer files and packs
+                are fetched first; ordinary weights only for model components that have no pack.
+            device_map: one device for the whole pipeline (``"cpu"`` default, ``"cuda"``, ``"cuda:1"``, ...).
+            variant: pack ``model.<variant>.flashpack``; ordinary components use the library's variant rules.
+            torch_dtype: dtype for ordinary components; FlashPack components keep the pack's dtypes unless this
+                differs, in which case they are converted after loading.
+            revision, cache_dir, local_files_only, token: for the Hub.
+            **kwargs: passed to ``from_pretrained`` (e.g. ``scheduler=`` to replace a component).
+
+        Returns:
+            The pipeline, all components on the device, ready to call.
+
+        Notes:
+            A FlashPack-enabled component whose folder has no pack but ordinary weights is loaded with the
+            annotated class's ordinary ``from_pretrained`` (case C36).
+        """
+        device = parse_device_map(device_map)
+        pname = pack_name(variant)
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        patterns = PIPELINE_FILE_PATTERNS + [f"*/{pname}"]
+        folder = resolve_folder(name_or_path, allow_patterns=patterns, **hub)
+        index = cls.load_config(folder)
+        expected, _ = cls._get_signature_keys(cls)
+        types = cls._get_signature_types()
+        passed = {k: kwargs.pop(k) for k in expected if k in kwargs}
+
+        wanted = [n for n in expected if n not in passed and isinstance(index.get(n), (list, tuple))
+                  and index[n][0] is not None]
+        remote = not os.path.isdir(os.fspath(name_or_path))
+        if remote:  # second, small fetch: ordinary weights of model components that have no pack
+            plain = [n for n in wanted if not os.path.isfile(os.path.join(folder, n, pname))
+                     and os.path.isfile(os.path.join(folder, n, CONFIG_NAME))]
+            if plain:
+                folder = resolve_folder(name_or_path, allow_patterns=patterns + [f"{n}/*" for n in plain], **hub)
+
+        components = {}
+        for name in wanted:
+            sub = os.path.join(folder, name)
+            klass = _flashpack_class(types.get(name, ()))
+            has_pack = os.path.isfile(os.path.join(sub, pname))
+            if klass is not None and has_pack:
+                comp = klass.from_pretrained_flashpack(sub, device_map=device, variant=variant)
+                if torch_dtype is not None and comp.dtype != torch_dtype:
+                    comp = comp.to(dtype=torch_dtype)
+                components[name] = comp
+            elif klass is not None and _has_weights(sub):  # C36: ordinary weights, no pack
+                dtype_kw = {}
+                if torch_dtype is not None:
+                    dtype_kw = {_dtype_kwarg(klass): torch_dtype}
+                comp = klass.from_pretrained(sub, variant=variant if _variant_files(sub, variant) else None,
+                                             **dtype_kw)
+                components[name] = comp.to(device) if device.type != "cpu" else comp
+            elif has_pack and os.path.isfile(os.path.join(sub, CONFIG_NAME)) and not _has_weights(sub):
+                raise TypeError(
+                    f"{sub} holds only a FlashPack pack, but {cls.__name__}.__init__ does not annotate {name!r} with "
+                    f"a FlashPack-enabled class (got {types.get(name)}); annotate it with a class that mixes in "
+                    f"FlashPackDiffusersModelMixin or FlashPackTransformersModelMixin")
+        load_kwargs = dict(kwargs)
+        if torch_dtype is not None:
+            load_kwargs[_dtype_kwarg(cls)] = torch_dtype
+        if variant is not None:
+            load_kwargs["variant"] = variant
+        pipe = cls.from_pretrained(folder, **components, **passed, **load_kwargs)
+        if device.type != "cpu":
+            pipe.to(device)
+        return pipe
+
+
+def _dtype_kwarg(klass: type) -> str:
+    """The keyword a library's ``from_pretrained`` takes a dtype by: ``dtype`` where the library deprecates
+    ``torch_dtype`` (diffusers with ``utils.deprecation_utils._resolve_dtype``, transformers >= 4.56), else
+    ``torch_dtype``."""
+    library = base_library_class(klass).__module__.split(".")[0]
+    if library == "diffusers":
+        try:
+            from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present since dtype=)
+        except ImportError:
+            return "torch_dtype"
+        return "dtype"
+    if library == "transformers":
+        import transformers
+
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return "torch_dtype"
+
+
+__all__ = ["FlashPackDiffusersModelMixin", "FlashPackDiffusionPipeline"]

@@ -1,0 +1,139 @@
+"""Hugging Face Hub helpers shared by the transformers and diffusers integrations.
+
+Every call that can reach the network goes through :func:`resolve_folder` (``huggingface_hub.snapshot_download``)
+or :func:`push_folder` (``huggingface_hub.HfApi.create_repo`` and ``HfApi.upload_folder``); ``huggingface_hub`` is
+looked up at call time, so tests patch those three names on the ``huggingface_hub`` module / ``HfApi`` class.
+
+Pack file names: ``model.flashpack``, or ``model.<variant>.flashpack`` for a variant, for both libraries (the
+name diffusers itself uses for FlashPack weights, ``diffusers.utils.constants.FLASHPACK_WEIGHTS_NAME``).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+from ..errors import FlashPackError
+
+#: File name of a model's pack inside its folder (no variant).
+PACK_NAME = "model.flashpack"
+
+
+class ModelNotFoundError(FlashPackError, FileNotFoundError):
+    """A local folder, a cached Hub snapshot or the pack inside a folder does not exist; the message says which
+    and what to do next."""
+
+
+def pack_name(variant: str | None = None) -> str:
+    """``model.flashpack``, or ``model.<variant>.flashpack``.
+
+    Raises:
+        ValueError: ``variant`` is empty or contains a path separator or a dot.
+    """
+    if variant is None:
+        return PACK_NAME
+    if not isinstance(variant, str) or not variant or any(c in variant for c in "/\\."):
+        raise ValueError(f"variant must be a non-empty name without '/', '\\' or '.', got {variant!r}")
+    stem, ext = PACK_NAME.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def default_repo_id(save_directory: str | os.PathLike) -> str:
+    """The repo name a folder pushes to by default: its last path component (``"out/my-model/"`` ->
+    ``"my-model"``; ``PathLike`` accepted; ``"."`` means the current folder's name)."""
+    name = os.path.basename(os.path.normpath(os.path.abspath(os.fspath(save_directory))))
+    if not name:
+        raise ValueError(f"cannot derive a repo id from {os.fspath(save_directory)!r}; pass repo_id=")
+    return name
+
+
+def looks_local(name_or_path: str) -> bool:
+    """True for strings that can only be a file system path, never a Hub repo id (``/x``, ``./x``, ``~/x``,
+    ``a/b/c``, a backslash, or an existing file)."""
+    return (name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1
+            or os.path.exists(name_or_path))
+
+
+def resolve_folder(name_or_path: str | os.PathLike, *, allow_patterns: list[str], subfolder: str | None = None,
+                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                   local_files_only: bool = False, token: str | bool | None = None) -> str:
+    """The local folder holding a model: ``name_or_path`` itself when it is a folder, else a snapshot of the Hub
+    repo ``name_or_path`` limited to ``allow_patterns``; then ``subfolder`` inside it.
+
+    Args:
+        name_or_path: a local folder, or a Hub repo id (``"org/name"``).
+        allow_patterns: file patterns relative to the repo root (``subfolder`` already included by the caller),
+            passed to ``snapshot_download`` so only the config and pack files are fetched.
+        subfolder, revision, cache_dir, local_files_only, token: as for ``snapshot_download``; ``revision``,
+            ``cache_dir`` and ``token`` are ignored for a local folder.
+
+    Returns:
+        The absolute path of the folder (``subfolder`` applied).
+
+    Raises:
+        ModelNotFoundError (``FileNotFoundError``): a local-looking path that does not exist, a repo that is not
+            cached while ``local_files_only=True`` (or ``HF_HUB_OFFLINE=1``), or a missing ``subfolder``.
+        Whatever ``snapshot_download`` raises for a repo that cannot be fetched.
+    """
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        folder = os.path.abspath(name)
+    elif looks_local(name):
+        raise ModelNotFoundError(f"{name}: no such folder (a local path; Hub repo ids look like 'org/name')")
+    else:
+        import huggingface_hub
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = huggingface_hub.snapshot_download(
+                name, revision=revision, cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+                local_files_only=local_files_only, token=token, allow_patterns=allow_patterns,
+                library_name="flashpack",
+            )
+        except LocalEntryNotFoundError as e:
+            where = os.fspath(cache_dir) if cache_dir is not None else "the default Hugging Face cache"
+            raise ModelNotFoundError(
+                f"{name}: not found in {where}"
+                f"{f' at revision {revision!r}' if revision else ''}, and downloading is disabled "
+                f"(local_files_only=True or HF_HUB_OFFLINE=1); run once with network access to cache it, "
+                f"or pass a local folder"
+            ) from e
+    if subfolder:
+        folder = os.path.join(folder, subfolder)
+        if not os.path.isdir(folder):
+            raise ModelNotFoundError(f"{name}: no subfolder {subfolder!r} ({folder} does not exist)")
+    return folder
+
+
+def sub_patterns(subfolder: str | None, names: list[str]) -> list[str]:
+    """``names`` prefixed with ``subfolder/`` (Hub paths always use ``/``)."""
+    if not subfolder:
+        return list(names)
+    sub = subfolder.strip("/").replace("\\", "/")
+    return [posixpath.join(sub, n) for n in names]
+
+
+def push_folder(save_directory: str | os.PathLike, *, repo_id: str | None = None, token: str | bool | None = None,
+                private: bool | None = None, commit_message: str | None = None) -> str:
+    """Create the Hub repo (``exist_ok``) and upload the whole folder in one commit with ``huggingface_hub.HfApi``.
+
+    Args:
+        save_directory: the folder just written.
+        repo_id: ``"org/name"`` or ``"name"`` (the token's namespace); default :func:`default_repo_id`.
+        token, private, commit_message: passed to ``create_repo`` / ``upload_folder``.
+
+    Returns:
+        The full repo id the hub answered with.
+    """
+    import huggingface_hub
+
+    repo_id = repo_id or default_repo_id(save_directory)
+    api = huggingface_hub.HfApi(token=token)
+    url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    full_id = getattr(url, "repo_id", None) or repo_id
+    api.upload_folder(repo_id=full_id, folder_path=os.fspath(save_directory), token=token,
+                      commit_message=commit_message or "Upload FlashPack weights with flashpack")
+    return full_id
+
+
+__all__ = ["ModelNotFoundError", "PACK_NAME", "default_repo_id", "pack_name", "push_folder", "resolve_folder"]

@@ -1,0 +1,174 @@
+"""``FlashPackTransformersModelMixin``: FlashPack saving and loading for any transformers ``PreTrainedModel``.
+
+Usage::
+
+    class FlashPackCLIPTextModel(FlashPackTransformersModelMixin, CLIPTextModel):
+        pass
+
+    clip = FlashPackCLIPTextModel.from_pretrained("org/repo", subfolder="text_encoder")  # ordinary, unchanged
+    clip.save_pretrained_flashpack("out/text_encoder")
+    clip = FlashPackCLIPTextModel.from_pretrained_flashpack("out/text_encoder", device_map="cuda")
+
+Folder layout written by ``save_pretrained_flashpack`` (the same as ``save_pretrained`` with the weights
+replaced by one pack)::
+
+    config.json                 the model config (``architectures`` names the transformers class, ``dtype`` the
+                                pack's floating dtype)
+    generation_config.json      only for models that can generate
+    model.flashpack             the weights; ``model.<variant>.flashpack`` with ``variant=``
+
+transformers is imported only when a method runs; nothing in transformers is patched.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from . import base_library_class, load_model, parse_device_map, save_model_folder
+from .hub import pack_name, resolve_folder, sub_patterns
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+class FlashPackTransformersModelMixin:
+    """Adds :meth:`save_pretrained_flashpack` and :meth:`from_pretrained_flashpack` to a ``PreTrainedModel``
+    subclass. Put the mixin first: ``class X(FlashPackTransformersModelMixin, CLIPTextModel): pass``."""
+
+    def save_pretrained_flashpack(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
+                                  repo_id: str | None = None, token: str | bool | None = None,
+                                  private: bool | None = None, commit_message: str | None = None,
+                                  variant: str | None = None, target_dtype: torch.dtype | None = None) -> str:
+        """Write ``config.json`` (+ ``generation_config.json``) and ``model[.<variant>].flashpack``.
+
+        Args:
+            save_directory: the folder (created if missing).
+            push_to_hub: then create the Hub repo and upload the folder with ``huggingface_hub.HfApi``.
+            repo_id: Hub repo; default: the folder's name.
+            token, private, commit_message: for the Hub.
+            variant: pack name ``model.<variant>.flashpack`` (e.g. ``"fp16"``).
+            target_dtype: cast floating weights to this dtype in the pack (the config's ``dtype`` follows).
+
+        Returns:
+            The pack's path.
+
+        Notes:
+            Atomic: config files are written to a hidden temporary folder and renamed in; the pack is written
+            to a temporary file and renamed over a stale pack of the same variant. Nothing temporary remains.
+        """
+        model = self
+
+        def write_configs(tmp: str) -> None:
+            config = copy.deepcopy(model.config)
+            dtype = target_dtype if target_dtype is not None else getattr(model, "dtype", None)
+            if isinstance(dtype, torch.dtype):
+                config.dtype = str(dtype).removeprefix("torch.")
+            config.architectures = [base_library_class(model, ("transformers",)).__name__]
+            config.save_pretrained(tmp)
+            if model.can_generate() and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+
+        return save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
+                                 target_dtype=target_dtype, push_to_hub=push_to_hub, repo_id=repo_id, token=token,
+                                 private=private, commit_message=commit_message)
+
+    @classmethod
+    def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, *, device_map=None,
+                                  subfolder: str | None = None, variant: str | None = None,
+                                  revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                                  local_files_only: bool = False, token: str | bool | None = None,
+                                  **config_overrides):
+        """Build the model from its config on the meta device and fill it from its pack.
+
+        Args:
+            name_or_path: a local folder, or a Hub repo id (only ``config.json``, ``generation_config.json`` and
+                the pack are downloaded, with ``snapshot_download``).
+            device_map: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or a dict putting the
+                whole model on one device.
+            subfolder, variant, revision, cache_dir, local_files_only, token: as for ``from_pretrained``.
+            **config_overrides: config attributes to change (``num_hidden_layers=2``, ``attn_implementation=``).
+
+        Returns:
+            The model in eval mode, weights on the device, in the pack's dtypes; tied weights tied with
+            ``tie_weights()``; non-persistent buffers (``position_ids``) as computed by ``__init__``.
+
+        Raises:
+            ModelNotFoundError (``FileNotFoundError``): no such folder, not cached offline, or no pack.
+            UnsupportedDeviceMapError (``NotImplementedError``): a map over several devices.
+            TypeError: a config override the config does not know.
+            ModelMismatchError and everything :func:`flashpack.assign_from_file` raises.
+        """
+        from transformers import AutoConfig, GenerationConfig
+
+        from ..mixin import init_empty_weights
+
+        device = parse_device_map(device_map)
+        name = pack_name(variant)
+        folder = resolve_folder(name_or_path, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, GENERATION_CONFIG_NAME, name]),
+                                subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                local_files_only=local_files_only, token=token)
+        from . import find_pack
+
+        pack = find_pack(folder, name)
+        overrides = dict(config_overrides)
+        build_kwargs = {k: overrides.pop(k) for k in ("attn_implementation",) if k in overrides}
+        config_class = getattr(cls, "config_class", None) or AutoConfig
+        config, unused = config_class.from_pretrained(folder, return_unused_kwargs=True, **overrides)
+        if unused:
+            raise TypeError(f"{cls.__name__}.from_pretrained_flashpack: unknown config overrides {sorted(unused)} "
+                            f"for {type(config).__name__}")
+
+        def build(dtype):
+            kwargs = dict(build_kwargs)
+            if dtype is not None:
+                kwargs["dtype"] = dtype
+            with init_empty_weights(), _no_init_weights():
+                return cls._from_config(config, **kwargs)
+
+        model = load_model(build, pack, device, tie=lambda m: m.tie_weights())
+        _init_unloaded_buffers(model)
+        if model.can_generate() and os.path.isfile(os.path.join(folder, GENERATION_CONFIG_NAME)):
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.config._name_or_path = os.fspath(name_or_path)
+        return model
+
+
+def _no_init_weights():
+    """transformers' own switch that skips random weight init while a model is built (the weights come from the
+    pack); a no-op context on versions without it."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            import contextlib
+
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _init_unloaded_buffers(model) -> None:
+    """Run the model's own ``initialize_weights`` for what the pack did not fill (non-persistent buffers such as
+    ``position_ids`` or rotary ``inv_freq``), the way transformers' ``from_pretrained`` does: every loaded
+    parameter and buffer is flagged ``_is_hf_initialized`` first, so transformers' init functions skip it.
+    Only on transformers versions with flag-aware init (``transformers.initialization``, v5)."""
+    try:
+        import transformers.initialization  # noqa: F401
+    except ImportError:
+        return
+    if not hasattr(model, "initialize_weights"):
+        return
+    non_persistent = {id(b) for _, b in model.named_non_persistent_buffers()} \
+        if hasattr(model, "named_non_persistent_buffers") else set()
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in non_persistent:
+            t._is_hf_initialized = True
+    with torch.no_grad():
+        model.initialize_weights()
+
+
+__all__ = ["FlashPackTransformersModelMixin"]

