@@ -1,0 +1,577 @@
+"""``flashpack convert``: find a checkpoint's weight files, then stream them into one ``.flashpack`` file.
+
+A source is a ``.safetensors`` file, a ``.pt`` / ``.bin`` / ``.pth`` file, a folder of shards with its
+``*.index.json``, a transformers or diffusers model folder (optionally a ``subfolder`` of it), or a Hub
+repo id. :func:`resolve_source` turns it into an ordered list of weight files; :func:`convert` plans
+every tensor from shapes and dtypes alone (:class:`~flashpack.serialization.LazyTensor`) and hands the
+plan to :func:`~flashpack.serialization.pack_to_file`, which reads each tensor only when it writes it.
+Source files are opened one at a time, so peak memory is about the largest shard, not the model.
+
+torch, safetensors and huggingface_hub are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import FlashPackError
+
+#: File suffixes read as PyTorch pickles (``torch.load(weights_only=True)``).
+TORCH_SUFFIXES = (".pt", ".bin", ".pth")
+#: (stem, extension) of the weight files transformers and diffusers write, most preferred first.
+_WEIGHT_NAMES = {
+    "transformers": [("model", "safetensors"), ("pytorch_model", "bin")],
+    "diffusers": [("diffusion_pytorch_model", "safetensors"), ("diffusion_pytorch_model", "bin")],
+}
+_WEIGHT_NAMES[None] = [_WEIGHT_NAMES["transformers"][0], _WEIGHT_NAMES["diffusers"][0],
+                       _WEIGHT_NAMES["transformers"][1], _WEIGHT_NAMES["diffusers"][1]]
+#: The file name the transformers/diffusers integrations load (``model.flashpack``, ``model.<variant>.flashpack``).
+DEFAULT_PACK_STEM = "model"
+_SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024
+
+
+class UsageError(FlashPackError, ValueError):
+    """Unusable input or arguments (the command line exits with status 2). The message names the file
+    or argument and what to do."""
+
+
+@dataclass
+class Source:
+    """Resolved weight files of one checkpoint, in the order they are written."""
+
+    description: str
+    files: list[str]
+    kind: str  # "safetensors" or "torch"
+    folder: str | None = None  # the model folder (config.json lives here), if any
+    index: str | None = None
+    default_dst: str = ""
+
+
+@dataclass
+class ConvertResult:
+    dst: str
+    source: Source
+    tensors: int
+    aliases: int
+    file_nbytes: int
+    payload_nbytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- resolving a source
+
+
+def looks_local(src: str) -> bool:
+    """Whether ``src`` must be a local path, never a Hub repo id (case C33): it starts with ``.``, ``/``,
+    ``~``, holds a backslash or more than one ``/``, ends with a weight-file suffix, or its first path
+    component exists here."""
+    if src.startswith((".", "/", "~")) or "\\" in src or src.count("/") > 1:
+        return True
+    if src.lower().endswith((".safetensors", ".flashpack", ".json", *TORCH_SUFFIXES)):
+        return True
+    head = src.split("/", 1)[0]
+    return "/" in src and os.path.exists(head)
+
+
+def _variant_re(stem: str, ext: str, variant: str | None) -> list[tuple[str, re.Pattern]]:
+    s, e = re.escape(stem), re.escape(ext)
+    if variant is None:
+        return [("default", re.compile(rf"^{s}-(\d+)-of-(\d+)\.{e}$"))]
+    v = re.escape(variant)
+    return [("<stem>.<variant>-NNNNN-of-NNNNN", re.compile(rf"^{s}\.{v}-(\d+)-of-(\d+)\.{e}$")),
+            ("<stem>-NNNNN-of-NNNNN.<variant>", re.compile(rf"^{s}-(\d+)-of-(\d+)\.{v}\.{e}$"))]
+
+
+def select_weight_files(names: list[str], variant: str | None, framework: str | None,
+                        where: str) -> tuple[str | None, list[str]]:
+    """Pick the weight files of one checkpoint among the file names of a folder.
+
+    Tried in order, for each known (stem, extension) (``model.safetensors``,
+    ``diffusion_pytorch_model.safetensors``, ``pytorch_model.bin``, ...): the index
+    (``<stem>.<ext>.index.json``, or ``<stem>.<ext>.index.<variant>.json``), the single file
+    (``<stem>[.<variant>].<ext>``), then a complete set of shards in either variant naming style
+    (``model.fp16-00001-of-00002.safetensors`` or ``model-00001-of-00002.fp16.safetensors``). Without a
+    variant, variant files are never picked (case C35). Last, a lone ``*.safetensors`` index or file.
+
+    Returns:
+        (index name or None, weight file names in order). With an index, the files are read from it later.
+
+    Raises:
+        UsageError: nothing fits, or two complete shard sets fit, naming the folder and what it holds.
+    """
+    present = set(names)
+    for stem, ext in _WEIGHT_NAMES[framework]:
+        idx = [f"{stem}.{ext}.index.json"] if variant is None else \
+              [f"{stem}.{ext}.index.{variant}.json", f"{stem}.{variant}.{ext}.index.json"]
+        for name in idx:
+            if name in present:
+                return name, []
+        single = f"{stem}.{ext}" if variant is None else f"{stem}.{variant}.{ext}"
+        if single in present:
+            return None, [single]
+        complete = []
+        for style, rx in _variant_re(stem, ext, variant):
+            found = {}
+            for n in names:
+                m = rx.match(n)
+                if m:
+                    found[int(m.group(1))] = (int(m.group(2)), n)
+            if not found:
+                continue
+            total = {t for t, _ in found.values()}
+            if len(total) != 1 or set(found) != set(range(1, next(iter(total)) + 1)):
+                missing = sorted(set(range(1, max(total) + 1)) - set(found))
+                raise UsageError(f"{where}: incomplete shard set {stem}*{ext} ({style}): shard(s) {missing} of "
+                                 f"{max(total)} missing; download the missing shards or pass the index file")
+            complete.append([found[i][1] for i in sorted(found)])
+        if len(complete) > 1:
+            raise UsageError(f"{where}: two complete {variant} shard sets in different naming styles "
+                             f"({complete[0][0]}, {complete[1][0]}) and no index to choose; delete one set "
+                             f"or add {stem}.{ext}.index.{variant}.json")
+        if complete:
+            return None, complete[0]
+    if framework is None:
+        tag = r"[^.]+" if variant is None else re.escape(variant)
+        if variant is None:
+            idx = [n for n in names if n.endswith(".safetensors.index.json") and n.count(".") == 3]
+            files = [n for n in names if n.endswith(".safetensors") and n.count(".") == 1]
+        else:
+            idx = [n for n in names if re.fullmatch(rf"[^.]+\.safetensors\.index\.{tag}\.json", n)]
+            files = [n for n in names if re.fullmatch(rf"[^.]+\.{tag}\.safetensors", n)]
+        if len(idx) == 1:
+            return idx[0], []
+        if not idx and len(files) == 1:
+            return None, files
+    weights = sorted(n for n in names if n.endswith((".safetensors", ".json", *TORCH_SUFFIXES)))
+    what = f"no {variant!r} variant weights" if variant else "no weights (default, non-variant set)"
+    raise UsageError(f"{where}: {what} found; it holds {weights[:8] or 'no weight files'}"
+                     f"{' ...' if len(weights) > 8 else ''}; check --variant/--subfolder or pass a weight file")
+
+
+def _read_index(folder: str, index: str) -> list[str]:
+    path = os.path.join(folder, index)
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{path}: not a usable shard index ({type(e).__name__}: {e}); "
+                         f"it must be JSON with a 'weight_map' of key -> shard file") from None
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise UsageError(f"{path} names shard(s) that are not there: {missing[:5]}; download them or fix the index")
+    return sorted(files)
+
+
+def _kind_of_file(path: str) -> str:
+    low = path.lower()
+    if low.endswith(".safetensors"):
+        return "safetensors"
+    if low.endswith(TORCH_SUFFIXES):
+        return "torch"
+    with open(path, "rb") as f:
+        head = f.read(16)
+    from .format import FAL_MAGIC, MAGIC
+
+    if head.startswith(MAGIC) or (os.path.getsize(path) >= 16 and _tail(path) == FAL_MAGIC):
+        raise UsageError(f"{path}: already a flashpack file; nothing to convert (use `flashpack revert` to get safetensors)")
+    if head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02":
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise UsageError(f"{path}: not a safetensors, .pt/.bin/.pth or model folder; name it with its real suffix "
+                     f"(.safetensors, .pt, .bin, .pth)")
+
+
+def _tail(path: str) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-8, os.SEEK_END)
+        return f.read(8)
+
+
+def _folder_source(folder: str, variant: str | None, framework: str | None, description: str) -> Source:
+    names = sorted(os.listdir(folder))
+    index, files = select_weight_files(names, variant, framework, folder)
+    if index is not None:
+        files = _read_index(folder, index)
+    kind = "safetensors" if files[0].endswith(".safetensors") else "torch"
+    stem = DEFAULT_PACK_STEM if variant is None else f"{DEFAULT_PACK_STEM}.{variant}"
+    return Source(description, [os.path.join(folder, f) for f in files], kind, folder,
+                  None if index is None else os.path.join(folder, index), os.path.join(folder, f"{stem}.flashpack"))
+
+
+def resolve_source(src: str, *, subfolder: str | None = None, variant: str | None = None,
+                   framework: str | None = None) -> Source:
+    """Find the weight files ``src`` stands for.
+
+    Args:
+        src: a file, a folder, or a Hub repo id (``org/name``).
+        subfolder: a folder inside ``src`` (``unet``, ``text_encoder``).
+        variant: ``fp16``, ``bf16``...: only that variant's files.
+        framework: ``"transformers"``, ``"diffusers"`` or None (either): which weight file names to look for.
+
+    Raises:
+        UsageError: a local-looking path that does not exist (never a Hub request, case C33), a folder
+            without weights, a Hub download that failed (naming what to check).
+    """
+    path = os.path.expanduser(src)
+    if os.path.exists(path):
+        path = os.path.abspath(path)
+        if os.path.isdir(path):
+            folder = os.path.join(path, subfolder) if subfolder else path
+            if not os.path.isdir(folder):
+                raise UsageError(f"{folder}: no such folder; check --subfolder={subfolder}")
+            return _folder_source(folder, variant, framework, folder)
+        if subfolder:
+            raise UsageError(f"{path} is a file; --subfolder applies to model folders and Hub repos only")
+        kind = _kind_of_file(path)
+        stem, _ = os.path.splitext(path)
+        return Source(path, [path], kind, None, None, stem + ".flashpack")
+    if looks_local(src):
+        raise UsageError(f"{src}: no such file or folder; check the path (a Hub repo id looks like org/name)")
+    return _hub_source(src, subfolder=subfolder, variant=variant, framework=framework)
+
+
+def hub_patterns(subfolder: str | None, variant: str | None, ext: str) -> tuple[list[str], list[str]]:
+    """(allow_patterns, ignore_patterns) for ``snapshot_download``: the config, the index and the weight
+    files of one folder of the repo, of one variant (or of none), nothing from deeper folders."""
+    p = f"{subfolder.strip('/')}/" if subfolder else ""
+    if variant is None:
+        allow = [f"{p}*.{ext}", f"{p}*.{ext}.index.json"]
+        ignore = [f"{p}*.*.{ext}"]  # variant files have a second dot: model.fp16.safetensors
+    else:
+        allow = [f"{p}*.{variant}.{ext}", f"{p}*.{variant}-*-of-*.{ext}", f"{p}*.{ext}.index.{variant}.json"]
+        ignore = []
+    return allow + [f"{p}config.json"], ignore + [f"{p}*/*"]
+
+
+def _hub_source(repo_id: str, *, subfolder: str | None, variant: str | None, framework: str | None) -> Source:
+    import huggingface_hub
+
+    where = f"{repo_id}{'/' + subfolder if subfolder else ''} (Hugging Face Hub)"
+    last: UsageError | None = None
+    for ext in ("safetensors", "bin"):
+        allow, ignore = hub_patterns(subfolder, variant, ext)
+        try:
+            local = huggingface_hub.snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=ignore)
+        except Exception as e:  # noqa: BLE001 - every Hub failure becomes one actionable line
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise UsageError(f"{repo_id}: could not download from the Hugging Face Hub ({type(e).__name__}: {first}); "
+                             f"check the repo id, your token (HF_TOKEN or `hf auth login`) and the network") from None
+        folder = os.path.join(local, subfolder) if subfolder else local
+        if not os.path.isdir(folder):
+            last = UsageError(f"{where}: no folder {subfolder!r} in the repo; check --subfolder")
+            continue
+        try:
+            src = _folder_source(folder, variant, framework, where)
+        except UsageError as e:
+            last = e
+            continue
+        name = repo_id.rsplit("/", 1)[-1] + (f"-{subfolder.strip('/').replace('/', '-')}" if subfolder else "") \
+            + (f".{variant}" if variant else "")
+        src.default_dst = os.path.abspath(f"{name}.flashpack")
+        return src
+    assert last is not None
+    raise last
+
+
+# --------------------------------------------------------------------------- reading tensors lazily
+
+
+class _OneOpen:
+    """Keeps at most one source file open; opening another drops the previous one (and its mapping)."""
+
+    def __init__(self, opener: Callable[[str], object]):
+        self._opener = opener
+        self._path: str | None = None
+        self._handle = None
+
+    def get(self, path: str):
+        if path != self._path:
+            self.close()
+            self._handle = self._opener(path)
+            self._path = path
+        return self._handle
+
+    def close(self) -> None:
+        self._handle = None
+        self._path = None
+
+
+def _safe_open(path: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError is not exported under a stable name
+        raise UsageError(f"{path}: not a readable safetensors file ({e}); check that the download completed") from None
+
+
+def torch_state_dict(path: str, *, mmap: bool = True) -> dict:
+    """``torch.load(path, weights_only=True)`` (memory-mapped when the file allows), reduced to its
+    mapping of key -> tensor (a top-level ``state_dict``/``model``/``module`` entry is accepted).
+
+    Raises:
+        UsageError: the pickle holds objects ``weights_only`` refuses, or no state_dict of tensors.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"{path}: torch.load(weights_only=True) refused it ({first}); only state_dicts of tensors "
+                         f"are converted: re-save it with torch.save(model.state_dict(), ...)") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"{path}: not a readable PyTorch checkpoint ({first}); check that the file is complete") from None
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for k in ("state_dict", "model", "module"):
+            if isinstance(obj.get(k), dict):
+                obj = obj[k]
+                break
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path}: holds a {type(obj).__name__}, not a state_dict; save model.state_dict() instead")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UsageError(f"{path}: entries that are not tensors: {bad[:5]}; save a state_dict of tensors only")
+    return obj
+
+
+def _plan_safetensors(files: list[str], loaded: Callable[[int], None]):
+    from .format import torch_dtype
+    from .serialization import LazyTensor
+
+    opened = _OneOpen(_safe_open)
+    lazy: dict = {}
+    metadata: dict[str, str] = {}
+    for path in files:
+        h = _safe_open(path)
+        keys = h.offset_keys() if hasattr(h, "offset_keys") else list(h.keys())
+        for k, v in (h.metadata() or {}).items():
+            metadata.setdefault(k, v)
+        for key in keys:
+            if key in lazy:
+                raise UsageError(f"{path}: key {key!r} is also in another shard; the checkpoint is inconsistent")
+            sl = h.get_slice(key)
+            dt = torch_dtype(sl.get_dtype(), key=key, path=path)
+            shape = tuple(sl.get_shape())
+
+            def load(path=path, key=key, nbytes=dt.itemsize * _numel(shape)):
+                t = opened.get(path).get_tensor(key)
+                loaded(nbytes)
+                return t
+
+            lazy[key] = LazyTensor(shape, dt, load)
+        del h
+    return lazy, metadata, opened
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _plan_torch(files: list[str], loaded: Callable[[int], None]):
+    from .serialization import LazyTensor
+
+    opened = _OneOpen(torch_state_dict)
+    lazy: dict = {}
+    for path in files:
+        sd = torch_state_dict(path)
+        seen: dict = {}
+        for key, t in sd.items():
+            if key in lazy:
+                raise UsageError(f"{path}: key {key!r} is also in another shard; the checkpoint is inconsistent")
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) \
+                if t.numel() else None
+            if ident is not None and ident in seen:  # tied: saved once by torch.save, two names
+                lazy[key] = lazy[seen[ident]]
+                continue
+
+            def load(path=path, key=key, nbytes=t.numel() * t.element_size()):
+                out = opened.get(path)[key]
+                loaded(nbytes)
+                return out
+
+            lazy[key] = LazyTensor(tuple(t.shape), t.dtype, load)
+            if ident is not None:
+                seen[ident] = key
+        del sd
+    return lazy, {}, opened
+
+
+def _alias_from_metadata(lazy: dict, metadata: dict[str, str]) -> int:
+    """Turn safetensors alias records (``save_model`` writes ``metadata[removed] = kept``; ``flashpack
+    revert`` also writes both copies) into aliases; those records leave the user metadata."""
+    import torch
+
+    n = 0
+    for k, v in list(metadata.items()):
+        if k == v or v not in lazy or lazy[v].numel() == 0:
+            continue
+        if k not in lazy:
+            lazy[k] = lazy[v]
+        else:
+            a, b = lazy[k], lazy[v]
+            if a is not b and (a.shape != b.shape or a.dtype != b.dtype
+                               or not torch.equal(a.load().view(-1).view(torch.uint8), b.load().view(-1).view(torch.uint8))):
+                continue
+            lazy[k] = b
+        del metadata[k]
+        n += 1
+    return n
+
+
+def _transformers_ties(folder: str | None, lazy: dict) -> tuple[int, str | None]:
+    """Names that the model class ties (``tie_word_embeddings``) but the checkpoint stores once
+    (transformers saves a tied weight under one name and records nothing) become aliases.
+    Builds the model on the meta device from ``config.json``; returns (aliases added, a note on failure)."""
+    if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
+        return 0, None
+    try:
+        import torch
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            return 0, f"{folder}: config.json names no transformers architecture; tied weights not looked up"
+        with torch.device("meta"):
+            model = cls(config)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+    except Exception as e:  # noqa: BLE001 - optional refinement: say why and go on
+        return 0, f"{folder}: could not build the model to find tied weights ({type(e).__name__}: {e}); packing without them"
+    n = 0
+    for names in groups.values():
+        stored = [x for x in names if x in lazy]
+        for x in names:
+            if stored and x not in lazy:
+                lazy[x] = lazy[stored[0]]
+                n += 1
+    return n, None
+
+
+# --------------------------------------------------------------------------- converting
+
+
+def parse_dtype(text: str):
+    """``float16``/``fp16``/``half``/``F16``, ``bfloat16``/``bf16``, ``float32``/``fp32``, ``float8_e4m3fn``...
+    -> a floating ``torch.dtype``.
+
+    Raises:
+        UsageError: not a floating dtype name.
+    """
+    import torch
+
+    from .format import DTYPE_NAMES
+
+    t = text.strip()
+    short = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
+             "fp64": "float64", "double": "float64"}
+    attr = short.get(t.lower()) or DTYPE_NAMES.get(t.upper()) or t.lower().removeprefix("torch.")
+    dt = getattr(torch, attr, None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise UsageError(f"--dtype={text}: not a floating-point dtype; use e.g. float16, bfloat16, float32")
+    return dt
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_destination(dst: str, sources: list[str], force: bool) -> None:
+    """Refuse a destination that is one of the sources (cases C31, C32), or exists without ``force``.
+
+    Raises:
+        UsageError naming the file and the fix.
+    """
+    for s in sources:
+        if _same_file(dst, s):
+            raise UsageError(f"{dst}: the destination is the source file; give another destination")
+    if os.path.isdir(dst):
+        raise UsageError(f"{dst}: is a folder; give a file name for the destination")
+    if os.path.lexists(dst) and not force:
+        raise UsageError(f"{dst}: already exists; pass --force to replace it, or give another destination")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{dst}: folder {parent} does not exist; create it first")
+
+
+def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, variant: str | None = None,
+            dtype=None, framework: str | None = None, force: bool = False, progress: bool = False) -> ConvertResult:
+    """Convert a checkpoint (file, folder, shards or Hub repo) into one ``.flashpack`` file.
+
+    Args:
+        src, subfolder, variant, framework: see :func:`resolve_source`.
+        dst: the destination file; default: next to the source (``model.safetensors`` -> ``model.flashpack``;
+            a folder -> ``<folder>/model[.<variant>].flashpack``; a Hub repo -> ``./<name>.flashpack``).
+        dtype: a floating ``torch.dtype`` (or its name): cast floating tensors only.
+        force: replace an existing ``dst``.
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        A :class:`ConvertResult`.
+
+    Raises:
+        UsageError: unusable source or destination. FlashPackError, OSError: the write failed (the
+        destination is untouched: the write is atomic).
+    """
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    source = resolve_source(src, subfolder=subfolder, variant=variant, framework=framework)
+    dst = os.path.abspath(os.path.expanduser(dst)) if dst else source.default_dst
+    check_destination(dst, source.files + ([source.index] if source.index else []), force)
+
+    from tqdm import tqdm
+
+    from .serialization import pack_to_file
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    plan = _plan_safetensors if source.kind == "safetensors" else _plan_torch
+    lazy, metadata, opened = plan(source.files, bar.update)
+    notes: list[str] = []
+    try:
+        n_alias = _alias_from_metadata(lazy, metadata) if metadata else 0
+        if framework == "transformers":
+            added, note = _transformers_ties(source.folder, lazy)
+            n_alias += added
+            if note:
+                notes.append(note)
+        seen: set[int] = set()
+        stored = [t for t in lazy.values() if not (id(t) in seen or seen.add(id(t)))]
+        bar.reset(total=sum(t.numel() * t.dtype.itemsize for t in stored))
+        nbytes = pack_to_file(lazy, dst, dtype, metadata=metadata)
+    finally:
+        opened.close()
+        bar.close()
+    return ConvertResult(dst, source, len(stored), len(lazy) - len(stored), nbytes,
+                         sum(t.numel() * (dtype if dtype is not None and t.is_floating_point() else t.dtype).itemsize
+                             for t in stored),
+                         time.perf_counter() - t0, notes)
