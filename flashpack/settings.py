@@ -7,7 +7,7 @@ variable                        default      meaning
 ``FLASHPACK_VERIFY``            ``1``        verify payload checksums on load (``0`` to skip)
 ``FLASHPACK_DIRECT``            ``auto``     O_DIRECT policy: ``auto`` (direct when the pages are not
                                              cached), ``on`` (always direct), ``off`` (always buffered)
-``FLASHPACK_QUEUE_DEPTH``       ``8``        reads in flight per load
+``FLASHPACK_QUEUE_DEPTH``       ``32``       reads in flight per load (``uring``)
 ``FLASHPACK_THREADS``           ``4``        worker threads of the ``threads`` backend
 ``FLASHPACK_EXTENT_NBYTES``     8 MiB        bytes per read request (a multiple of 4096)
 ``FLASHPACK_SLOT_NBYTES``       64 MiB       bytes per pinned staging slot (GPU loads)
@@ -15,7 +15,13 @@ variable                        default      meaning
 ``FLASHPACK_PINNED_CAP_NBYTES`` 1 GiB        most pinned host memory one load may hold
 ``FLASHPACK_DISTRIBUTED``       ``0``        ``1``: use the default process group when initialised
 ``FLASHPACK_DEBUG``             ``0``        ``1``: the CLI prints tracebacks
+``FLASHPACK_URING_BUFFERS``     ``0``        ``1``: ``uring`` registers destination buffers (READ_FIXED);
+                                             pins them, counted against RLIMIT_MEMLOCK
+``FLASHPACK_URING_FILES``       ``1``        ``uring`` registers the file's descriptors with the ring
 ==============================  ===========  ==========================================================
+
+Build time only (read by ``native/build_uring.py``, not here): ``FLASHPACK_NO_URING_BUILD=1`` installs
+without the io_uring extension.
 
 Sizes accept plain byte counts or a ``K``/``M``/``G`` suffix (powers of 1024): ``FLASHPACK_SLOT_NBYTES=16M``.
 """
@@ -79,6 +85,8 @@ class Settings:
     pinned_cap_nbytes: int
     distributed: bool
     debug: bool
+    uring_buffers: bool = False
+    uring_files: bool = True
 
 
 def settings() -> Settings:
@@ -116,7 +124,7 @@ def settings() -> Settings:
         backend=_env("FLASHPACK_BACKEND", "auto").lower() or "auto",
         verify=_env_bool("FLASHPACK_VERIFY", True),
         direct=direct,
-        queue_depth=count("FLASHPACK_QUEUE_DEPTH", 8),
+        queue_depth=count("FLASHPACK_QUEUE_DEPTH", 32),
         threads=count("FLASHPACK_THREADS", 4),
         extent_nbytes=extent,
         slot_nbytes=slot,
@@ -124,4 +132,6 @@ def settings() -> Settings:
         pinned_cap_nbytes=size("FLASHPACK_PINNED_CAP_NBYTES", "1G"),
         distributed=_env_bool("FLASHPACK_DISTRIBUTED", False),
         debug=_env_bool("FLASHPACK_DEBUG", False),
+        uring_buffers=_env_bool("FLASHPACK_URING_BUFFERS", False),
+        uring_files=_env_bool("FLASHPACK_URING_FILES", True),
     )

@@ -145,15 +145,18 @@ class FileHandles:
         return True
 
     def drop_direct(self, reason: str) -> None:
-        """Stop using O_DIRECT for this file (a read was refused); one notice per file."""
+        """Stop using O_DIRECT for this file (a read was refused); one notice per file.
+
+        Thread-safe. The descriptor stays open until :meth:`close`: a worker still reading on it gets
+        another refusal, never a number that a later open(2) reused for another file."""
         notice_once(f"direct-read:{self.path}", f"flashpack: O_DIRECT read refused for {self.path} ({reason}); "
                                                 f"reading it buffered")
-        if self.direct_fd >= 0:
-            os.close(self.direct_fd)
-            self.direct_fd = -1
+        with _notice_lock:
+            if self.direct_fd >= 0:
+                self._dropped_fd, self.direct_fd = self.direct_fd, -1
 
     def close(self) -> None:
-        for name in ("direct_fd", "fd"):
+        for name in ("direct_fd", "_dropped_fd", "fd"):
             fd = getattr(self, name, -1)
             if fd >= 0:
                 setattr(self, name, -1)

@@ -1,0 +1,174 @@
+"""``python -m flashpack.env [path]``: what flashpack can use on this machine, and why not.
+
+Prints the kernel, liburing, ``kernel.io_uring_disabled``, RLIMIT_MEMLOCK, whether O_DIRECT open and
+read work for ``path`` (default: the current directory; a directory is tested with a temporary file
+in it), every reader backend with its reason or features, the FLASHPACK_* settings, and the GPU.
+torch is imported only for the GPU line.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+
+PAGE_NBYTES = 4096
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def liburing_version() -> str:
+    """From the built extension when its headers carry a version (liburing >= 2.4), else the package manager."""
+    parts = []
+    try:
+        from flashpack import _uring
+
+        major, minor = _uring.ffi.new("int *"), _uring.ffi.new("int *")
+        if _uring.lib.fp_liburing_version(major, minor) == 0:
+            parts.append(f"{major[0]}.{minor[0]} (compiled into flashpack._uring)")
+        else:
+            parts.append("flashpack._uring built (liburing <= 2.3 headers carry no version)")
+    except ImportError:
+        parts.append("flashpack._uring not built")
+    for cmd in (["dpkg-query", "-W", "-f", "${Package} ${Version}\\n", "liburing-dev", "liburing2"],
+                ["rpm", "-q", "liburing", "liburing-devel"]):
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        lines = [ln.strip() for ln in res.stdout.splitlines() if ln.strip() and "not installed" not in ln]
+        if lines:
+            parts.append("package: " + ", ".join(lines))
+            break
+    return "; ".join(parts)
+
+
+def memlock() -> str:
+    def fmt(v: int) -> str:
+        return "unlimited" if v == resource.RLIM_INFINITY else f"{v} bytes ({v // 1024} KiB)"
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    cap = ""
+    status = _read("/proc/self/status") or ""
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            has = bool(int(line.split()[1], 16) >> 14 & 1)
+            cap = "; CAP_IPC_LOCK: yes (the limit does not apply)" if has else "; CAP_IPC_LOCK: no"
+    return f"soft {fmt(soft)}, hard {fmt(hard)}{cap}"
+
+
+def filesystem_of(path: str) -> str:
+    path = os.path.realpath(path)
+    best, fstype = "", "?"
+    for line in (_read("/proc/self/mountinfo") or "").splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        mnt = fields[4]
+        post = line.split(" - ", 1)[1].split()
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, fstype = mnt, post[0]
+    return f"{fstype} at {best or '?'}"
+
+
+def o_direct_check(path: str) -> str:
+    """Open ``path`` (or a temporary file in it) with O_DIRECT and read 4096 bytes into an aligned buffer."""
+    tmp = None
+    try:
+        if os.path.isdir(path):
+            fd, tmp = tempfile.mkstemp(prefix=".flashpack-env-", dir=path)
+            try:
+                os.write(fd, b"\x5a" * 2 * PAGE_NBYTES)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            target = tmp
+        else:
+            target = path
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            return f"refused at open ({e.strerror}); flashpack reads this file system buffered"
+        try:
+            buf = mmap.mmap(-1, PAGE_NBYTES)  # page-aligned
+            try:
+                n = os.preadv(fd, [buf], 0)
+            except OSError as e:
+                return f"open works, read refused ({e.strerror}); flashpack falls back to buffered reads"
+            finally:
+                buf.close()
+        finally:
+            os.close(fd)
+        return f"works (read {n} bytes)"
+    except OSError as e:
+        return f"cannot test: {e}"
+    finally:
+        if tmp:
+            os.unlink(tmp)
+
+
+def gpu() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "torch not installed"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__}: torch.cuda.is_available() = False"
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return f"torch {torch.__version__}, CUDA {torch.version.cuda}: {names}"
+
+
+def report(path: str) -> list[tuple[str, str]]:
+    rows = [
+        ("kernel", f"{platform.system()} {platform.release()} ({platform.machine()})"),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("liburing", liburing_version()),
+    ]
+    disabled = _read("/proc/sys/kernel/io_uring_disabled")
+    group = _read("/proc/sys/kernel/io_uring_group")
+    meaning = {"0": "allowed", "1": f"privileged processes and group {group} only", "2": "disabled"}
+    rows.append(("kernel.io_uring_disabled", "absent (kernel before 6.6: io_uring allowed)" if disabled is None
+                 else f"{disabled} ({meaning.get(disabled, '?')})"))
+    rows.append(("RLIMIT_MEMLOCK", memlock()))
+    rows.append((f"O_DIRECT on {path}", f"{o_direct_check(path)}; file system {filesystem_of(path)}"))
+    try:
+        from flashpack.io import backends, resolve_backend
+        from flashpack.settings import settings
+
+        for name, info in backends().items():
+            rows.append((f"backend {name}", f"available; features: {', '.join(sorted(info.features)) or '-'}"
+                         if info.available else f"unavailable: {info.reason}"))
+        rows.append(("backend auto", f"-> {resolve_backend('auto')}"))
+        cfg = settings()
+        rows.append(("settings", ", ".join(f"{k}={v}" for k, v in vars(cfg).items())))
+    except Exception as e:  # noqa: BLE001 - report what is wrong instead of a traceback
+        rows.append(("flashpack", f"cannot probe backends: {type(e).__name__}: {e}"))
+    rows.append(("GPU", gpu()))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    path = argv[0] if argv else os.getcwd()
+    rows = report(path)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
