@@ -285,3 +285,28 @@ def test_bench_reader_smoke(tmp_path):
     assert "threads qd=2" in variants
     assert ("uring qd=2" in variants) == uring.probe()[0]
     assert all(v["throughput_gbps"] > 0 for v in variants.values())
+
+
+@needs_uring
+def test_cached_extents_are_copied_by_threads_and_cold_ones_go_to_the_ring(tmp_path):
+    """A warm file (just written, so in the page cache) is copied by the copy threads, not read inline on
+    the submitting thread; a cold one goes through the ring with O_DIRECT. Same bytes either way."""
+    path = tmp_path / "warm.bin"
+    nbytes = 8 * 1024 * 1024  # 1 MiB extents: all large enough for the copy threads
+    data = make_file(path, nbytes)
+    buf = aligned(nbytes)
+    with open_reader(path, "uring", direct="auto") as r:
+        read_all(r, split(nbytes, 1024 * 1024, buf))
+        assert r._pool is not None  # the copy threads served the cached extents
+        assert r.stats.bytes_buffered == nbytes and r.stats.bytes_direct == 0
+        assert r.ring_stats()["sqes"] == 0
+    assert np.array_equal(buf, data)
+    from flashpack.io.pagecache import drop_from_cache
+
+    drop_from_cache(path)
+    buf2 = aligned(nbytes)
+    with open_reader(path, "uring", direct="auto") as r:
+        read_all(r, split(nbytes, 1024 * 1024, buf2))
+        if r.stats.bytes_direct:  # the kernel honoured DONTNEED: the cold extents went to the ring
+            assert r.ring_stats()["sqes"] > 0
+    assert np.array_equal(buf2, data)
