@@ -45,7 +45,7 @@ done < "$req"
 echo "make_peer_env: $venv"
 echo "  installed: ${ok[*]:-none}"
 echo "  failed:    ${failed[*]:-none}"
-"$venv/bin/python" - <<'PY'
+(cd / && "$venv/bin/python" - <<'PY'
 import importlib
 for name in ("torch", "safetensors", "fastsafetensors", "runai_model_streamer", "tensorizer", "flashpack"):
     try:
@@ -54,3 +54,4 @@ for name in ("torch", "safetensors", "fastsafetensors", "runai_model_streamer", 
     except Exception as e:  # noqa: BLE001 - a report line per peer
         print(f"  import {name:22s} FAILED: {type(e).__name__}: {e}")
 PY
+)
