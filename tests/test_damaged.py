@@ -138,14 +138,14 @@ def test_c28_flipped_payload_byte_detected(good):
     flip_byte(good, wm.tensors["c"].offset + 5)
     for fn in (lambda: flashpack.load(good), lambda: flashpack.load(good, backend="threads"),
                lambda: flashpack.load(good, keys=["c"]), lambda: flashpack.verify(good),
-               lambda: flashpack.load(good, mmap=True)):
+               lambda: flashpack.load(good, mmap=True, verify=True)):
         with pytest.raises(ChecksumMismatchError) as ei:
             fn()
         msg = str(ei.value)
         assert good in msg and "'c'" in msg and "block 0 (F32)" in msg
         assert isinstance(ei.value, ValueError)
-    # verify=False loads the damaged value (only the flipped byte differs)
-    for kw in ({"verify": False}, {"mmap": True, "verify": False}, {"verify": False, "backend": "threads"}):
+    # verify=False loads the damaged value (only the flipped byte differs); mmap mode verifies on request only
+    for kw in ({"verify": False}, {"mmap": True, "verify": False}, {"mmap": True}, {"verify": False, "backend": "threads"}):
         out = flashpack.load(good, **kw)
         assert torch.equal(out["a"], torch.arange(10, dtype=torch.float32))
         raw = out["c"].view(torch.uint8)
