@@ -79,8 +79,6 @@ class FlashPackMixin:
         Raises:
             Everything :func:`flashpack.assign_from_file` raises; no partially loaded module is returned.
         """
-        from .deserialization import assign_from_file
-
         with init_empty_weights():
             module = cls(*init_args, **init_kwargs)
         assign_from_file(module, path, device=device, strict=strict, backend=backend, verify=verify, mmap=mmap,

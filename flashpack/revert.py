@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
+from .atomic import atomic_path
 from .convert import TORCH_SUFFIXES, UsageError, check_destination
 
 
@@ -42,32 +42,9 @@ def default_destination(path: str) -> str:
 
 
 def _atomic_write(dst: str, write) -> int:
-    """Call ``write(tmp_path)`` on a temporary file next to ``dst``, fsync it, rename it onto ``dst``."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    """Call ``write(tmp_path)`` on a temporary file next to ``dst``, then atomically replace ``dst``."""
+    with atomic_path(dst) as tmp:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
     return os.path.getsize(dst)
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
 import xxhash
 
+from .atomic import atomic_path
 from .errors import FlashPackError
 from .format import (
     BLOCK_ALIGN,
@@ -252,12 +252,8 @@ def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, targe
     state_dict = state_dict_of(state_dict_or_model)
     planned, blocks, aliases = _plan(state_dict, target_dtype, path)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+    with atomic_path(path) as tmp, open(tmp, "r+b", buffering=0) as f:
+        fd = f.fileno()
         _write_all(fd, bytes(HEADER_NBYTES))
         pos = HEADER_NBYTES
         block_infos: list[BlockInfo] = []
@@ -286,22 +282,6 @@ def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, targe
                                   blocks=block_infos, chunk_nbytes=chunk_nbytes)
         _write_all(fd, index)
         file_nbytes = pos + len(index)
+        # The header goes in last: a crash before this leaves no valid-looking file (I1 fails).
         os.pwrite(fd, encode_header(file_nbytes, pos, len(index), xxhash.xxh3_64_intdigest(index)), 0)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
     return file_nbytes

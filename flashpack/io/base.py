@@ -18,12 +18,13 @@ alignment rules: file offset, length and buffer address multiples of the logical
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import ctypes
 import errno
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
 from ..errors import ReadError, short_read_error
@@ -221,6 +222,25 @@ def read_extent(files: FileHandles, ext: Extent, stats: ReaderStats) -> None:
             if n % PAGE_NBYTES:
                 break  # an unaligned count: the remainder must not go back to O_DIRECT
     read_buffered(files, mv, off, done, nbytes, stats)
+
+
+def collect_futures(pending: "dict[cf.Future, Extent]", timeout_s: float | None, stats: ReaderStats) -> list[Completion]:
+    """Pop the finished futures of ``read_extent`` calls from ``pending`` (waiting up to ``timeout_s`` for
+    the first one) as completions, adding the stats of the successful ones."""
+    if not pending:
+        return []
+    done, _ = cf.wait(pending, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
+    out = []
+    for fut in done:
+        ext = pending.pop(fut)
+        if fut.cancelled():
+            out.append(Completion(ext, cf.CancelledError("read cancelled after an earlier error")))
+            continue
+        err = fut.exception()
+        if err is None:
+            stats.add(fut.result())
+        out.append(Completion(ext, err))
+    return out
 
 
 class Reader:

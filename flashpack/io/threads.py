@@ -12,7 +12,7 @@ import os
 from typing import Iterable
 
 from ..settings import settings
-from .base import Completion, Extent, Reader, ReaderStats, read_extent
+from .base import Completion, Extent, Reader, ReaderStats, collect_futures, read_extent
 
 
 def probe() -> tuple[bool, str]:
@@ -54,20 +54,7 @@ class ThreadsReader(Reader):
         return len(self._pending)
 
     def wait(self, timeout_s: float | None = None) -> list[Completion]:
-        if not self._pending:
-            return []
-        done, _ = cf.wait(self._pending, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
-        out = []
-        for fut in done:
-            ext = self._pending.pop(fut)
-            if fut.cancelled():
-                out.append(Completion(ext, cf.CancelledError("read cancelled after an earlier error")))
-                continue
-            err = fut.exception()
-            if err is None:
-                self.stats.add(fut.result())
-            out.append(Completion(ext, err))
-        return out
+        return collect_futures(self._pending, timeout_s, self.stats)
 
     def cancel_pending(self) -> None:
         for fut in self._pending:

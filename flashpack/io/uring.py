@@ -28,7 +28,7 @@ from typing import Iterable
 
 from ..errors import BackendUnavailableError, ReadError, short_read_error
 from ..settings import GiB, settings
-from .base import Completion, Extent, Reader, ReaderStats, buffer_address, notice_once, read_extent
+from .base import Completion, Extent, Reader, ReaderStats, buffer_address, collect_futures, notice_once, read_extent
 
 try:
     from .. import _uring
@@ -369,20 +369,7 @@ class UringReader(Reader):
         self._copies[self._pool.submit(work)] = ext
 
     def _collect_copies(self, timeout_s: float | None) -> list[Completion]:
-        if not self._copies:
-            return []
-        done, _ = cf.wait(self._copies, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
-        out = []
-        for fut in done:
-            ext = self._copies.pop(fut)
-            if fut.cancelled():
-                out.append(Completion(ext, cf.CancelledError("read cancelled after an earlier error")))
-                continue
-            err = fut.exception()
-            if err is None:
-                self.stats.add(fut.result())
-            out.append(Completion(ext, err))
-        return out
+        return collect_futures(self._copies, timeout_s, self.stats)
 
     def wait(self, timeout_s: float | None = None) -> list[Completion]:
         out, self._cancelled = self._cancelled, []
