@@ -8,7 +8,8 @@ variable                        default      meaning
 ``FLASHPACK_DIRECT``            ``auto``     O_DIRECT policy: ``auto`` (direct when the pages are not
                                              cached), ``on`` (always direct), ``off`` (always buffered)
 ``FLASHPACK_QUEUE_DEPTH``       ``32``       reads in flight per load (``uring``)
-``FLASHPACK_THREADS``           ``4``        worker threads of the ``threads`` backend
+``FLASHPACK_THREADS``           ``16``       worker threads of the ``threads`` backend (and of
+                                             ``uring``'s copies out of the page cache)
 ``FLASHPACK_EXTENT_NBYTES``     8 MiB        bytes per read request (a multiple of 4096)
 ``FLASHPACK_SLOT_NBYTES``       64 MiB       bytes per pinned staging slot (GPU loads)
 ``FLASHPACK_NUM_SLOTS``         ``4``        staging slots per GPU load
@@ -125,7 +126,7 @@ def settings() -> Settings:
         verify=_env_bool("FLASHPACK_VERIFY", True),
         direct=direct,
         queue_depth=count("FLASHPACK_QUEUE_DEPTH", 32),
-        threads=count("FLASHPACK_THREADS", 4),
+        threads=count("FLASHPACK_THREADS", 16),
         extent_nbytes=extent,
         slot_nbytes=slot,
         num_slots=count("FLASHPACK_NUM_SLOTS", 4),
