@@ -137,7 +137,7 @@ def cmd_convert(args: dict) -> int:
         print(f"flashpack: note: {note}", file=sys.stderr)
     gibps = r.payload_nbytes / max(r.seconds, 1e-9) / (1 << 30)
     print(f"{r.dst}: {r.tensors} tensors, {r.aliases} aliases, {_fmt_nbytes(r.file_nbytes)} "
-          f"from {len(r.source.files)} file(s) of {r.source.description} in {r.seconds:.2f} s ({gibps:.2f} GiB/s)")
+          f"from {len(r.source.files)} file(s) of {r.source.description} in {r.seconds:.3f} s ({gibps:.2f} GiB/s)")
     return EXIT_OK
 
 

@@ -130,7 +130,8 @@ def main(argv=None) -> int:
                 print(proc.stdout, proc.stderr, sep="\n", file=sys.stderr)
                 return 1
             m = re.search(r" in ([0-9.]+) s ", proc.stdout)
-            convs.append(float(m.group(1)) if m else walls[-1])
+            own_s = float(m.group(1)) if m else 0.0
+            convs.append(own_s if own_s > 0 else walls[-1])  # a tiny input can print "in 0.000 s"
             print(f"sample {r}: write+fsync {w:.3f} s ({src_nbytes / w / GiB:.3f} GiB/s); convert {convs[-1]:.3f} s "
                   f"({src_nbytes / convs[-1] / GiB:.3f} GiB/s, own timer), {walls[-1]:.3f} s whole subprocess")
         print(f"convert stdout (last): {proc.stdout.strip()}")
