@@ -192,7 +192,8 @@ def reconstruct(wm: WeightMap, keys: list[str], buffer: torch.Tensor, plan: Load
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend: str | None = None,
          keys: Iterable[str] | None = None, verify: bool | None = None, mmap: bool = False,
-         process_group=None, stats: LoadStats | None = None) -> dict[str, torch.Tensor]:
+         process_group=None, src_rank: int | None = None,
+         stats: LoadStats | None = None) -> dict[str, torch.Tensor]:
     """Load a flashpack file (or a fal flashpack 0.2-0.4 file) into a state_dict.
 
     Args:
@@ -208,7 +209,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend
             Caveat: if another process truncates the file while the mapping is alive, touching the lost
             pages raises SIGBUS and kills the process. Checksums are verified (touching every page) only when
             ``verify=True`` is passed explicitly; ``FLASHPACK_VERIFY`` does not apply to this mode.
-        process_group: distributed loading over ``torch.distributed`` (see :mod:`flashpack.distributed`).
+        process_group: distributed loading over ``torch.distributed`` (see :mod:`flashpack.distributed`): each
+            rank reads about 1/world_size of the file and the ranks exchange the bytes.
+        src_rank: with ``process_group``: only this rank reads the file and broadcasts it (for storage only one
+            node can see); ``path`` is ignored on the other ranks.
         stats: a :class:`LoadStats` to fill in (bytes read, backend used).
 
     Returns:
@@ -225,7 +229,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend
         FlashPackError: ``device`` is CUDA but torch has no CUDA.
         No tensor is returned when anything fails.
     """
-    path = os.fspath(path)
+    path = os.fspath(path) if path is not None else None
     dev = _parse_device(device)
     cfg = settings()
     if mmap:
@@ -239,7 +243,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend
         from .distributed import load_distributed
 
         return load_distributed(path, device=dev, backend=backend, keys=keys, verify=verify,
-                                process_group=pg, stats=stats)
+                                process_group=pg, stats=stats, src_rank=src_rank)
+    if src_rank is not None:
+        raise FlashPackError("src_rank needs a process group (process_group=... or 'default')")
+    if path is None:
+        raise TypeError("path is required")
 
     wm = read_weight_map(path)
     wanted, stored = _resolve_keys(wm, keys)

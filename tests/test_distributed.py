@@ -132,6 +132,8 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
     run("broadcast", lambda st: load_distributed(files["mixed"], process_group=None, stats=st, exchange="broadcast"))
     run("noverify", lambda st: load_distributed(files["mixed"], stats=st, verify=False))
     run("src_rank", lambda st: load_distributed(files["huge"] if rank == 1 else None, src_rank=1, stats=st))
+    run("src_rank_load", lambda st: flashpack.load(files["huge"] if rank == 1 else None, process_group="default",
+                                                    src_rank=1, stats=st))
     run("src_missing", lambda st: load_distributed(files["huge"] + ".missing" if rank == 0 else None, src_rank=0,
                                                    stats=st))
     run("keys", lambda st: flashpack.load(files["mixed"], keys=["bf16", "alias_f32", "empty_i8"],
@@ -256,6 +258,9 @@ def test_src_rank_mode(world, files):
     for r in range(w):
         assert res[r]["src_rank"]["digests"] == expect
         assert res[r]["src_rank"]["bytes_read"] == (st.bytes_read if r == 1 else 0)
+        # the same through the public flashpack.load(..., process_group=..., src_rank=...)
+        assert res[r]["src_rank_load"]["digests"] == expect
+        assert res[r]["src_rank_load"]["bytes_read"] == (st.bytes_read if r == 1 else 0)
     errs = [res[r]["src_missing"] for r in range(w)]
     assert all(e.get("is_dist_error") for e in errs) and len({e["message"] for e in errs}) == 1
     assert f"rank 0 of {w}" in errs[0]["message"] and "FileNotFoundError" in errs[0]["message"]
@@ -363,3 +368,12 @@ def test_bench_dist_smoke(tmp_path):
         fields = dict(kv.split("=", 1) for kv in ln.split()[1:])
         assert fields["ok"] == "True"
         assert int(fields["total_read_nbytes"]) <= int(fields["file_nbytes"])  # read once, not world_size times
+
+
+def test_src_rank_without_a_process_group_is_refused(tmp_path):
+    path = tmp_path / "m.flashpack"
+    flashpack.pack_to_file({"w": torch.ones(3)}, path)
+    with pytest.raises(flashpack.FlashPackError, match="src_rank needs a process group"):
+        flashpack.load(path, src_rank=0)
+    with pytest.raises(flashpack.FlashPackError, match="mmap=True .* cannot be combined with a process group"):
+        flashpack.load(path, mmap=True, process_group=object())
