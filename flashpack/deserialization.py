@@ -5,6 +5,7 @@ Public entry points: :func:`load`, :func:`read_weight_map`, :func:`verify`, :fun
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import FlashPackError, ModelMismatchError, NotAFlashPackError, short_read_error
+from .errors import FlashPackError, ModelMismatchError, NotAFlashPackError, ReadError, short_read_error
 from .format import (
     FAL_MAGIC,
     MAGIC,
@@ -40,10 +41,36 @@ def _pread_exact(fd: int, nbytes: int, offset: int, path: str) -> bytes:
     return bytes(out)
 
 
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime in ns): changes when the file is replaced or rewritten."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_same_file(wm: WeightMap, fd: int) -> None:
+    """Raise unless ``fd`` is the file (same inode, size and mtime) whose weight map ``wm`` is.
+
+    Raises:
+        ReadError (``ESTALE``): the file was replaced or rewritten since its weight map was read.
+    """
+    if wm.file_id is None:
+        return
+    now = file_identity(os.fstat(fd))
+    if now != wm.file_id:
+        raise ReadError(errno.ESTALE, f"the file was replaced, truncated or rewritten while it was being loaded "
+                                      f"({wm.file_id[2]} bytes when its weight map was read, {now[2]} bytes now; "
+                                      f"its weight map and payload would not match); load it again", wm.path)
+
+
 def read_weight_map_fd(fd: int, path: str) -> WeightMap:
-    """Read and validate the weight map through an open descriptor (the same one the payload is read
-    from, so a file replaced in between cannot mix two files)."""
-    size = os.fstat(fd).st_size
+    """Read and validate the weight map through an open descriptor, recording the file's identity so the
+    payload reads can check they read the same file (:func:`check_same_file`)."""
+    st = os.fstat(fd)
+    wm = _read_weight_map_fd(fd, path, st.st_size)
+    wm.file_id = file_identity(st)
+    return wm
+
+
+def _read_weight_map_fd(fd: int, path: str, size: int) -> WeightMap:
     head = _pread_exact(fd, min(size, 64), 0, path)
     if head[:8] == MAGIC:
         header = decode_header(head, path, size)
@@ -127,8 +154,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
                 stats.chunks_verified += 1
 
     with open_reader(wm.path, backend) as reader:
-        if reader.file_nbytes != wm.file_nbytes:
-            raise short_read_error(wm.path, 0, wm.file_nbytes, reader.file_nbytes)
+        check_same_file(wm, reader.files.fd)
         stats.backend = reader.name
         try:
             read_all(reader, _extents(plan, buf), done if verify else None)
@@ -146,7 +172,13 @@ def _mmap_payload(wm: WeightMap, plan: LoadPlan, verify: bool, stats: LoadStats)
     """Zero-copy: a private copy-on-write mapping of the whole file; the plan is re-based on it."""
     from .plan import Region
 
-    storage = torch.UntypedStorage.from_file(wm.path, shared=False, nbytes=wm.file_nbytes)
+    fd = os.open(wm.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        check_same_file(wm, fd)
+        # map the very file just checked (its /proc/self/fd link), not whatever the path names by now
+        storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=False, nbytes=wm.file_nbytes)
+    finally:
+        os.close(fd)
     whole = torch.empty(0, dtype=torch.uint8).set_(storage)
     rebased = LoadPlan(tuple(Region(r.file_offset, r.nbytes, r.file_offset) for r in plan.regions), (), plan.chunks,
                        plan.chunk_extent_counts, wm.file_nbytes)
@@ -176,24 +208,34 @@ def _parse_device(device) -> torch.device:
 
 def reconstruct(wm: WeightMap, keys: list[str], buffer: torch.Tensor, plan: LoadPlan,
                 dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    """Views onto ``buffer`` (uint8, any device) for every stored key in ``keys``; zero-size tensors get
-    their own empty tensor (never a view of an empty buffer)."""
+    """Zero-copy tensors onto ``buffer`` (uint8, any device) for every stored key in ``keys``.
+
+    Each tensor shares ``buffer``'s storage but is made with ``set_`` rather than as a view, so it has its
+    own autograd version counter: an in-place update of one (a BatchNorm running mean in training) does not
+    invalidate the others saved for backward. Zero-size tensors get their own empty tensor (never a view of
+    an empty buffer).
+    """
     out: dict[str, torch.Tensor] = {}
+    storage = buffer.untyped_storage()
     for k in keys:
         t = wm.tensors[k]
         dt = dtypes[k]
         if t.nbytes == 0:
             out[k] = torch.empty(t.shape, dtype=dt, device=buffer.device)
             continue
-        bo = plan.buffer_offset(t.offset)
-        out[k] = buffer[bo:bo + t.nbytes].view(dt).view(t.shape)
+        byte_offset = buffer.storage_offset() + plan.buffer_offset(t.offset)
+        if byte_offset % dt.itemsize:  # cannot happen for this format's 64-byte alignment; kept for safety
+            bo = plan.buffer_offset(t.offset)
+            out[k] = buffer[bo:bo + t.nbytes].clone().view(dt).view(t.shape)
+            continue
+        out[k] = torch.empty(0, dtype=dt, device=buffer.device).set_(storage, byte_offset // dt.itemsize, t.shape)
     return out
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend: str | None = None,
          keys: Iterable[str] | None = None, verify: bool | None = None, mmap: bool = False,
          process_group=None, src_rank: int | None = None,
-         stats: LoadStats | None = None) -> dict[str, torch.Tensor]:
+         stats: LoadStats | None = None, _weight_map: WeightMap | None = None) -> dict[str, torch.Tensor]:
     """Load a flashpack file (or a fal flashpack 0.2-0.4 file) into a state_dict.
 
     Args:
@@ -249,7 +291,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", backend
     if path is None:
         raise TypeError("path is required")
 
-    wm = read_weight_map(path)
+    wm = _weight_map if _weight_map is not None else read_weight_map(path)
     wanted, stored = _resolve_keys(wm, keys)
     dtypes = {k: torch_dtype(wm.tensors[k].dtype, key=k, path=path) for k in stored}
     plan = make_plan(wm, None if keys is None else stored, extent_nbytes=cfg.extent_nbytes, verify=verify)
@@ -344,6 +386,7 @@ def verify(path: str | os.PathLike, *, backend: str | None = None, buffer_nbytes
     mv = memoryview(buf.numpy()).cast("B")
     stride = wm.chunk_nbytes + PAGE_NBYTES
     with open_reader(path, backend) as reader:
+        check_same_file(wm, reader.files.fd)
         for i in range(0, len(chunks), per):
             batch = chunks[i:i + per]
             exts = []
@@ -429,8 +472,11 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike, device=Non
 
     wm = read_weight_map(path)
     file_keys = set(wm.keys())
-    missing = [k for k in kinds if k not in file_keys]
     unexpected = [k for k in wm.keys() if k not in kinds]
+    if keys is not None:  # only these are assigned: every other model key counts as missing
+        keys = list(dict.fromkeys(keys))
+        file_keys &= set(keys)
+    missing = [k for k in kinds if k not in file_keys]
     # A tie whose names are partly in the file is not missing: the stored name fills all (case C03a).
     tied_ok = {k for names in groups.values() if any(n in file_keys for n in names) for k in names}
     missing = [k for k in missing if k not in tied_ok]
@@ -448,8 +494,10 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike, device=Non
         if fdt != cur.dtype:
             raise ModelMismatchError(f"{path}: key {k!r}: dtype {fdt} in the file, {cur.dtype} in the model; "
                                      f"build the model with the file's dtype or repack with target_dtype")
-    load_keys = [k for k in wm.keys() if k in kinds] if keys is None else [k for k in keys if k in kinds and k in file_keys]
-    sd = load(path, device=dev, backend=backend, keys=load_keys, verify=verify, mmap=mmap, process_group=process_group)
+    load_keys = [k for k in wm.keys() if k in kinds and k in file_keys]
+    # The weight map checked above is the one loaded: a file replaced in between is detected, not mixed in.
+    sd = load(path, device=dev, backend=backend, keys=load_keys, verify=verify, mmap=mmap, process_group=process_group,
+              _weight_map=None if process_group is not None else wm)
 
     sources = []  # check every tie before changing the model: on error it stays untouched
     for names in groups.values():
@@ -465,6 +513,12 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike, device=Non
                     f"untie them in the model or repack the file"
                 )
         sources.append((names, src))
+    used: set[int] = set()
+    for i, (names, src) in enumerate(sources):
+        if id(src) in used:  # tied (aliased) in the file but not in the model: give each its own memory
+            src = src.clone()
+            sources[i] = (names, src)
+        used.add(id(src))
     for names, src in sources:
         kind, cur = kinds[names[0]]
         new = torch.nn.Parameter(src, requires_grad=cur.requires_grad) if kind == "param" else src

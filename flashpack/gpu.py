@@ -13,8 +13,7 @@ from typing import Iterable
 
 import torch
 
-from .deserialization import LoadStats, _add_stats, _resolve_keys, assemble, read_weight_map
-from .errors import short_read_error
+from .deserialization import LoadStats, _add_stats, _resolve_keys, assemble, check_same_file, read_weight_map
 from .format import WeightMap, torch_dtype
 from .io import open_reader
 from .plan import LoadPlan, make_plan, round_up
@@ -79,8 +78,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
     ring = StagingRing(want, slot, pinner=pinner, cap_nbytes=cfg.pinned_cap_nbytes)
     try:
         with open_reader(wm.path, backend) as reader:
-            if reader.file_nbytes != wm.file_nbytes:
-                raise short_read_error(wm.path, 0, wm.file_nbytes, reader.file_nbytes)
+            check_same_file(wm, reader.files.fd)
             stats.backend = reader.name
             try:
                 stats.chunks_verified += run_staged(reader, wm, plan, pieces, ring, sink, verify=verify,

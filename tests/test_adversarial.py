@@ -1,0 +1,111 @@
+"""Faults found by trying to break flashpack as a user would (each was a real bug)."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import flashpack
+from flashpack import deserialization
+from flashpack.errors import ModelMismatchError, ReadError
+
+
+def test_training_with_inplace_buffer_updates_after_load(tmp_path):
+    """All tensors of a dtype share one block; they must not share one autograd version counter, or a
+    BatchNorm updating running_mean in train mode breaks backward() of every weight (C14's kind)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    path = tmp_path / "bn.flashpack"
+    flashpack.pack_to_file(m, path)
+    for kw in ({}, {"mmap": True}):
+        fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+        flashpack.assign_from_file(fresh, path, **kw)
+        fresh.train()
+        opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+        before = fresh[0].weight.detach().clone()
+        fresh(torch.randn(3, 4)).sum().backward()  # raised "modified by an inplace operation" before the fix
+        opt.step()
+        assert fresh[0].weight.grad is not None and not torch.equal(fresh[0].weight, before)
+        assert int(fresh[2].num_batches_tracked) == 1
+
+
+def test_tensors_of_one_block_have_separate_version_counters(tmp_path):
+    path = tmp_path / "v.flashpack"
+    flashpack.pack_to_file({"a": torch.ones(4), "b": torch.ones(4)}, path)
+    sd = flashpack.load(path)
+    va = sd["a"]._version
+    sd["b"].add_(1)
+    assert sd["a"]._version == va and torch.equal(sd["a"], torch.ones(4)) and torch.equal(sd["b"], torch.full((4,), 2.0))
+    assert sd["a"].untyped_storage().data_ptr() == sd["b"].untyped_storage().data_ptr()  # still zero-copy
+
+
+class _Pair(nn.Module):
+    def __init__(self, tie: bool):
+        super().__init__()
+        self.a = nn.Linear(2, 2, bias=False)
+        self.b = nn.Linear(2, 2, bias=False)
+        if tie:
+            self.b.weight = self.a.weight
+
+
+def test_tie_in_file_into_untied_model_gives_independent_memory(tmp_path):
+    path = tmp_path / "t.flashpack"
+    src = _Pair(tie=True)
+    flashpack.pack_to_file(src, path)
+    assert flashpack.read_weight_map(path).aliases == {"b.weight": "a.weight"}
+    u = _Pair(tie=False)
+    flashpack.assign_from_file(u, path)
+    assert u.a.weight is not u.b.weight
+    assert u.a.weight.data_ptr() != u.b.weight.data_ptr()
+    assert torch.equal(u.a.weight, src.a.weight) and torch.equal(u.b.weight, src.a.weight)
+    with torch.no_grad():
+        u.a.weight.add_(1)
+    assert torch.equal(u.b.weight, src.a.weight)  # updating one leaves the other alone
+
+
+def _replace_after_weight_map(monkeypatch, path, other):
+    real = deserialization.read_weight_map
+
+    def then_replace(p):
+        wm = real(p)
+        os.replace(other, path)  # a trainer publishing a new checkpoint under the same name
+        return wm
+
+    monkeypatch.setattr(deserialization, "read_weight_map", then_replace)
+
+
+@pytest.mark.parametrize("kw", [{}, {"verify": False}, {"mmap": True}, {"backend": "threads"}])
+def test_file_replaced_mid_load_is_detected_not_mixed(tmp_path, monkeypatch, kw):
+    path, other = tmp_path / "m.flashpack", tmp_path / "new.flashpack"
+    flashpack.pack_to_file({"a": torch.full((4,), 1.0), "b": torch.full((4,), 2.0)}, path)
+    flashpack.pack_to_file({"b": torch.full((4,), 3.0), "a": torch.full((4,), 4.0)}, other)
+    _replace_after_weight_map(monkeypatch, path, other)
+    with pytest.raises(ReadError, match="replaced, truncated or rewritten while it was being loaded") as ei:
+        flashpack.load(path, **kw)
+    assert ei.value.filename == str(path)
+
+
+def test_assign_checks_the_weight_map_it_loads(tmp_path, monkeypatch):
+    path, other = tmp_path / "m.flashpack", tmp_path / "new.flashpack"
+    flashpack.pack_to_file(nn.Linear(4, 4), path)
+    flashpack.pack_to_file({"weight": torch.ones(2, 8), "bias": torch.ones(4)}, other)
+    _replace_after_weight_map(monkeypatch, path, other)
+    m = nn.Linear(4, 4)
+    w = m.weight
+    with pytest.raises(ReadError):
+        flashpack.assign_from_file(m, path)
+    assert m.weight is w and m.weight.shape == (4, 4)
+
+
+def test_assign_keys_subset_counts_the_rest_as_missing(tmp_path):
+    path = tmp_path / "s.flashpack"
+    flashpack.pack_to_file(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), path)
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises(ModelMismatchError, match=r"missing keys \['0.bias', '1.weight', '1.bias'\]"):
+        flashpack.assign_from_file(m, path, keys=["0.weight"])
+    with pytest.warns(UserWarning, match="still on the meta device"):
+        res = flashpack.assign_from_file(m, path, keys=["0.weight"], strict=False)
+    assert res.missing_keys == ["0.bias", "1.weight", "1.bias"] and res.unexpected_keys == []
+    assert m[0].weight.device.type == "cpu" and m[1].weight.device.type == "meta"
