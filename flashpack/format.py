@@ -38,6 +38,10 @@ TENSOR_ALIGN = 64
 #: Default checksum chunk: 8 MiB of a block.
 CHUNK_NBYTES = 8 * 1024 * 1024
 CHECKSUM_ALGORITHM = "xxh3_64"
+#: Largest checksum chunk a reader accepts (verification buffers hold whole chunks).
+MAX_CHUNK_NBYTES = 1024 * 1024 * 1024
+#: Dimensions must fit torch's int64 sizes.
+MAX_DIM = 2**63 - 1
 #: Largest weight map a reader accepts (a 100,000-tensor model needs about 10 MiB).
 MAX_INDEX_NBYTES = 256 * 1024 * 1024
 
@@ -343,8 +347,9 @@ def decode_weight_map(header: Header, index: bytes, path: str) -> WeightMap:
     chunk_nbytes = need(ck, "chunk_nbytes", int, "checksum")
     if algorithm != CHECKSUM_ALGORITHM:
         raise WeightMapError(f"{path}: checksum algorithm {algorithm!r} is not supported (expected {CHECKSUM_ALGORITHM!r})")
-    if chunk_nbytes <= 0 or chunk_nbytes % BLOCK_ALIGN:
-        raise WeightMapError(f"{path}: checksum chunk_nbytes {chunk_nbytes} is not a positive multiple of {BLOCK_ALIGN}")
+    if chunk_nbytes <= 0 or chunk_nbytes % BLOCK_ALIGN or chunk_nbytes > MAX_CHUNK_NBYTES:
+        raise WeightMapError(f"{path}: checksum chunk_nbytes {chunk_nbytes} is not a positive multiple of "
+                             f"{BLOCK_ALIGN} of at most {MAX_CHUNK_NBYTES}")
 
     blocks: list[BlockInfo] = []
     for i, b in enumerate(need(doc, "blocks", list, "root")):
@@ -367,8 +372,9 @@ def decode_weight_map(header: Header, index: bytes, path: str) -> WeightMap:
     for key, t in need(doc, "tensors", dict, "root").items():
         where = f"tensors[{key!r}]"
         shape = need(t, "shape", list, where)
-        if not all(_is_int(d) and d >= 0 for d in shape):
-            raise LayoutError(f"{path}: key {key!r}: shape {shape} must be a list of non-negative integers")
+        if not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+            raise LayoutError(f"{path}: key {key!r}: shape {shape} must be a list of non-negative integers "
+                              f"(each at most 2**63 - 1)")
         tensors[key] = TensorInfo(key, need(t, "dtype", str, where), tuple(shape),
                                   need(t, "offset", int, where), need(t, "nbytes", int, where))
     aliases = need(doc, "aliases", dict, "root")
@@ -510,7 +516,7 @@ def decode_fal_footer(footer: bytes, path: str, file_nbytes: int, footer_offset:
             dt, boff, _ = raw_blocks[mbi]
             item = DTYPE_ITEMSIZE[dt]
             shape = tuple(int(d) for d in rec["shape"])
-            if any(d < 0 for d in shape):
+            if any(not 0 <= d <= MAX_DIM for d in shape):
                 raise LayoutError(f"{path}: key {name!r}: negative dimension in shape {list(shape)}")
             length = int(rec["length"])
             if length != math.prod(shape):

@@ -86,7 +86,7 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
                              f"(revert to .safetensors to keep them)")
             # torch.save refuses views of one buffer under different dtypes: one copy per stored
             # tensor, aliases bound to their target's copy (torch.save keeps that sharing).
-            own = {k: sd[k].clone() for k in wm.tensors}
+            own = {k: _own_copy(sd[k]) for k in wm.tensors}
             out = {k: own[wm.aliases.get(k, k)] for k in sd}
             del sd
             nbytes = _atomic_write(dst, lambda tmp: torch.save(out, tmp))
@@ -94,6 +94,17 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
             nbytes = _write_safetensors(wm, sd, dst, path)
         bar.update(wm.payload_nbytes)
     return RevertResult(dst, fmt, len(wm.tensors), len(wm.aliases), nbytes, time.perf_counter() - t0, notes)
+
+
+def _own_copy(t):
+    """A copy of a loaded (contiguous) tensor in its own memory, copied as bytes: ``clone()`` has no kernel
+    for sub-byte dtypes (uint1-7, int1-7)."""
+    import torch
+
+    out = torch.empty(t.shape, dtype=t.dtype)
+    if t.numel():
+        out.reshape(-1).view(torch.uint8).copy_(t.reshape(-1).view(torch.uint8))
+    return out
 
 
 def _write_safetensors(wm, sd: dict, dst: str, path: str) -> int:

@@ -15,6 +15,7 @@ from .format import (
     BLOCK_ALIGN,
     CHUNK_NBYTES,
     HEADER_NBYTES,
+    MAX_CHUNK_NBYTES,
     TENSOR_ALIGN,
     BlockInfo,
     TensorInfo,
@@ -244,8 +245,12 @@ def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, targe
         :data:`WRITE_PIECE_NBYTES` (plus one whole tensor when it is non-contiguous or cast).
     """
     path = os.fspath(destination_path)
-    if chunk_nbytes <= 0 or chunk_nbytes % BLOCK_ALIGN:
-        raise ValueError(f"chunk_nbytes must be a positive multiple of {BLOCK_ALIGN}, got {chunk_nbytes}")
+    if target_dtype is not None and not (isinstance(target_dtype, torch.dtype) and target_dtype.is_floating_point):
+        raise TypeError(f"target_dtype must be a floating-point torch.dtype (torch.bfloat16, torch.float16, ...), "
+                        f"got {target_dtype!r}")
+    if chunk_nbytes <= 0 or chunk_nbytes % BLOCK_ALIGN or chunk_nbytes > MAX_CHUNK_NBYTES:
+        raise ValueError(f"chunk_nbytes must be a multiple of {BLOCK_ALIGN} from {BLOCK_ALIGN} to {MAX_CHUNK_NBYTES}, "
+                         f"got {chunk_nbytes}")
     meta = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise TypeError("metadata must map str to str")

@@ -102,14 +102,14 @@ def settings() -> Settings:
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 
-    def count(name: str, default: int) -> int:
+    def count(name: str, default: int, most: int = 4096) -> int:
         v = _env(name, str(default))
         try:
             n = int(v)
         except ValueError:
-            raise ValueError(f"{name}={v!r}: expected a positive integer") from None
-        if n < 1:
-            raise ValueError(f"{name}={v!r}: expected a positive integer")
+            n = 0
+        if not 1 <= n <= most:
+            raise ValueError(f"{name}={v!r}: expected an integer from 1 to {most}")
         return n
 
     direct = _env("FLASHPACK_DIRECT", "auto").lower()
@@ -125,7 +125,7 @@ def settings() -> Settings:
         backend=_env("FLASHPACK_BACKEND", "auto").lower() or "auto",
         verify=_env_bool("FLASHPACK_VERIFY", True),
         direct=direct,
-        queue_depth=count("FLASHPACK_QUEUE_DEPTH", 32),
+        queue_depth=count("FLASHPACK_QUEUE_DEPTH", 32, most=32768),  # io_uring_setup(2): at most 32768 entries
         threads=count("FLASHPACK_THREADS", 16),
         extent_nbytes=extent,
         slot_nbytes=slot,

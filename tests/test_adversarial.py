@@ -109,3 +109,58 @@ def test_assign_keys_subset_counts_the_rest_as_missing(tmp_path):
         res = flashpack.assign_from_file(m, path, keys=["0.weight"], strict=False)
     assert res.missing_keys == ["0.bias", "1.weight", "1.bias"] and res.unexpected_keys == []
     assert m[0].weight.device.type == "cpu" and m[1].weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("bad", [torch.int8, torch.bool, torch.complex64, "float16", 16])
+def test_target_dtype_must_be_a_floating_torch_dtype(tmp_path, bad):
+    with pytest.raises(TypeError, match="target_dtype must be a floating-point torch.dtype"):
+        flashpack.pack_to_file({"a": torch.randn(4)}, tmp_path / "x.flashpack", bad)
+    assert not os.listdir(tmp_path)  # nothing written, no temporary file left
+
+
+def test_zero_size_tensor_with_a_dimension_past_int64_is_a_layout_error(tmp_path):
+    from conftest import rewrite_weight_map
+
+    path = tmp_path / "z.flashpack"
+    flashpack.pack_to_file({"z": torch.zeros(0, 3)}, path)
+
+    def edit(doc):
+        doc["tensors"]["z"]["shape"] = [0, 2**63]
+
+    rewrite_weight_map(str(path), edit)
+    with pytest.raises(flashpack.errors.LayoutError, match="each at most 2\\*\\*63 - 1"):
+        flashpack.load(path)
+    with pytest.raises(flashpack.errors.LayoutError):
+        flashpack.verify(path)
+
+
+def test_checksum_chunk_larger_than_1_gib_is_rejected(tmp_path):
+    from conftest import rewrite_weight_map
+
+    path = tmp_path / "c.flashpack"
+    flashpack.pack_to_file({"a": torch.ones(8)}, path)
+    rewrite_weight_map(str(path), lambda doc: doc["checksum"].update(chunk_nbytes=2**50))
+    with pytest.raises(flashpack.errors.WeightMapError, match="chunk_nbytes"):
+        flashpack.verify(path)
+
+
+@pytest.mark.parametrize("value", ["100000", "0", "-3", "many"])
+def test_queue_depth_out_of_range_is_named(monkeypatch, value):
+    from flashpack.settings import settings
+
+    monkeypatch.setenv("FLASHPACK_QUEUE_DEPTH", value)
+    with pytest.raises(ValueError, match=f"FLASHPACK_QUEUE_DEPTH='{value}': expected an integer from 1 to 32768"):
+        settings()
+
+
+def test_revert_to_pt_of_sub_byte_dtypes_is_a_usage_error_naming_the_dtype(tmp_path, capsys):
+    """torch.save cannot store uint1-7/int1-7: the revert says so (exit 2, input unusable), not "damaged"."""
+    from flashpack.cli import main
+
+    sd = {"u1": torch.tensor([1, 0, 1], dtype=torch.uint8).view(torch.uint1)}
+    path = tmp_path / "s.flashpack"
+    flashpack.pack_to_file(sd, path)
+    assert main(["revert", str(path), str(tmp_path / "s.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "uint1" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["s.flashpack"]  # no partial or temporary file
