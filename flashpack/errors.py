@@ -59,6 +59,10 @@ class ChecksumMismatchError(FormatError):
     """A payload chunk's checksum does not match the weight map (I15)."""
 
 
+class SettingsError(FlashPackError, ValueError):
+    """A ``FLASHPACK_*`` environment variable holds a value of the wrong form; the message names it."""
+
+
 # --------------------------------------------------------------------------- model errors
 
 

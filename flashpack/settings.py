@@ -32,6 +32,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .errors import SettingsError
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -70,7 +72,7 @@ def _env_bool(name: str, default: bool) -> bool:
         return True
     if v in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"{name}={v!r}: expected 0 or 1")
+    raise SettingsError(f"{name}={v!r}: expected 0 or 1")
 
 
 @dataclass(frozen=True)
@@ -94,13 +96,13 @@ def settings() -> Settings:
     """Read the environment now (cheap; callers read it once per load).
 
     Raises:
-        ValueError: a variable holds a value of the wrong form; the message names it.
+        SettingsError (a ``ValueError``): a variable holds a value of the wrong form; the message names it.
     """
     def size(name: str, default: str) -> int:
         try:
             return parse_nbytes(_env(name, default))
         except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+            raise SettingsError(f"{name}: {e}") from None
 
     def count(name: str, default: int, most: int = 4096) -> int:
         v = _env(name, str(default))
@@ -109,18 +111,18 @@ def settings() -> Settings:
         except ValueError:
             n = 0
         if not 1 <= n <= most:
-            raise ValueError(f"{name}={v!r}: expected an integer from 1 to {most}")
+            raise SettingsError(f"{name}={v!r}: expected an integer from 1 to {most}")
         return n
 
     direct = _env("FLASHPACK_DIRECT", "auto").lower()
     if direct not in ("auto", "on", "off"):
-        raise ValueError(f"FLASHPACK_DIRECT={direct!r}: expected auto, on or off")
+        raise SettingsError(f"FLASHPACK_DIRECT={direct!r}: expected auto, on or off")
     extent = size("FLASHPACK_EXTENT_NBYTES", "8M")
     if extent < PAGE_NBYTES or extent % PAGE_NBYTES:
-        raise ValueError(f"FLASHPACK_EXTENT_NBYTES={extent}: must be a positive multiple of {PAGE_NBYTES}")
+        raise SettingsError(f"FLASHPACK_EXTENT_NBYTES={extent}: must be a positive multiple of {PAGE_NBYTES}")
     slot = size("FLASHPACK_SLOT_NBYTES", "64M")
     if slot < PAGE_NBYTES or slot % PAGE_NBYTES:
-        raise ValueError(f"FLASHPACK_SLOT_NBYTES={slot}: must be a positive multiple of {PAGE_NBYTES}")
+        raise SettingsError(f"FLASHPACK_SLOT_NBYTES={slot}: must be a positive multiple of {PAGE_NBYTES}")
     return Settings(
         backend=_env("FLASHPACK_BACKEND", "auto").lower() or "auto",
         verify=_env_bool("FLASHPACK_VERIFY", True),
