@@ -9,6 +9,7 @@ destination's own folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from typing import Iterator
@@ -40,6 +41,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if not path or os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "destination is a folder; give a file name", path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, "the destination's folder does not exist; create it first", path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:

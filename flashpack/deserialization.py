@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -65,6 +66,8 @@ def read_weight_map_fd(fd: int, path: str) -> WeightMap:
     """Read and validate the weight map through an open descriptor, recording the file's identity so the
     payload reads can check they read the same file (:func:`check_same_file`)."""
     st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a flashpack file", path)
     wm = _read_weight_map_fd(fd, path, st.st_size)
     wm.file_id = file_identity(st)
     return wm

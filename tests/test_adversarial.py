@@ -164,3 +164,15 @@ def test_revert_to_pt_of_sub_byte_dtypes_is_a_usage_error_naming_the_dtype(tmp_p
     err = capsys.readouterr().err
     assert "uint1" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["s.flashpack"]  # no partial or temporary file
+
+
+def test_folders_and_missing_folders_are_named(tmp_path):
+    with pytest.raises(IsADirectoryError) as ei:
+        flashpack.load(tmp_path)
+    assert ei.value.filename == str(tmp_path)
+    with pytest.raises(IsADirectoryError):
+        flashpack.pack_to_file({"a": torch.ones(1)}, tmp_path)
+    missing = tmp_path / "no" / "such" / "x.flashpack"
+    with pytest.raises(FileNotFoundError, match="folder does not exist") as ei:
+        flashpack.pack_to_file({"a": torch.ones(1)}, missing)
+    assert ei.value.filename == str(missing)
