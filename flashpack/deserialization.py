@@ -323,7 +323,7 @@ def _resolve_keys(wm: WeightMap, keys: Iterable[str] | None) -> tuple[list[str],
     """(keys to return, stored keys to read) for a ``keys=`` argument."""
     if keys is None:
         return wm.keys(), list(wm.tensors)
-    wanted = list(dict.fromkeys(keys))
+    wanted = list(dict.fromkeys([keys] if isinstance(keys, str) else keys))
     missing = [k for k in wanted if k not in wm.tensors and k not in wm.aliases]
     if missing:
         raise KeyError(f"{wm.path}: keys not in the file: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
@@ -477,7 +477,7 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike, device=Non
     file_keys = set(wm.keys())
     unexpected = [k for k in wm.keys() if k not in kinds]
     if keys is not None:  # only these are assigned: every other model key counts as missing
-        keys = list(dict.fromkeys(keys))
+        keys = list(dict.fromkeys([keys] if isinstance(keys, str) else keys))
         file_keys &= set(keys)
     missing = [k for k in kinds if k not in file_keys]
     # A tie whose names are partly in the file is not missing: the stored name fills all (case C03a).

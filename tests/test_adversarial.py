@@ -176,3 +176,9 @@ def test_folders_and_missing_folders_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="folder does not exist") as ei:
         flashpack.pack_to_file({"a": torch.ones(1)}, missing)
     assert ei.value.filename == str(missing)
+
+
+def test_keys_given_as_one_string_mean_that_key(tmp_path):
+    path = tmp_path / "k.flashpack"
+    flashpack.pack_to_file({"ab": torch.ones(2), "a": torch.zeros(1), "b": torch.zeros(1)}, path)
+    assert list(flashpack.load(path, keys="ab")) == ["ab"]
