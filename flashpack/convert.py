@@ -558,10 +558,10 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
     lazy, metadata, opened = plan(source.files, bar.update)
     notes: list[str] = []
     try:
-        n_alias = _alias_from_metadata(lazy, metadata) if metadata else 0
+        if metadata:
+            _alias_from_metadata(lazy, metadata)
         if framework == "transformers":
-            added, note = _transformers_ties(source.folder, lazy)
-            n_alias += added
+            _, note = _transformers_ties(source.folder, lazy)
             if note:
                 notes.append(note)
         seen: set[int] = set()

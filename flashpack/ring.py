@@ -478,10 +478,10 @@ def min_slot_nbytes(plan: LoadPlan) -> int:
 
 
 class _Fill:
-    __slots__ = ("slot", "piece", "left", "failed")
+    __slots__ = ("slot", "piece", "left")
 
     def __init__(self, slot: Slot, piece: Piece, left: int):
-        self.slot, self.piece, self.left, self.failed = slot, piece, left, False
+        self.slot, self.piece, self.left = slot, piece, left
 
 
 def _read_extents(piece: Piece, slot: Slot, read_nbytes: int) -> list[Extent]:
@@ -542,7 +542,6 @@ def run_staged(reader: Reader, wm: WeightMap, plan: LoadPlan, pieces: Sequence[P
                 fill = filling[c.extent.tag]
                 fill.left -= 1
                 if c.error is not None:
-                    fill.failed = True
                     error = error or c.error
                 if fill.left:
                     continue

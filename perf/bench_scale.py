@@ -19,7 +19,6 @@ Writes ``<out-dir>/<name>.json`` and ``<out-dir>/<name>.png`` (log-log seconds v
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 

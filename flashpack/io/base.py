@@ -118,7 +118,6 @@ class FileHandles:
         self.path = os.fspath(path)
         self.fd = _open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self.direct_fd = -1
-        self.policy = direct
         try:
             self.file_nbytes = os.fstat(self.fd).st_size
             self._resident = None
