@@ -106,7 +106,14 @@ def make_plan(wm: WeightMap, keys: Iterable[str] | None = None, *, extent_nbytes
                         for k in keys if wm.tensors[k].nbytes]
     checks = verify and wm.checksum_algorithm is not None
     if checks:
-        chunks = [c for c in all_chunks if any(lo < c.offset + c.nbytes and c.offset < hi for lo, hi in wanted_spans)]
+        merged = _merge(wanted_spans)  # sorted, disjoint: one bisect per chunk instead of a scan of every span
+        starts = [lo for lo, _ in merged]
+
+        def wanted(c) -> bool:
+            i = bisect.bisect_left(starts, c.offset + c.nbytes) - 1  # last span starting before the chunk ends
+            return i >= 0 and merged[i][1] > c.offset
+
+        chunks = [c for c in all_chunks if wanted(c)]
         spans = [(c.offset, c.offset + c.nbytes) for c in chunks]
     else:
         chunks, spans = [], wanted_spans
