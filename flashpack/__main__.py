@@ -1,7 +1,7 @@
-"""``python -m flashpack``: the command line (see :mod:`flashpack.cli`)."""
+"""``python -m flashpack``: the command line (see :mod:`flashpack.tools.cli`)."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

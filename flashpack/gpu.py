@@ -13,7 +13,8 @@ from typing import Iterable
 
 import torch
 
-from .deserialization import LoadStats, _add_stats, _resolve_keys, assemble, check_same_file, read_weight_map
+from .deserialization import LoadStats, _add_stats, _resolve_keys, assemble
+from .source import check_same_file, read_weight_map
 from .format import WeightMap, torch_dtype
 from .io import open_reader
 from .plan import LoadPlan, make_plan, round_up

@@ -155,7 +155,7 @@ def test_queue_depth_out_of_range_is_named(monkeypatch, value):
 
 def test_revert_to_pt_of_sub_byte_dtypes_is_a_usage_error_naming_the_dtype(tmp_path, capsys):
     """torch.save cannot store uint1-7/int1-7: the revert says so (exit 2, input unusable), not "damaged"."""
-    from flashpack.cli import main
+    from flashpack.tools.cli import main
 
     sd = {"u1": torch.tensor([1, 0, 1], dtype=torch.uint8).view(torch.uint1)}
     path = tmp_path / "s.flashpack"

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
 import flashpack
-from flashpack import cli
-from flashpack.convert import hub_patterns, looks_local, select_weight_files
+from flashpack.tools import cli
+from flashpack.tools.convert import hub_patterns, looks_local, select_weight_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +105,7 @@ def test_usage_errors_exit_2(capsys):
 
 def test_help_subprocess_imports_no_torch():
     """`flashpack --help` stays fast: nothing heavy is imported (the 0.5 s budget is torch's import)."""
-    code = ("import sys; from flashpack.cli import main; rc = main(['--help']); "
+    code = ("import sys; from flashpack.tools.cli import main; rc = main(['--help']); "
             "heavy = [m for m in ('torch', 'transformers', 'diffusers', 'safetensors', 'huggingface_hub') if m in sys.modules]; "
             "print('HEAVY', heavy); sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -460,7 +460,7 @@ def test_metadata_text_json_and_index(tmp_path, capsys):
 
 def test_metadata_reads_only_the_weight_map(tmp_path, monkeypatch, capsys):
     flashpack.pack_to_file({"a": torch.ones(1024)}, tmp_path / "m.flashpack")
-    import flashpack.deserialization as d
+    import flashpack.source as d
 
     asked = []
     real = d._pread_exact

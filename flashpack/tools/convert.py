@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import FlashPackError
+from ..errors import FlashPackError
 
 #: File suffixes read as PyTorch pickles (``torch.load(weights_only=True)``).
 TORCH_SUFFIXES = (".pt", ".bin", ".pth")
@@ -178,7 +178,7 @@ def _kind_of_file(path: str) -> str:
         return "torch"
     with open(path, "rb") as f:
         head = f.read(16)
-    from .format import FAL_MAGIC, MAGIC
+    from ..format import FAL_MAGIC, MAGIC
 
     if head.startswith(MAGIC) or (os.path.getsize(path) >= 16 and _tail(path) == FAL_MAGIC):
         raise UsageError(f"{path}: already a flashpack file; nothing to convert (use `flashpack revert` to get safetensors)")
@@ -353,8 +353,8 @@ def torch_state_dict(path: str, *, mmap: bool = True) -> dict:
 
 
 def _plan_safetensors(files: list[str], loaded: Callable[[int], None]):
-    from .format import torch_dtype
-    from .serialization import LazyTensor
+    from ..format import torch_dtype
+    from ..serialization import LazyTensor
 
     opened = _OneOpen(_safe_open)
     lazy: dict = {}
@@ -389,7 +389,7 @@ def _numel(shape) -> int:
 
 
 def _plan_torch(files: list[str], loaded: Callable[[int], None]):
-    from .serialization import LazyTensor
+    from ..serialization import LazyTensor
 
     opened = _OneOpen(torch_state_dict)
     lazy: dict = {}
@@ -485,7 +485,7 @@ def parse_dtype(text: str):
     """
     import torch
 
-    from .format import DTYPE_NAMES
+    from ..format import DTYPE_NAMES
 
     t = text.strip()
     short = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
@@ -549,7 +549,7 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
 
     from tqdm import tqdm
 
-    from .serialization import pack_to_file
+    from ..serialization import pack_to_file
 
     t0 = time.perf_counter()
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", file=sys.stderr,

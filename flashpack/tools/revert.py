@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 from .convert import TORCH_SUFFIXES, UsageError, check_destination
 
 
@@ -62,7 +62,7 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
         NotAFlashPackError: ``path`` is not a flashpack file. FormatError: it is damaged (checksums are
         verified while reading). UsageError: bad destination, or a dtype safetensors cannot hold.
     """
-    from .deserialization import load, read_weight_map
+    from ..deserialization import load, read_weight_map
 
     path = os.path.abspath(os.path.expanduser(path))
     wm = read_weight_map(path)

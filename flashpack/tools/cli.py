@@ -101,7 +101,7 @@ EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
 
 
 def _debug() -> bool:
-    from .settings import settings
+    from ..settings import settings
 
     try:
         return settings().debug
@@ -161,7 +161,7 @@ def metadata_dict(wm) -> dict:
 
 
 def cmd_metadata(args: dict) -> int:
-    from .deserialization import read_weight_map
+    from ..deserialization import read_weight_map
 
     wm = read_weight_map(args["<path>"])
     doc = metadata_dict(wm)
@@ -209,7 +209,7 @@ def cmd_revert(args: dict) -> int:
 
 
 def cmd_verify(args: dict) -> int:
-    from .deserialization import verify
+    from ..deserialization import verify
 
     r = verify(args["<path>"])
     print(f"{r.path}: header, weight map and layout OK ({r.source}; {r.tensors} tensors, {r.aliases} aliases, "
@@ -232,7 +232,7 @@ COMMANDS = {"convert": cmd_convert, "metadata": cmd_metadata, "revert": cmd_reve
 def exit_status(e: BaseException) -> int:
     """2 for unusable input (not a flashpack file, missing path, bad argument), 1 for a damaged or
     failed file (a broken invariant, a checksum, a failed read or write)."""
-    from .errors import FlashPackError, FormatError, NotAFlashPackError
+    from ..errors import FlashPackError, FormatError, NotAFlashPackError
 
     if isinstance(e, (NotAFlashPackError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return EXIT_USAGE
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 damaged or failed file, 2 usage error)."""
     from docopt import DocoptExit, docopt
 
-    from . import __version__
+    from .. import __version__
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS and any(a in ("-h", "--help") for a in argv[1:]):

@@ -1,4 +1,4 @@
-"""``python -m flashpack.env [path]``: what flashpack can use on this machine, and why not.
+"""``python -m flashpack.tools.doctor [path]``: what flashpack can use on this machine, and why not.
 
 Prints the kernel, liburing, ``kernel.io_uring_disabled``, RLIMIT_MEMLOCK, whether O_DIRECT open and
 read work for ``path`` (default: the current directory; a directory is tested with a temporary file
