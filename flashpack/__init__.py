@@ -17,12 +17,12 @@ __version__ = "0.1.0"
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
-    **dict.fromkeys(["LoadStats", "VerifyReport", "assign_from_file", "load", "read_weight_map", "verify"],
-                    ".deserialization"),
+    **dict.fromkeys(["LoadStats", "VerifyReport", "load", "read_weight_map", "verify"], ".deserialization"),
     **dict.fromkeys(["BackendUnavailableError", "ChecksumMismatchError", "DtypeError", "FlashPackError",
                      "FormatError", "ModelMismatchError", "NotAFlashPackError", "ReadError"], ".errors"),
     "backends": ".io",
     "FlashPackMixin": ".mixin",
+    "assign_from_file": ".mixin",
     "init_empty_weights": ".mixin",
     "pack_to_file": ".serialization",
 }
@@ -44,7 +44,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
-    from .deserialization import LoadStats, VerifyReport, assign_from_file, load, read_weight_map, verify
+    from .deserialization import LoadStats, VerifyReport, load, read_weight_map, verify
     from .errors import (
         BackendUnavailableError,
         ChecksumMismatchError,
@@ -56,5 +56,5 @@ if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
         ReadError,
     )
     from .io import backends
-    from .mixin import FlashPackMixin, init_empty_weights
+    from .mixin import FlashPackMixin, assign_from_file, init_empty_weights
     from .serialization import pack_to_file

@@ -84,6 +84,34 @@ class BackendUnavailableError(FlashPackError, RuntimeError):
     """A reader backend that was asked for by name cannot run here; the message says why and how to fix it."""
 
 
+class DistributedLoadError(FlashPackError, RuntimeError):
+    """A distributed load failed on at least one rank; every rank of the group raises this same error.
+
+    Attributes:
+        failures: group rank -> ``"ExceptionType: message"`` for every rank that failed.
+        stage: what the ranks were doing (``"opening and validating the file"``, ...).
+    """
+
+    def __init__(self, message: str, failures: dict[int, str], stage: str):
+        super().__init__(message)
+        self.failures = dict(failures)
+        self.stage = stage
+
+
+class UnsupportedDeviceMapError(FlashPackError, NotImplementedError):
+    """A ``device_map`` that spreads one model over several devices (not supported yet)."""
+
+
+class ModelNotFoundError(FlashPackError, FileNotFoundError):
+    """A local folder, a cached Hub snapshot or the pack inside a folder does not exist; the message says which
+    and what to do next."""
+
+
+class UsageError(FlashPackError, ValueError):
+    """Unusable input or arguments (the command line exits with status 2). The message names the file
+    or argument and what to do."""
+
+
 def short_read_error(path: str | os.PathLike, file_offset: int, expected: int, got: int) -> ReadError:
     """The error for a read that returned fewer bytes than the file should hold (cases C18, C30)."""
     return ReadError(

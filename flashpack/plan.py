@@ -1,4 +1,5 @@
-"""Pure functions: weight map -> the byte regions to read, the read extents, and where each lands.
+"""Pure functions: weight map -> the byte regions to read, the read extents, and where each lands; and the
+share arithmetic of distributed loads (which rank reads which part of the destination).
 
 A load reads a set of *regions* (4096-aligned file ranges, merged where they touch) into one
 destination buffer laid end to end; each region is cut into *extents* of at most ``extent_nbytes``
@@ -145,3 +146,65 @@ def make_plan(wm: WeightMap, keys: Iterable[str] | None = None, *, extent_nbytes
             linked.append(ReadExtent(e.file_offset, e.nbytes, e.buffer_offset, tuple(ids)))
         extents = linked
     return LoadPlan(tuple(regions), tuple(extents), tuple(chunks), tuple(counts), pos)
+
+
+# --------------------------------------------------------------------------- shares of a distributed load
+
+
+def share_nbytes(buffer_nbytes: int, world: int) -> int:
+    """Bytes of each rank's share of a ``buffer_nbytes`` destination: ``ceil(B / W)`` rounded up to 4096."""
+    return round_up(-(-buffer_nbytes // world), PAGE_NBYTES) if buffer_nbytes else 0
+
+
+def share_bounds(buffer_nbytes: int, world: int, rank: int) -> tuple[int, int]:
+    """``[lo, hi)`` of rank ``rank``'s share in destination-buffer bytes (both multiples of 4096 or the end)."""
+    s = share_nbytes(buffer_nbytes, world)
+    return min(rank * s, buffer_nbytes), min((rank + 1) * s, buffer_nbytes)
+
+
+def chunk_offsets(plan: LoadPlan) -> list[int]:
+    """Where each of ``plan.chunks`` starts in destination-buffer bytes (one bisect per chunk)."""
+    starts = [r.file_offset for r in plan.regions]
+    out = []
+    for c in plan.chunks:
+        r = plan.regions[bisect.bisect_right(starts, c.offset) - 1]
+        out.append(r.buffer_offset + c.offset - r.file_offset)
+    return out
+
+
+def share_plan(plan: LoadPlan, lo: int, hi: int) -> tuple[LoadPlan, list[tuple[Chunk, int]]]:
+    """The part of ``plan`` that lands in buffer bytes ``[lo, hi)``, re-based so ``lo`` is byte 0.
+
+    Returns:
+        ``(sub, later)``: ``sub`` reads exactly the plan's file bytes that land in the share and verifies
+        the chunks lying wholly inside it; ``later`` lists ``(chunk, buffer offset)`` for the chunks that
+        start inside the share but end after it (verified once the exchange has brought their tail).
+    """
+    regions, extents = [], []
+    for r in plan.regions:
+        a, b = max(lo, r.buffer_offset), min(hi, r.buffer_offset + r.nbytes)
+        if a < b:
+            regions.append(Region(r.file_offset + a - r.buffer_offset, b - a, a - lo))
+    for e in plan.extents:
+        a, b = max(lo, e.buffer_offset), min(hi, e.buffer_offset + e.nbytes)
+        if a < b:
+            extents.append((e.file_offset + a - e.buffer_offset, b - a, a - lo))
+    inside: list[tuple[Chunk, int]] = []
+    later: list[tuple[Chunk, int]] = []
+    for c, a in zip(plan.chunks, chunk_offsets(plan)):
+        if lo <= a < hi:
+            (inside if a + c.nbytes <= hi and c.nbytes else later).append((c, a - lo))
+    starts = [a for _, a in inside]  # increasing: chunks and regions are both in file order
+    counts = [0] * len(inside)
+    linked = []
+    for f, n, bo in extents:
+        i = max(0, bisect.bisect_right(starts, bo) - 1)
+        ids = []
+        while i < len(inside) and starts[i] < bo + n:
+            if starts[i] + inside[i][0].nbytes > bo:
+                ids.append(i)
+                counts[i] += 1
+            i += 1
+        linked.append(ReadExtent(f, n, bo, tuple(ids)))
+    sub = LoadPlan(tuple(regions), tuple(linked), tuple(c for c, _ in inside), tuple(counts), hi - lo)
+    return sub, [(c, a + lo) for c, a in later]

@@ -1,4 +1,4 @@
-"""Distributed loading (flashpack.distributed) on CPU with gloo, in spawned processes.
+"""Distributed loading (flashpack.loading.distributed) on CPU with gloo, in spawned processes.
 
 Each world size (2 and 4) is one group of spawned processes that runs every scenario in turn and
 writes what it saw; the tests below compare that with single-process loads made here. Failure
@@ -20,8 +20,9 @@ import torch
 import xxhash
 
 import flashpack
-from flashpack.deserialization import LoadStats, make_plan
-from flashpack.distributed import share_bounds, share_nbytes, share_plan
+from flashpack.deserialization import LoadStats
+from flashpack.plan import make_plan
+from flashpack.plan import share_bounds, share_nbytes, share_plan
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -105,7 +106,9 @@ def _files(folder: Path) -> dict[str, str]:
 def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -> None:
     import torch.distributed as dist
 
-    from flashpack.distributed import DistributedLoadError, init_local_group, load_distributed
+    from flashpack.errors import DistributedLoadError
+    from flashpack.loading.distributed import load_distributed
+    from flashpack.testing import init_local_group
 
     init_local_group(rank, world, port, timeout_s=60)
     res: dict = {}
@@ -162,10 +165,10 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
 
 
 def _spawn(world: int, files: dict[str, str], folder: Path) -> list[dict]:
-    from flashpack.distributed import free_port
+    from flashpack.testing import free_port
 
     ctx = mp.get_context("forkserver")  # one interpreter imports torch once; each rank is a fork of it
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "flashpack", "flashpack.distributed", __name__])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "flashpack", "flashpack.loading.distributed", __name__])
     port = free_port()
     outs = [str(folder / f"rank{r}.pkl") for r in range(world)]
     procs = [ctx.Process(target=_worker, args=(r, world, port, files, outs[r])) for r in range(world)]

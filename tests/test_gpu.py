@@ -12,8 +12,8 @@ import torch
 
 import flashpack
 from flashpack import ChecksumMismatchError, FlashPackError, read_weight_map
-from flashpack import ring as ring_mod
-from flashpack.deserialization import aligned_empty
+from flashpack.staging import ring as ring_mod
+from flashpack.loading.common import aligned_empty
 
 from conftest import flip_byte
 
@@ -188,7 +188,7 @@ def test_pinned_memory_at_most_slots_times_slot_size(pack, monkeypatch):
 
 @needs_cuda
 def test_refused_registration_leaves_cuda_usable():
-    from flashpack.sinks import CudaPinner
+    from flashpack.staging.sinks import CudaPinner
 
     t = aligned_empty(64 * KiB)
     p = CudaPinner()

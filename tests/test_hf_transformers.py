@@ -244,7 +244,7 @@ def test_save_into_a_file_path_is_refused(tmp_path):
 
 
 def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
-    import flashpack.serialization as ser
+    import flashpack.integrations._shared as ser  # where save_model_folder finds pack_to_file
 
     folder = tmp_path / "m"
 

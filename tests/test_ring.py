@@ -15,15 +15,20 @@ import pytest
 import torch
 
 import flashpack
+import flashpack.loading.common
+import flashpack.loading.host
+import flashpack.settings
 from flashpack import ChecksumMismatchError, LoadStats, ReadError, read_weight_map
-from flashpack import ring as ring_mod
-from flashpack.deserialization import aligned_empty
-from flashpack.gpu import load_payload_host, load_payload_staged, load_staged
+from flashpack.staging import ring as ring_mod
+from flashpack.loading.common import aligned_empty
+from flashpack.loading.staged import load_payload_staged
+from flashpack.testing import load_payload_host, load_staged
 from flashpack.io import base as io_base
 from flashpack.plan import make_plan
-from flashpack.ring import StagingRing, cut_pieces, ring_geometry, run_staged
+from flashpack.staging.ring import StagingRing, ring_geometry
+from flashpack.staging.scheduler import cut_pieces, run_staged
 from flashpack.settings import PAGE_NBYTES
-from flashpack.sinks import HostCopySink, HostFence
+from flashpack.testing import HostCopySink, HostFence
 
 from conftest import flip_byte
 
@@ -326,8 +331,8 @@ def test_c23_one_mib_through_4k_slots_50_times(mib_pack, num_slots):
         reuses += ring.acquires - num_slots
         slot_lo = ring.slots[0].tensor.data_ptr()
         slot_hi = slot_lo + ring.nbytes
-        out = flashpack.deserialization.assemble(wm, wm.keys(), list(wm.tensors), dest, plan,
-                                                 {k: v.dtype for k, v in want.items()})
+        job = flashpack.loading.common.prepare(wm, None, verify=True, cfg=flashpack.settings.settings())
+        out = flashpack.loading.common.assemble(job, dest, plan)
         for k, t in out.items():
             if t.numel():
                 assert not (slot_lo <= t.data_ptr() < slot_hi)  # nothing aliases a staging slot
@@ -353,7 +358,8 @@ def test_host_payload_equals_read_into_for_the_same_plan(mib_pack):
     path, _ = mib_pack
     wm, plan = plan_for(path)
     direct = aligned_empty(plan.buffer_nbytes)
-    flashpack.deserialization.read_into(wm, plan, direct, backend="threads", verify=True, stats=LoadStats())
+    flashpack.loading.host.read_into(wm, plan, direct, backend="threads", verify=True, stats=LoadStats(),
+                                     cfg=flashpack.settings.settings())
     staged = load_payload_host(wm, plan, backend="threads", verify=True, stats=LoadStats(), slot_nbytes=PAGE_NBYTES,
                                num_slots=2, max_delay_s=0.0002, seed=9)
     assert staged.numel() == plan.buffer_nbytes and staged.data_ptr() != direct.data_ptr()

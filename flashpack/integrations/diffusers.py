@@ -38,8 +38,9 @@ import os
 
 import torch
 
-from . import base_library_class, default_dtype, find_pack, load_model, parse_device_map, save_model_folder
+from ._shared import base_library_class, default_dtype, find_pack, load_model, parse_device_map, save_model_folder
 from ..atomic import atomic_path
+from ..mixin import init_empty_weights
 from .hub import pack_name, push_folder, resolve_folder, sub_patterns
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ class FlashPackDiffusersModelMixin:
         Raises:
             As :meth:`flashpack.integrations.transformers.FlashPackTransformersModelMixin.from_pretrained_flashpack`.
         """
-        from ..mixin import init_empty_weights
 
         device = parse_device_map(device_map)
         name = pack_name(variant)

@@ -13,15 +13,10 @@ from __future__ import annotations
 import os
 import posixpath
 
-from ..errors import FlashPackError
+from ..errors import ModelNotFoundError
 
 #: File name of a model's pack inside its folder (no variant).
 PACK_NAME = "model.flashpack"
-
-
-class ModelNotFoundError(FlashPackError, FileNotFoundError):
-    """A local folder, a cached Hub snapshot or the pack inside a folder does not exist; the message says which
-    and what to do next."""
 
 
 def pack_name(variant: str | None = None) -> str:

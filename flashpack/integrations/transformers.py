@@ -27,7 +27,8 @@ import os
 
 import torch
 
-from . import base_library_class, load_model, parse_device_map, save_model_folder
+from ._shared import base_library_class, find_pack, load_model, parse_device_map, save_model_folder
+from ..mixin import init_empty_weights
 from .hub import pack_name, resolve_folder, sub_patterns
 
 CONFIG_NAME = "config.json"
@@ -103,14 +104,12 @@ class FlashPackTransformersModelMixin:
         """
         from transformers import AutoConfig, GenerationConfig
 
-        from ..mixin import init_empty_weights
 
         device = parse_device_map(device_map)
         name = pack_name(variant)
         folder = resolve_folder(name_or_path, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, GENERATION_CONFIG_NAME, name]),
                                 subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                                 local_files_only=local_files_only, token=token)
-        from . import find_pack
 
         pack = find_pack(folder, name)
         overrides = dict(config_overrides)

@@ -79,15 +79,27 @@ def resolve_backend(backend: str | None = None) -> str:
     raise BackendUnavailableError("no reader backend can run here")  # pragma: no cover - threads always can
 
 
-def open_reader(path, backend: str | None = None, **options) -> Reader:
+def open_reader(path, backend: str | None = None, *, expect=None, cfg=None, **options) -> Reader:
     """Open ``path`` with a backend (``auto``, ``uring`` or ``threads``).
 
     Raises:
-        BackendUnavailableError, OSError.
+        BackendUnavailableError, OSError; ReadError (ESTALE) when ``expect`` is not the opened file's identity.
     """
     name = resolve_backend(backend)
     mod, _ = _module(name)
-    return getattr(mod, _REGISTRY[name][1])(path, **options)
+    reader = getattr(mod, _REGISTRY[name][1])(path, **options)
+    if expect is not None:
+        from ..source import check_same_file  # TEMPORARY until the io rework lands
+
+        class _W:
+            file_id = expect
+            path = reader.path
+        try:
+            check_same_file(_W, reader.files.fd)
+        except BaseException:
+            reader.close()
+            raise
+    return reader
 
 
 __all__ = ["BackendInfo", "Completion", "Extent", "Reader", "ReaderStats", "backend_info", "backends",

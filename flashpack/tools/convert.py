@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import FlashPackError
+from ..errors import UsageError
 
 #: File suffixes read as PyTorch pickles (``torch.load(weights_only=True)``).
 TORCH_SUFFIXES = (".pt", ".bin", ".pth")
@@ -34,11 +34,6 @@ _WEIGHT_NAMES[None] = [_WEIGHT_NAMES["transformers"][0], _WEIGHT_NAMES["diffuser
 #: The file name the transformers/diffusers integrations load (``model.flashpack``, ``model.<variant>.flashpack``).
 DEFAULT_PACK_STEM = "model"
 _SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024
-
-
-class UsageError(FlashPackError, ValueError):
-    """Unusable input or arguments (the command line exits with status 2). The message names the file
-    or argument and what to do."""
 
 
 @dataclass

@@ -38,35 +38,21 @@ it. A rank that dies or never calls the loader is only noticed after the group's
 
 from __future__ import annotations
 
-import bisect
 import os
-import socket
-from datetime import timedelta
 from typing import Iterable
 
 import torch
 import xxhash
 
-from .errors import FlashPackError
-from .format import Chunk, WeightMap, torch_dtype, verify_chunk
-from .plan import LoadPlan, ReadExtent, Region, make_plan, round_up
-from .settings import PAGE_NBYTES, settings
+from ..errors import DistributedLoadError, FlashPackError
+from ..format import Chunk, WeightMap, verify_chunk
+from ..plan import LoadPlan, share_bounds, share_nbytes, share_plan
+from ..settings import Settings, settings
+from ..source import read_weight_map
+from .common import LoadStats, aligned_empty, assemble, parse_device, prepare
+from .host import read_into
 
 EXCHANGES = ("auto", "all_gather", "broadcast")
-
-
-class DistributedLoadError(FlashPackError, RuntimeError):
-    """A distributed load failed on at least one rank; every rank of the group raises this same error.
-
-    Attributes:
-        failures: group rank -> ``"ExceptionType: message"`` for every rank that failed.
-        stage: what the ranks were doing (``"opening and validating the file"``, ...).
-    """
-
-    def __init__(self, message: str, failures: dict[int, str], stage: str):
-        super().__init__(message)
-        self.failures = dict(failures)
-        self.stage = stage
 
 
 # --------------------------------------------------------------------------- the group
@@ -91,6 +77,26 @@ def resolve_group(process_group):
         if not dist.is_initialized():
             raise FlashPackError("distributed loading needs torch.distributed to be initialised first "
                                  "(torch.distributed.init_process_group)")
+        return dist.group.WORLD
+    return process_group
+
+
+def group_for(process_group, cfg: Settings):
+    """The group a load uses: ``None`` unless a group is given, ``"default"`` is asked for, or
+    ``FLASHPACK_DISTRIBUTED=1`` and the default group is initialised.
+
+    Raises:
+        FlashPackError: ``"default"`` asked for but torch.distributed is not initialised.
+    """
+    if process_group is None and not cfg.distributed:
+        return None
+    import torch.distributed as dist
+
+    if process_group is None or process_group == "default":
+        if not (dist.is_available() and dist.is_initialized()):
+            if process_group == "default":
+                raise FlashPackError("process_group='default' needs torch.distributed to be initialised first")
+            return None  # FLASHPACK_DISTRIBUTED=1 without a group: a plain load
         return dist.group.WORLD
     return process_group
 
@@ -137,68 +143,6 @@ def _agree(pg, world: int, path: str, stage: str, err: BaseException | None, inf
     return [i for _, _, i in got]
 
 
-# --------------------------------------------------------------------------- shares
-
-
-def share_nbytes(buffer_nbytes: int, world: int) -> int:
-    """Bytes of each rank's share of a ``buffer_nbytes`` destination: ``ceil(B / W)`` rounded up to 4096."""
-    return round_up(-(-buffer_nbytes // world), PAGE_NBYTES) if buffer_nbytes else 0
-
-
-def share_bounds(buffer_nbytes: int, world: int, rank: int) -> tuple[int, int]:
-    """``[lo, hi)`` of rank ``rank``'s share in destination-buffer bytes (both multiples of 4096 or the end)."""
-    s = share_nbytes(buffer_nbytes, world)
-    return min(rank * s, buffer_nbytes), min((rank + 1) * s, buffer_nbytes)
-
-
-def chunk_offsets(plan: LoadPlan) -> list[int]:
-    """Where each of ``plan.chunks`` starts in destination-buffer bytes (one bisect per chunk)."""
-    starts = [r.file_offset for r in plan.regions]
-    out = []
-    for c in plan.chunks:
-        r = plan.regions[bisect.bisect_right(starts, c.offset) - 1]
-        out.append(r.buffer_offset + c.offset - r.file_offset)
-    return out
-
-
-def share_plan(plan: LoadPlan, lo: int, hi: int) -> tuple[LoadPlan, list[tuple[Chunk, int]]]:
-    """The part of ``plan`` that lands in buffer bytes ``[lo, hi)``, re-based so ``lo`` is byte 0.
-
-    Returns:
-        ``(sub, later)``: ``sub`` reads exactly the plan's file bytes that land in the share and verifies
-        the chunks lying wholly inside it; ``later`` lists ``(chunk, buffer offset)`` for the chunks that
-        start inside the share but end after it (verified once the exchange has brought their tail).
-    """
-    regions, extents = [], []
-    for r in plan.regions:
-        a, b = max(lo, r.buffer_offset), min(hi, r.buffer_offset + r.nbytes)
-        if a < b:
-            regions.append(Region(r.file_offset + a - r.buffer_offset, b - a, a - lo))
-    for e in plan.extents:
-        a, b = max(lo, e.buffer_offset), min(hi, e.buffer_offset + e.nbytes)
-        if a < b:
-            extents.append((e.file_offset + a - e.buffer_offset, b - a, a - lo))
-    inside: list[tuple[Chunk, int]] = []
-    later: list[tuple[Chunk, int]] = []
-    for c, a in zip(plan.chunks, chunk_offsets(plan)):
-        if lo <= a < hi:
-            (inside if a + c.nbytes <= hi and c.nbytes else later).append((c, a - lo))
-    starts = [a for _, a in inside]  # increasing: chunks and regions are both in file order
-    counts = [0] * len(inside)
-    linked = []
-    for f, n, bo in extents:
-        i = max(0, bisect.bisect_right(starts, bo) - 1)
-        ids = []
-        while i < len(inside) and starts[i] < bo + n:
-            if starts[i] + inside[i][0].nbytes > bo:
-                ids.append(i)
-                counts[i] += 1
-            i += 1
-        linked.append(ReadExtent(f, n, bo, tuple(ids)))
-    sub = LoadPlan(tuple(regions), tuple(linked), tuple(c for c, _ in inside), tuple(counts), hi - lo)
-    return sub, [(c, a + lo) for c, a in later]
-
-
 def _fingerprint(wm: WeightMap, plan: LoadPlan) -> tuple[int, int, int]:
     """(file size, buffer size, digest of the weight map's layout and checksums): equal on every rank
     that sees the same file."""
@@ -219,7 +163,7 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
 def load_distributed(path: str | os.PathLike | None, *, device: str | torch.device = "cpu",
                      backend: str | None = None, keys: Iterable[str] | None = None, verify: bool | None = None,
                      process_group=None, stats=None, src_rank: int | None = None,
-                     exchange: str = "auto") -> dict[str, torch.Tensor]:
+                     exchange: str = "auto", cfg: Settings | None = None) -> dict[str, torch.Tensor]:
     """Load a flashpack file on every rank of a process group, reading it from disk once in all.
 
     Collective: every rank of ``process_group`` must call it with the same ``keys``, ``verify``,
@@ -236,6 +180,7 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         src_rank: ``None``: every rank reads a share. A group rank: only that rank opens and reads the file,
             then broadcasts the weight map and the payload.
         exchange: ``"auto"``, ``"all_gather"`` or ``"broadcast"`` (see the module docstring).
+        cfg: the load's settings (``None``: :func:`flashpack.settings.settings` is read now).
 
     Returns:
         ``dict[str, Tensor]`` as :func:`flashpack.load` returns it, bit-identical on every rank.
@@ -247,8 +192,6 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         FlashPackError: no initialised group; a bad ``exchange`` or ``src_rank``.
         Errors of the group itself (timeouts of a dead rank) propagate unchanged.
     """
-    from .deserialization import LoadStats, _parse_device, _resolve_keys, aligned_empty, assemble, read_into, read_weight_map
-
     dist = _dist()
     pg = resolve_group(process_group)
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
@@ -256,11 +199,11 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         raise FlashPackError(f"exchange={exchange!r}: choose one of {', '.join(EXCHANGES)}")
     if src_rank is not None and not 0 <= src_rank < world:
         raise FlashPackError(f"src_rank={src_rank} is not a rank of this group of {world}")
-    cfg = settings()
-    verify = cfg.verify if verify is None else verify
+    cfg = cfg or settings()
     stats = stats if stats is not None else LoadStats()
-    where = os.fspath(path) if path is not None else "<the file of rank %d>" % (src_rank or 0)
-    dev = _parse_device(device)
+    given = path if isinstance(path, WeightMap) else None
+    where = given.path if given else os.fspath(path) if path is not None else "<the file of rank %d>" % (src_rank or 0)
+    dev = parse_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     comm = _comm_device(pg, dev)
@@ -269,12 +212,12 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         return _agree(pg, world, where, stage, err, info)
 
     # 1. weight map, keys, dtypes, plan on every rank; then agree
-    wm = plan = None
+    wm = job = None
     err: BaseException | None = None
     if src_rank is not None:
         if rank == src_rank:
             try:
-                wm = read_weight_map(where)
+                wm = given or read_weight_map(where)
             except Exception as e:  # noqa: BLE001 - reported to every rank
                 err = e
         agree("opening and validating the file", err)
@@ -284,11 +227,9 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         where = wm.path
     try:
         if wm is None:
-            wm = read_weight_map(where)
-        wanted, stored = _resolve_keys(wm, keys)
-        dtypes = {k: torch_dtype(wm.tensors[k].dtype, key=k, path=wm.path) for k in stored}
-        plan = make_plan(wm, None if keys is None else stored, extent_nbytes=cfg.extent_nbytes, verify=verify)
-        fp = _fingerprint(wm, plan)
+            wm = given or read_weight_map(where)
+        job = prepare(wm, keys, verify=verify, cfg=cfg)
+        fp = _fingerprint(wm, job.plan)
     except Exception as e:  # noqa: BLE001 - reported to every rank
         err, fp = e, None
     fps = agree("opening and validating the file" if src_rank is None else "planning the load", err, fp)
@@ -300,6 +241,7 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
             f"({'; '.join(f'rank {r}: {m}' for r, m in differ.items())}); give every rank the same file and keys",
             differ, "comparing the files")
 
+    plan, verify = job.plan, job.verify
     total = plan.buffer_nbytes
     if src_rank is not None:
         readers = {src_rank: (0, total)}
@@ -321,7 +263,7 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         sub, straddlers = share_plan(plan, lo, hi)
         if hi > lo:
             host = buffer[lo:hi] if comm.type == "cpu" else aligned_empty(hi - lo)
-            read_into(wm, sub, host, backend=backend, verify=verify, stats=stats)
+            read_into(wm, sub, host, backend=backend, verify=verify, stats=stats, cfg=cfg)
             if comm.type != "cpu":
                 buffer[lo:hi].copy_(host)
     except Exception as e:  # noqa: BLE001 - reported to every rank
@@ -354,40 +296,7 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
     # 5. tensors: views, as in a single-process load
     if buffer.device != dev:
         buffer = buffer[:total].to(dev)
-    return assemble(wm, wanted, stored, buffer, plan, dtypes)
+    return assemble(job, buffer)
 
 
-# --------------------------------------------------------------------------- helpers for tests and benchmarks
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (for a test's ``init_method``)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def init_local_group(rank: int, world_size: int, port: int, *, backend: str = "gloo", host: str = "127.0.0.1",
-                     timeout_s: float = 60.0):
-    """Initialise torch.distributed's default group over TCP on one machine, for tests and benchmarks.
-
-    This is the only place flashpack calls ``init_process_group``, and only when called: loaders use the
-    group the caller initialised. Call ``torch.distributed.destroy_process_group()`` when done.
-
-    Args:
-        rank, world_size: this process's rank and the number of processes.
-        port: a TCP port on ``host`` agreed by every process (rank 0 listens there; see :func:`free_port`).
-        backend: ``"gloo"`` (CPU), ``"nccl"`` (CUDA), or a device map such as ``"cpu:gloo,cuda:nccl"``.
-        timeout_s: seconds a collective may wait for the other ranks before raising.
-
-    Returns:
-        The default group (``torch.distributed.group.WORLD``).
-    """
-    dist = _dist()
-    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
-    return dist.group.WORLD
-
-
-__all__ = ["DistributedLoadError", "free_port", "init_local_group", "load_distributed", "resolve_group",
-           "share_bounds", "share_nbytes", "share_plan"]
+__all__ = ["group_for", "load_distributed", "resolve_group"]

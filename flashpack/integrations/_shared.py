@@ -1,0 +1,215 @@
+"""What the transformers and diffusers mixins share: the ``device_map`` rule, writing a model folder (config
+files + pack, atomically), and building a model on the meta device and filling it from its pack (the weight map
+read once per model)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from typing import Callable
+
+import torch
+
+from ..errors import FlashPackError, ModelMismatchError, ModelNotFoundError, UnsupportedDeviceMapError
+from ..format import WeightMap, torch_dtype
+from ..mixin import assign_from_file, model_targets
+from ..serialization import pack_to_file
+from ..source import read_weight_map
+from .hub import pack_name, push_folder
+
+_dtype_lock = threading.RLock()
+
+
+_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _one_device(value) -> torch.device:
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"device_map value {value!r} is not a device")
+    if isinstance(value, int):
+        return torch.device("cuda", value)
+    if isinstance(value, str):
+        if value in _STRATEGIES:
+            raise UnsupportedDeviceMapError(
+                f"device_map={value!r} (placement over several devices) is not supported yet by flashpack; "
+                f"pass one device: 'cpu', 'cuda', 'cuda:1' or a torch.device")
+        if value == "disk":
+            raise UnsupportedDeviceMapError("device_map with 'disk' offload is not supported yet by flashpack; "
+                                            "pass one device: 'cpu', 'cuda', 'cuda:1' or a torch.device")
+        return torch.device(value)
+    raise TypeError(f"device_map must be a device string, an int, a torch.device or a dict, got {type(value).__name__}")
+
+
+def parse_device_map(device_map) -> torch.device:
+    """The single device a ``device_map`` names.
+
+    Args:
+        device_map: ``None`` (CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, an int (CUDA index), a ``torch.device``,
+            or a dict whose values all name the same device (``{"": "cuda:0"}``).
+
+    Raises:
+        UnsupportedDeviceMapError (``NotImplementedError``): a dict over several devices, ``"auto"``-style
+            strategies or disk offload.
+        TypeError: anything else.
+    """
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ValueError("device_map is an empty dict; pass a device such as 'cpu' or 'cuda'")
+        devices = {_norm(_one_device(v)) for v in device_map.values()}
+        if len(devices) > 1:
+            raise UnsupportedDeviceMapError(
+                f"device_map spreads the model over {sorted(str(d) for d in devices)}: placing one model on several "
+                f"devices is not supported yet by flashpack; pass one device ('cpu', 'cuda', 'cuda:1')")
+        return devices.pop()
+    return _one_device(device_map)
+
+
+def _norm(dev: torch.device) -> torch.device:
+    """``cuda`` and ``cuda:0`` are the same device when comparing the values of a dict."""
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None):
+    """``torch.set_default_dtype(dtype)`` for the block (floating dtypes torch accepts only; others ignored).
+    Process-global like the libraries' own loaders; a lock serialises concurrent builds in this process."""
+    if dtype is None or dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        yield
+        return
+    with _dtype_lock:
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
+
+
+def find_pack(folder: str, name: str) -> str:
+    """``folder/name``, or a :class:`~flashpack.integrations.hub.ModelNotFoundError` listing the packs present."""
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+        return path
+    others = sorted(f for f in os.listdir(folder) if f.endswith(".flashpack")) if os.path.isdir(folder) else []
+    raise ModelNotFoundError(
+        f"{folder}: no {name}" + (f" (packs here: {others}; pick one with variant=)" if others else
+                                  " (no pack here: write one with save_pretrained_flashpack)"))
+
+
+def main_float_dtype(wm: WeightMap) -> torch.dtype | None:
+    """The floating dtype holding the most bytes in a pack (the dtype the model is built in), or ``None``."""
+    nbytes: dict[str, int] = {}
+    for t in wm.tensors.values():
+        nbytes[t.dtype] = nbytes.get(t.dtype, 0) + t.nbytes
+    best = None
+    for name, n in sorted(nbytes.items(), key=lambda kv: -kv[1]):
+        try:
+            dt = torch_dtype(name)
+        except FlashPackError:
+            continue
+        if dt.is_floating_point:
+            best = dt
+            break
+    return best
+
+
+def match_file_dtypes(model: torch.nn.Module, wm: WeightMap) -> None:
+    """Give every meta parameter the floating dtype the pack stores for it (modules a library keeps in fp32,
+    a model built in another default dtype). Only meta tensors are replaced (they hold no data); ties kept."""
+    groups, kinds = model_targets(model)
+    for names in groups.values():
+        kind, cur = kinds[names[0]]
+        stored = next((n for n in names if n in wm.tensors or n in wm.aliases), None)
+        if kind != "param" or stored is None or cur.device.type != "meta" or not cur.is_floating_point():
+            continue
+        fdt = torch_dtype(wm.tensors[wm.aliases.get(stored, stored)].dtype, key=stored, path=wm.path)
+        if fdt == cur.dtype or not fdt.is_floating_point:
+            continue
+        new = torch.nn.Parameter(torch.empty_like(cur, dtype=fdt, device="meta"), requires_grad=cur.requires_grad)
+        for n in names:
+            mod_path, _, leaf = n.rpartition(".")
+            (model.get_submodule(mod_path) if mod_path else model)._parameters[leaf] = new
+
+
+def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path: str, device: torch.device,
+               *, tie: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+    """Build a model with meta parameters, fill it from ``pack_path`` and return it ready (eval mode).
+
+    Args:
+        build: ``build(dtype)`` returns the model with parameters on the meta device (real buffers), built in
+            ``dtype`` (the pack's main floating dtype, or ``None``).
+        pack_path: the pack.
+        device: where the weights go.
+        tie: re-ties the model's shared weights the library's way (called before and after the fill).
+
+    Raises:
+        ModelMismatchError: the pack does not fit the model, or something was left on the meta device.
+        Everything :func:`flashpack.assign_from_file` raises.
+    """
+    wm = read_weight_map(pack_path)  # read once: dtypes, the fill, and the same-file check of the payload
+    model = build(main_float_dtype(wm))
+    if tie is not None:
+        tie(model)
+    match_file_dtypes(model, wm)
+    assign_from_file(model, wm, device=device, strict=True)
+    if tie is not None:
+        tie(model)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise ModelMismatchError(f"{pack_path}: still on the meta device after loading (no data in the pack): "
+                                 f"{left[:20]}{' ...' if len(left) > 20 else ''}")
+    return model.eval()
+
+
+def base_library_class(obj_or_cls, libraries: tuple[str, ...] = ("transformers", "diffusers")) -> type:
+    """The nearest class in the MRO defined by one of ``libraries`` (``FlashPackCLIPTextModel`` ->
+    ``CLIPTextModel``), so saved configs name a class anyone can import; the class itself if none."""
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    for c in cls.__mro__:
+        if c.__module__.split(".")[0] in libraries:
+            return c
+    return cls
+
+
+def save_model_folder(model: torch.nn.Module, save_directory: str | os.PathLike, *,
+                      write_configs: Callable[[str], None], variant: str | None, target_dtype: torch.dtype | None,
+                      push_to_hub: bool, repo_id: str | None, token, private: bool | None,
+                      commit_message: str | None) -> str:
+    """Write ``save_directory/<config files>`` and ``save_directory/model[.<variant>].flashpack``.
+
+    The folder is created if needed. Config files are first written by ``write_configs(tmp)`` into a hidden
+    temporary folder inside ``save_directory``; the pack is written atomically (temporary file, fsync, rename,
+    replacing a stale pack of the same variant); then the config files are renamed into place. On any error the
+    temporary folder is removed and no partial file is left. Other variants' packs and ordinary weight files in
+    the folder are left alone.
+
+    Returns:
+        The pack's path.
+    """
+    folder = os.fspath(save_directory)
+    if os.path.isfile(folder):
+        raise NotADirectoryError(f"{folder} is a file; save_directory must be a folder (it is created if missing)")
+    os.makedirs(folder, exist_ok=True)
+    pack_path = os.path.join(folder, pack_name(variant))
+    tmp = tempfile.mkdtemp(prefix=".flashpack-save-", dir=folder)
+    try:
+        write_configs(tmp)
+        pack_to_file(model, pack_path, target_dtype)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if push_to_hub:
+        push_folder(folder, repo_id=repo_id, token=token, private=private, commit_message=commit_message)
+    return pack_path
+
+

@@ -1,0 +1,153 @@
+"""What every load shares: the prelude (device, keys, dtypes, plan: :func:`prepare`), the statistics it fills
+in (:class:`LoadStats`), page-aligned host memory (:func:`aligned_empty`), and the last step, rebuilding every
+tensor as a zero-copy view of the loaded bytes (:func:`assemble`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from ..errors import FlashPackError
+from ..format import WeightMap, torch_dtype
+from ..io import ReaderStats
+from ..plan import LoadPlan, make_plan
+from ..settings import PAGE_NBYTES, Settings
+
+
+@dataclass
+class LoadStats:
+    """What one load did.
+
+    Attributes:
+        backend: the reader that ran (``"uring"``, ``"threads"``, ``"mmap"``).
+        bytes_read: bytes requested from the file (this rank's, in a distributed load).
+        bytes_direct, bytes_buffered: of those, read with O_DIRECT / through the page cache.
+        chunks_verified: checksum chunks verified.
+    """
+
+    backend: str = ""
+    bytes_read: int = 0
+    bytes_direct: int = 0
+    bytes_buffered: int = 0
+    chunks_verified: int = 0
+
+    def add_reader(self, rs: ReaderStats) -> None:
+        """Add a reader's byte counts."""
+        self.bytes_read += rs.bytes_read
+        self.bytes_direct += rs.bytes_direct
+        self.bytes_buffered += rs.bytes_buffered
+
+
+def aligned_empty(nbytes: int, align: int = PAGE_NBYTES) -> torch.Tensor:
+    """An uninitialised CPU uint8 tensor of ``nbytes`` whose first byte is ``align``-aligned
+    (O_DIRECT needs page-aligned buffer addresses, see open(2); torch's allocator only promises 64)."""
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % align
+    return raw[off:off + nbytes]
+
+
+def parse_device(device) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"``, a ``torch.device`` or ``None`` (CPU) as a ``torch.device``.
+
+    Raises:
+        FlashPackError: CUDA asked for but this torch has none, or a device type other than cpu/cuda.
+    """
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FlashPackError(
+            f"cannot load to {dev}: this torch ({torch.__version__}) has no usable CUDA device "
+            f"(torch.cuda.is_available() is False); load to 'cpu' or install a CUDA build of torch"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise FlashPackError(f"loading to device type {dev.type!r} is not supported (cpu, cuda)")
+    return dev
+
+
+def resolve_keys(wm: WeightMap, keys: Iterable[str] | str | None) -> tuple[list[str], list[str]]:
+    """(keys to return, stored keys to read) for a ``keys=`` argument (one string means that one key).
+
+    Raises:
+        KeyError: a name is not in the file (the first ten are named).
+    """
+    if keys is None:
+        return wm.keys(), list(wm.tensors)
+    wanted = list(dict.fromkeys([keys] if isinstance(keys, str) else keys))
+    missing = [k for k in wanted if k not in wm.tensors and k not in wm.aliases]
+    if missing:
+        raise KeyError(f"{wm.path}: keys not in the file: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    stored = list(dict.fromkeys(wm.aliases.get(k, k) for k in wanted))
+    return wanted, stored
+
+
+@dataclass
+class LoadJob:
+    """One load, planned: what to return, what to read and how.
+
+    Attributes:
+        wm: the validated weight map (it records the file's identity).
+        wanted: keys to return, in file order (aliases included); ``stored``: the stored keys behind them.
+        dtypes: stored key -> torch dtype.
+        plan: the regions, extents and checksum chunks to read.
+        verify: whether checksums are verified.
+        cfg: the settings, read once for this load.
+    """
+
+    wm: WeightMap
+    wanted: list[str]
+    stored: list[str]
+    dtypes: dict[str, torch.dtype]
+    plan: LoadPlan
+    verify: bool
+    cfg: Settings
+
+
+def prepare(wm: WeightMap, keys: Iterable[str] | str | None, *, verify: bool | None, cfg: Settings) -> LoadJob:
+    """The prelude of every load: keys resolved, dtypes looked up, the plan made.
+
+    Raises:
+        KeyError: an unknown key. DtypeError: a wanted tensor's dtype is missing from this torch.
+    """
+    verify = cfg.verify if verify is None else verify
+    wanted, stored = resolve_keys(wm, keys)
+    dtypes = {k: torch_dtype(wm.tensors[k].dtype, key=k, path=wm.path) for k in stored}
+    plan = make_plan(wm, None if keys is None else stored, extent_nbytes=cfg.extent_nbytes, verify=verify)
+    return LoadJob(wm, wanted, stored, dtypes, plan, verify, cfg)
+
+
+def reconstruct(wm: WeightMap, keys: list[str], buffer: torch.Tensor, plan: LoadPlan,
+                dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """Zero-copy tensors onto ``buffer`` (uint8, any device) for every stored key in ``keys``.
+
+    Each tensor shares ``buffer``'s storage but is made with ``set_`` rather than as a view, so it has its
+    own autograd version counter: an in-place update of one (a BatchNorm running mean in training) does not
+    invalidate the others saved for backward. Zero-size tensors get their own empty tensor (never a view of
+    an empty buffer, case C05).
+    """
+    out: dict[str, torch.Tensor] = {}
+    storage = buffer.untyped_storage()
+    for k in keys:
+        t = wm.tensors[k]
+        dt = dtypes[k]
+        if t.nbytes == 0:
+            out[k] = torch.empty(t.shape, dtype=dt, device=buffer.device)
+            continue
+        byte_offset = buffer.storage_offset() + plan.buffer_offset(t.offset)
+        if byte_offset % dt.itemsize:  # cannot happen with this format's 64-byte alignment; kept for safety
+            bo = plan.buffer_offset(t.offset)
+            out[k] = buffer[bo:bo + t.nbytes].clone().view(dt).view(t.shape)
+            continue
+        out[k] = torch.empty(0, dtype=dt, device=buffer.device).set_(storage, byte_offset // dt.itemsize, t.shape)
+    return out
+
+
+def assemble(job: LoadJob, buffer: torch.Tensor, plan: LoadPlan | None = None) -> dict[str, torch.Tensor]:
+    """The returned state_dict: views for the stored keys, and each wanted alias bound to its target (the same
+    tensor object). ``plan`` overrides ``job.plan`` when the bytes were laid out differently (a mapping)."""
+    tensors = reconstruct(job.wm, job.stored, buffer, plan or job.plan, job.dtypes)
+    return {k: tensors[job.wm.aliases.get(k, k)] for k in job.wanted}
+
+
+__all__ = ["LoadJob", "LoadStats", "aligned_empty", "assemble", "parse_device", "prepare", "reconstruct",
+           "resolve_keys"]

@@ -1,0 +1,128 @@
+"""Staged loads: file -> reader -> staging ring -> sink. :func:`load_payload_cuda` is what
+``flashpack.load(path, device="cuda")`` (and ``assign_from_file``, ``from_flashpack``) call: it returns one CUDA
+uint8 tensor holding the plan's regions, and the tensors of the state_dict are views onto it.
+:func:`load_payload_staged` runs the same load into any sink (:class:`flashpack.testing.HostCopySink` on a
+machine without a GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import WeightMap
+from ..io import open_reader
+from ..plan import LoadPlan, round_up
+from ..settings import Settings, settings
+from ..staging.ring import Pinner, Sink, StagingRing
+from ..staging.scheduler import cut_pieces, default_hash_threads, min_slot_nbytes, run_staged
+from ..staging.sinks import CudaPinner, CudaSink
+from .common import LoadStats
+
+#: Copy streams per CUDA load.
+NUM_STREAMS = 2
+
+
+def ring_shape(plan: LoadPlan, wm: WeightMap, cfg: Settings, slot_nbytes: int | None, num_slots: int | None,
+               verify: bool):
+    """(slot bytes, slots wanted, pieces): slots no larger than the plan needs and never smaller than
+    a checksum chunk, so each chunk is verified on one slot.
+
+    Raises:
+        ValueError: ``slot_nbytes`` is not a positive multiple of 4096.
+    """
+    slot = slot_nbytes or cfg.slot_nbytes
+    if slot % 4096 or slot <= 0:
+        raise ValueError(f"slot_nbytes must be a positive multiple of 4096, got {slot}")
+    if verify and plan.chunks:
+        slot = max(slot, min_slot_nbytes(plan))
+    slot = min(slot, round_up(plan.buffer_nbytes))
+    pieces = cut_pieces(plan, slot, wm.file_nbytes)
+    want = min(num_slots or cfg.num_slots, max(1, len(pieces)))
+    return slot, want, pieces
+
+
+def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: str | None, verify: bool,
+                        stats: LoadStats, cfg: Settings | None = None, slot_nbytes: int | None = None,
+                        num_slots: int | None = None, pinner: Pinner | None = None,
+                        hash_threads: int | None = None) -> StagingRing | None:
+    """Run one staged load of ``plan`` into ``sink`` (the sink owns the destination).
+
+    Args:
+        wm, plan: the weight map and its plan (as :func:`flashpack.loading.common.prepare` makes them).
+        sink: where slot bytes go; drained here, closed by the caller.
+        backend, verify, stats: as for :func:`flashpack.load`; cfg: the load's settings (``None``: read now).
+        slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``/``FLASHPACK_NUM_SLOTS``).
+        pinner: pins the ring (``None``: pageable slots).
+        hash_threads: threads verifying the chunks of one slot (default: half the cores, at most 8).
+
+    Returns:
+        The (closed) ring, for inspection; ``None`` when the plan holds no bytes (nothing is allocated
+        or pinned for an empty plan).
+
+    Raises:
+        Everything :func:`flashpack.load` raises; every read and copy has finished and every slot is
+        back before an error propagates.
+    """
+    if plan.buffer_nbytes == 0 or not plan.regions:
+        return None
+    cfg = cfg or settings()
+    slot, want, pieces = ring_shape(plan, wm, cfg, slot_nbytes, num_slots, verify)
+    verify = verify and bool(plan.chunks)
+    threads = default_hash_threads() if hash_threads is None else hash_threads
+    ring = StagingRing(want, slot, pinner=pinner, cap_nbytes=cfg.pinned_cap_nbytes)
+    try:
+        with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg) as reader:
+            stats.backend = reader.name
+            try:
+                stats.chunks_verified += run_staged(reader, wm, plan, pieces, ring, sink, verify=verify,
+                                                    read_nbytes=min(cfg.extent_nbytes, slot), hash_threads=threads)
+            finally:
+                stats.add_reader(reader.stats)
+    finally:
+        ring.close()
+    return ring
+
+
+def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, backend: str | None, verify: bool,
+                      stats: LoadStats, cfg: Settings, slot_nbytes: int | None = None, num_slots: int | None = None,
+                      num_streams: int = NUM_STREAMS) -> torch.Tensor:
+    """Read a plan's regions into one new CUDA allocation through a pinned staging ring.
+
+    Args:
+        wm, plan: the weight map and its plan.
+        device: a CUDA device.
+        backend, verify, stats, cfg: as for :func:`load_payload_staged`.
+        slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``, ``FLASHPACK_NUM_SLOTS``).
+        num_streams: copy streams.
+
+    Returns:
+        A uint8 tensor of ``plan.buffer_nbytes`` bytes on ``device``, allocated on the caller's current
+        stream; every copy into it has completed. It never aliases a staging slot.
+
+    Raises:
+        As :func:`flashpack.load`. Pinned memory beyond ``FLASHPACK_PINNED_CAP_NBYTES`` or refused by the
+        system gives fewer slots or pageable slots with one ``RuntimeWarning``, not an error.
+
+    Notes:
+        Pinned host memory of a load is at most slots x slot bytes; it is kept for the next load of the
+        same shape (:func:`flashpack.staging.ring.release_pinned_memory` frees it).
+    """
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with torch.cuda.device(device):
+        caller = torch.cuda.current_stream(device)
+        dest = torch.empty(plan.buffer_nbytes, dtype=torch.uint8, device=device)
+        if plan.buffer_nbytes == 0:
+            return dest
+        ready = torch.cuda.Event()
+        ready.record(caller)  # after the allocation: recycled memory is free of pending writers (C24)
+        sink = CudaSink(dest, ready=ready, caller_stream=caller, num_streams=num_streams)
+        try:
+            load_payload_staged(wm, plan, sink, backend=backend, verify=verify, stats=stats, cfg=cfg,
+                                slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=CudaPinner())
+        finally:
+            sink.close()
+    return dest
+
+
+__all__ = ["NUM_STREAMS", "load_payload_cuda", "load_payload_staged", "ring_shape"]
