@@ -76,7 +76,7 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
     notes: list[str] = []
     with tqdm(total=2 * wm.payload_nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc="revert",
               file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
-        sd = load(path, verify=True)
+        sd = load(wm, verify=True)
         bar.update(wm.payload_nbytes)
         if fmt == "torch":
             import torch
