@@ -160,7 +160,7 @@ def load_payload_host(wm: WeightMap, plan: LoadPlan, *, backend: str | None, ver
     """The same staged load with a host copy engine: a new CPU uint8 tensor of ``plan.buffer_nbytes``.
 
     Args:
-        num_workers, max_delay_s, seed: the copy engine (see :class:`flashpack.sinks.HostCopySink`).
+        num_workers, max_delay_s, seed: the copy engine (see :class:`HostCopySink`).
         pinner: a test pinner (default: pageable slots).
         cfg: settings (default: read now). Others as :func:`flashpack.loading.staged.load_payload_cuda`.
 

@@ -11,8 +11,8 @@ A load cuts its plan into *pieces* of at most one slot (never splitting a checks
    has completed, so a slot is never refilled while a copy still reads it.
 
 Reads into other slots go on all the while. The ring and the scheduler know nothing about CUDA: a fence
-is any object with ``done() -> bool`` and ``wait()``; :mod:`flashpack.sinks` has a host copy engine
-(tests) and a CUDA stream/event sink. Pinning is an injected :class:`Pinner` (``cudaHostRegister``
+is any object with ``done() -> bool`` and ``wait()``; :mod:`flashpack.staging.sinks` has the CUDA
+stream/event sink, :class:`flashpack.testing.HostCopySink` a host stand-in for tests. Pinning is an injected :class:`Pinner` (``cudaHostRegister``
 for CUDA), so everything here runs, and is tested, on a machine without a GPU.
 """
 
