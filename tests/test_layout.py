@@ -22,6 +22,7 @@ STAGES = {
     "flashpack.plan": 3,
     "flashpack.io": 4,
     "flashpack.staging": 5,
+    "flashpack.loading.memory": 6,
     "flashpack.loading.common": 6,
     "flashpack.loading.host": 7,
     "flashpack.loading.staged": 7,

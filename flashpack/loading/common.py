@@ -1,5 +1,5 @@
 """What every load shares: the prelude (device, keys, dtypes, plan: :func:`prepare`), the statistics it fills
-in (:class:`LoadStats`), page-aligned host memory (:func:`aligned_empty`), and the last step, rebuilding every
+in (:class:`LoadStats`), and the last step, rebuilding every
 tensor as a zero-copy view of the loaded bytes (:func:`assemble`)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from ..errors import FlashPackError
 from ..format import WeightMap, torch_dtype
 from ..io import ReaderStats
 from ..plan import LoadPlan, make_plan
-from ..settings import PAGE_NBYTES, Settings
+from ..settings import Settings
+from .memory import aligned_empty
 
 
 @dataclass
@@ -38,14 +39,6 @@ class LoadStats:
         self.bytes_read += rs.bytes_read
         self.bytes_direct += rs.bytes_direct
         self.bytes_buffered += rs.bytes_buffered
-
-
-def aligned_empty(nbytes: int, align: int = PAGE_NBYTES) -> torch.Tensor:
-    """An uninitialised CPU uint8 tensor of ``nbytes`` whose first byte is ``align``-aligned
-    (O_DIRECT needs page-aligned buffer addresses, see open(2); torch's allocator only promises 64)."""
-    raw = torch.empty(nbytes + align, dtype=torch.uint8)
-    off = (-raw.data_ptr()) % align
-    return raw[off:off + nbytes]
 
 
 def parse_device(device) -> torch.device:
