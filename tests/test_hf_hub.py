@@ -26,22 +26,14 @@ from flashpack.integrations.transformers import FlashPackTransformersModelMixin 
 
 from transformers import CLIPTextModel  # noqa: E402
 
-try:  # the tiny diffusers components live in the sibling test module
-    from test_hf_diffusers import (
-        FlashPackAutoencoderKL,
-        FlashPackStableDiffusionPipeline,
-        MixedStableDiffusionPipeline,
-        sd_components,
-        tiny_vae,
-    )
-except ImportError:  # tests collected as a package
-    from tests.test_hf_diffusers import (
-        FlashPackAutoencoderKL,
-        FlashPackStableDiffusionPipeline,
-        MixedStableDiffusionPipeline,
-        sd_components,
-        tiny_vae,
-    )
+from _tiny_diffusers import (  # noqa: E402
+    FlashPackAutoencoderKL,
+    FlashPackStableDiffusionPipeline,
+    MixedStableDiffusionPipeline,
+    files_under,
+    sd_components,
+    tiny_vae,
+)
 
 REAL_SNAPSHOT_DOWNLOAD = huggingface_hub.snapshot_download
 
@@ -54,10 +46,6 @@ def tiny_gpt2():
     torch.manual_seed(0)
     return FlashPackGPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16,
                                                bos_token_id=0, eos_token_id=1)).eval()
-
-
-def files_under(folder) -> set[str]:
-    return {os.path.relpath(os.path.join(r, n), folder) for r, _, ns in os.walk(folder) for n in ns}
 
 
 @pytest.fixture(autouse=True)
