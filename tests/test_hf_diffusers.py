@@ -58,7 +58,7 @@ def sd_saved(sd_source, tmp_path_factory):
 # --------------------------------------------------------------------------- models
 
 
-def test_vae_roundtrip_equal_outputs_and_eval(tmp_path):
+def test_c13_vae_roundtrip_equal_outputs_and_eval(tmp_path):
     torch.manual_seed(0)
     vae = tiny_vae()
     vae.train()  # saved in train mode: comes back in eval mode (C13)
@@ -122,6 +122,7 @@ def test_config_overrides_and_unknown_override(tmp_path):
 # --------------------------------------------------------------------------- pipelines
 
 
+@pytest.mark.slow
 def test_sd_pipeline_saved_layout(sd_saved):
     files = files_under(sd_saved)
     assert {"model_index.json", "vae/config.json", "vae/model.flashpack", "unet/config.json",
@@ -137,6 +138,7 @@ def test_sd_pipeline_saved_layout(sd_saved):
     assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
 
 
+@pytest.mark.slow
 def test_sd_pipeline_images_bitwise_equal(sd_source, sd_saved):
     pipe, expected = sd_source
     loaded = FlashPackStableDiffusionPipeline.from_pretrained_flashpack(sd_saved, device_map="cpu")
@@ -149,6 +151,7 @@ def test_sd_pipeline_images_bitwise_equal(sd_source, sd_saved):
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.slow
 def test_sdxl_pipeline_images_bitwise_equal(tmp_path):
     torch.manual_seed(0)
     comps = dict(
@@ -173,7 +176,7 @@ def test_sdxl_pipeline_images_bitwise_equal(tmp_path):
     assert np.array_equal(image(loaded), expected)
 
 
-def test_mixed_pipeline_plain_text_encoder_class(tmp_path):
+def test_c36a_mixed_pipeline_plain_text_encoder_class(tmp_path):
     """C36 (a): the pipeline annotates a plain CLIPTextModel: it is saved and loaded the ordinary way."""
     comps = sd_components(tmp_path, text_encoder_cls=CLIPTextModel)
     pipe = MixedStableDiffusionPipeline(**comps)
@@ -187,7 +190,7 @@ def test_mixed_pipeline_plain_text_encoder_class(tmp_path):
     assert np.array_equal(image(loaded), expected)
 
 
-def test_mixed_pipeline_flashpack_class_without_pack(sd_source, tmp_path):
+def test_c36b_mixed_pipeline_flashpack_class_without_pack(sd_source, tmp_path):
     """C36 (b): FlashPack-enabled text encoder class, but its folder holds only ordinary safetensors."""
     pipe, expected = sd_source
     folder = tmp_path / "mixed"
@@ -202,7 +205,7 @@ def test_mixed_pipeline_flashpack_class_without_pack(sd_source, tmp_path):
     assert np.array_equal(image(loaded), expected)
 
 
-def test_pipeline_saved_twice_into_one_folder(sd_source, tmp_path):
+def test_c37_pipeline_saved_twice_into_one_folder(sd_source, tmp_path):
     """C37: no temporary files; the second save reads back exactly (with changed weights)."""
     pipe, _ = sd_source
     folder = tmp_path / "twice"

@@ -123,7 +123,7 @@ def test_pack_names():
             pack_name(bad)
 
 
-def test_local_looking_path_never_reaches_the_hub(monkeypatch, tmp_path):
+def test_c33_local_looking_path_never_reaches_the_hub(monkeypatch, tmp_path):
     def fail(*a, **k):
         raise AssertionError("snapshot_download called for a local path")
 
@@ -193,7 +193,7 @@ def test_pipeline_from_hub_fetches_packs_and_no_ordinary_weights(tmp_path, monke
     assert not any("safetensors" in p or p.endswith("/*") for p in pats)
 
 
-def test_pipeline_from_hub_fetches_ordinary_weights_only_for_plain_components(tmp_path, monkeypatch):
+def test_c36_pipeline_from_hub_fetches_ordinary_weights_only_for_plain_components(tmp_path, monkeypatch):
     """C36 over the Hub: a second fetch asks for the plain text encoder's files, nothing else."""
     pipe = MixedStableDiffusionPipeline(**sd_components(tmp_path, text_encoder_cls=CLIPTextModel))
     pipe.save_pretrained_flashpack(tmp_path / "snap")
