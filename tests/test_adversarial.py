@@ -11,6 +11,8 @@ from flashpack import deserialization
 import flashpack.mixin
 from flashpack.errors import ModelMismatchError, ReadError
 
+from _helpers import rewrite_weight_map
+
 
 def test_training_with_inplace_buffer_updates_after_load(tmp_path):
     """All tensors of a dtype share one block; they must not share one autograd version counter, or a
@@ -121,7 +123,6 @@ def test_target_dtype_must_be_a_floating_torch_dtype(tmp_path, bad):
 
 
 def test_zero_size_tensor_with_a_dimension_past_int64_is_a_layout_error(tmp_path):
-    from conftest import rewrite_weight_map
 
     path = tmp_path / "z.flashpack"
     flashpack.pack_to_file({"z": torch.zeros(0, 3)}, path)
@@ -137,7 +138,6 @@ def test_zero_size_tensor_with_a_dimension_past_int64_is_a_layout_error(tmp_path
 
 
 def test_checksum_chunk_larger_than_1_gib_is_rejected(tmp_path):
-    from conftest import rewrite_weight_map
 
     path = tmp_path / "c.flashpack"
     flashpack.pack_to_file({"a": torch.ones(8)}, path)

@@ -12,7 +12,7 @@ from torch import nn
 import flashpack
 from flashpack import FlashPackMixin, ModelMismatchError, assign_from_file, init_empty_weights, read_weight_map
 
-from conftest import flip_byte
+from _helpers import flip_byte
 
 
 class Tied(nn.Module, FlashPackMixin):

@@ -458,6 +458,17 @@ def test_metadata_text_json_and_index(tmp_path, capsys):
     assert doc["blocks"][0]["offset"] % 4096 == 0 and doc["checksum"]["algorithm"] == "xxh3_64"
 
 
+def test_c06a_metadata_of_an_empty_pack_shows_zero_tensors_and_bytes(tmp_path, capsys):
+    flashpack.pack_to_file({}, tmp_path / "e.flashpack")
+    assert cli.main(["metadata", str(tmp_path / "e.flashpack")]) == 0
+    out = capsys.readouterr().out
+    assert "tensors:      0 stored, 0 aliases" in out and "payload:      0 bytes" in out and "blocks:       0" in out
+    assert cli.main(["metadata", str(tmp_path / "e.flashpack"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["tensors"], doc["aliases"], doc["payload_nbytes"], doc["blocks"]) == (0, {}, 0, [])
+    assert cli.main(["verify", str(tmp_path / "e.flashpack")]) == 0
+
+
 def test_metadata_reads_only_the_weight_map(tmp_path, monkeypatch, capsys):
     flashpack.pack_to_file({"a": torch.ones(1024)}, tmp_path / "m.flashpack")
     import flashpack.source as d
@@ -567,6 +578,7 @@ def test_hub_failure_is_one_actionable_line(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- one real subprocess per command
 
 
+@pytest.mark.slow
 def test_subprocess_convert_metadata_revert_verify(st_file, tmp_path):
     src, sd = st_file
     p = run("convert", src)  # stderr is a pipe: no progress bar
@@ -592,6 +604,7 @@ def test_progress_bar_on_a_tty_only_and_quiet(st_file, tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_bench_convert_smoke(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(REPO, "perf", "bench_convert.py"), "--size=1M", "--tensor=256K",
                         f"--dir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -33,7 +33,7 @@ from flashpack.errors import (
 )
 from flashpack.io import base as io_base
 
-from conftest import file_bytes, file_size, flip_byte, read_parts, rewrite_header, rewrite_weight_map
+from _helpers import file_bytes, file_size, flip_byte, read_parts, rewrite_header, rewrite_weight_map
 
 
 def good_state_dict():

@@ -16,7 +16,7 @@ from flashpack import format as fmt
 from flashpack import read_weight_map
 from flashpack.errors import DtypeError, HeaderError, NotAFlashPackError, TrailingBytesError, TruncatedFileError, WeightMapError
 
-from conftest import file_bytes, read_parts, rewrite_weight_map
+from _helpers import file_bytes, read_parts
 
 
 def test_constants():

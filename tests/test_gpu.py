@@ -15,22 +15,9 @@ from flashpack import ChecksumMismatchError, FlashPackError, read_weight_map
 from flashpack.staging import ring as ring_mod
 from flashpack.loading.common import aligned_empty
 
-from conftest import flip_byte
+from _helpers import HAS_CUDA, cuda, flip_byte, position_bytes, raw
 
-HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=f"torch {torch.__version__} has no usable CUDA device "
-                                                     f"(torch.cuda.is_available() is False)")
 KiB = 1024
-
-
-def position_bytes(nbytes: int, seed: int = 0) -> torch.Tensor:
-    i = torch.arange(nbytes // 4 + 1, dtype=torch.int64)
-    words = ((i * 2654435761 + seed * 97 + 12345) ^ (i >> 3)) % (1 << 32)
-    return words.to(torch.int32).view(torch.uint8)[:nbytes].clone()
-
-
-def raw(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool, torch.complex64]
@@ -78,7 +65,7 @@ def test_cuda_without_cuda_is_a_clear_error(pack):
 # --------------------------------------------------------------------------- with CUDA
 
 
-@needs_cuda
+@cuda
 @pytest.mark.parametrize("slot", ["small", "default"])
 def test_cuda_load_bit_equal_to_cpu(pack, monkeypatch, slot):
     if slot == "small":  # many slots, reused often
@@ -100,7 +87,7 @@ def test_cuda_load_bit_equal_to_cpu(pack, monkeypatch, slot):
     torch.cuda.synchronize()
 
 
-@needs_cuda
+@cuda
 def test_cuda_partial_and_unverified_loads(pack):
     sd = mixed_state_dict(64 * KiB)
     path = pack(sd)
@@ -110,7 +97,7 @@ def test_cuda_partial_and_unverified_loads(pack):
         assert list(gpu) == keys and all(raw(gpu[k]) == raw(sd[k]) for k in keys)
 
 
-@needs_cuda
+@cuda
 def test_cuda_assign_from_file(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
@@ -126,7 +113,7 @@ def test_cuda_assign_from_file(tmp_path):
     assert torch.equal(fresh(x.cuda()).cpu(), model(x)) or torch.allclose(fresh(x.cuda()).cpu(), model(x), atol=1e-4)
 
 
-@needs_cuda
+@cuda
 def test_c24_recycled_memory_is_not_overwritten_by_pending_work(pack):
     sd = {"w": position_bytes(8 * 1024 * KiB).view(torch.float32)}
     path = pack(sd)
@@ -143,7 +130,7 @@ def test_c24_recycled_memory_is_not_overwritten_by_pending_work(pack):
         assert raw(out["w"]) == raw(ref["w"])
 
 
-@needs_cuda
+@cuda
 def test_c25_pinning_capped_gives_pageable_staging(pack, monkeypatch):
     sd = mixed_state_dict(128 * KiB)
     path = pack(sd, chunk_nbytes=16 * KiB)
@@ -164,7 +151,7 @@ def test_c25_pinning_capped_gives_pageable_staging(pack, monkeypatch):
     assert ring_mod.pinned_nbytes()[1] <= 2 * 64 * KiB
 
 
-@needs_cuda
+@cuda
 def test_c25_zero_byte_plans_pin_nothing(pack):
     ring_mod.reset_pinned_peak()
     with warnings.catch_warnings():
@@ -176,7 +163,7 @@ def test_c25_zero_byte_plans_pin_nothing(pack):
     torch.cuda.synchronize()
 
 
-@needs_cuda
+@cuda
 def test_pinned_memory_at_most_slots_times_slot_size(pack, monkeypatch):
     monkeypatch.setenv("FLASHPACK_SLOT_NBYTES", "64K")
     monkeypatch.setenv("FLASHPACK_NUM_SLOTS", "3")
@@ -186,7 +173,7 @@ def test_pinned_memory_at_most_slots_times_slot_size(pack, monkeypatch):
     assert 0 < ring_mod.pinned_nbytes()[1] <= 3 * 64 * KiB
 
 
-@needs_cuda
+@cuda
 def test_refused_registration_leaves_cuda_usable():
     from flashpack.staging.sinks import CudaPinner
 
@@ -200,8 +187,8 @@ def test_refused_registration_leaves_cuda_usable():
     torch.cuda.synchronize()
 
 
-@needs_cuda
-def test_checksum_failure_mid_load_leaves_cuda_working(pack, monkeypatch):
+@cuda
+def test_c22_c28_checksum_failure_mid_load_leaves_cuda_working(pack, monkeypatch):
     monkeypatch.setenv("FLASHPACK_SLOT_NBYTES", "32K")
     sd = {"a": position_bytes(512 * KiB), "b": position_bytes(512 * KiB, seed=1).view(torch.float32)}
     path = pack(sd, chunk_nbytes=16 * KiB)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -15,178 +14,31 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from diffusers import (  # noqa: E402
-    AutoencoderKL,
-    DDIMScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: E402
-from transformers import (  # noqa: E402
-    CLIPImageProcessor,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-)
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline  # noqa: E402
+from transformers import CLIPTextModel  # noqa: E402
 
 from flashpack import read_weight_map  # noqa: E402
 from flashpack.integrations.diffusers import FlashPackDiffusersModelMixin, FlashPackDiffusionPipeline  # noqa: E402
 from flashpack.integrations.hub import ModelNotFoundError  # noqa: E402
 from flashpack.integrations.transformers import FlashPackTransformersModelMixin  # noqa: E402
 
-
-# --------------------------------------------------------------------------- FlashPack classes (as in the user docs)
-
-
-class FlashPackCLIPTextModel(FlashPackTransformersModelMixin, CLIPTextModel):
-    pass
-
-
-class FlashPackCLIPTextModelWithProjection(FlashPackTransformersModelMixin, CLIPTextModelWithProjection):
-    pass
-
-
-class FlashPackAutoencoderKL(FlashPackDiffusersModelMixin, AutoencoderKL):
-    pass
-
-
-class FlashPackUNet2DConditionModel(FlashPackDiffusersModelMixin, UNet2DConditionModel):
-    pass
-
-
-class FlashPackStableDiffusionPipeline(FlashPackDiffusionPipeline, StableDiffusionPipeline):
-    def __init__(
-        self,
-        vae: FlashPackAutoencoderKL,
-        text_encoder: FlashPackCLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: FlashPackUNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        safety_checker: Optional[torch.nn.Module] = None,
-        feature_extractor: Optional[CLIPImageProcessor] = None,
-        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
-        requires_safety_checker: bool = False,
-    ) -> None:
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                         safety_checker=safety_checker, feature_extractor=feature_extractor,
-                         image_encoder=image_encoder, requires_safety_checker=requires_safety_checker)
-
-
-class MixedStableDiffusionPipeline(FlashPackDiffusionPipeline, StableDiffusionPipeline):
-    """VAE and UNet FlashPack-enabled, text encoder a plain transformers class (C36)."""
-
-    def __init__(
-        self,
-        vae: FlashPackAutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: FlashPackUNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        safety_checker: Optional[torch.nn.Module] = None,
-        feature_extractor: Optional[CLIPImageProcessor] = None,
-        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
-        requires_safety_checker: bool = False,
-    ) -> None:
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                         safety_checker=safety_checker, feature_extractor=feature_extractor,
-                         image_encoder=image_encoder, requires_safety_checker=requires_safety_checker)
-
-
-class FlashPackStableDiffusionXLPipeline(FlashPackDiffusionPipeline, StableDiffusionXLPipeline):
-    def __init__(
-        self,
-        vae: FlashPackAutoencoderKL,
-        text_encoder: FlashPackCLIPTextModel,
-        text_encoder_2: FlashPackCLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        tokenizer_2: CLIPTokenizer,
-        unet: FlashPackUNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-        feature_extractor: Optional[CLIPImageProcessor] = None,
-        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
-        add_watermarker: Optional[bool] = None,
-        force_zeros_for_empty_prompt: bool = True,
-    ) -> None:
-        super().__init__(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, feature_extractor=feature_extractor,
-                         image_encoder=image_encoder, add_watermarker=False,
-                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-
-
-# --------------------------------------------------------------------------- tiny components
-
-
-PROMPT = "a red cat"
-SIZE = 64  # pixels; the 2-level VAE gives 32x32 latents
-
-
-def make_tokenizer(folder) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer from a vocab.json and merges.txt written here."""
-    os.makedirs(folder, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in letters:
-        vocab[c] = len(vocab)
-    for c in letters:
-        vocab[c + "</w>"] = len(vocab)
-    for w in ("re", "red</w>", "ca", "cat</w>"):
-        vocab[w] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\nr e\nre d</w>\nc a\nca t</w>\n")
-    return CLIPTokenizer(vocab_file=os.path.join(folder, "vocab.json"),
-                         merges_file=os.path.join(folder, "merges.txt"), model_max_length=16, pad_token="!")
-
-
-def clip_config(**kw) -> CLIPTextConfig:
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=32, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=2, vocab_size=128, max_position_embeddings=16,
-                          hidden_act="gelu", **kw)
-
-
-def tiny_vae(cls=FlashPackAutoencoderKL):
-    return cls(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-               sample_size=SIZE, norm_num_groups=32, layers_per_block=1)
-
-
-def tiny_unet(**kw):
-    base = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 2, in_channels=4, out_channels=4,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 4),
-                norm_num_groups=32)
-    base.update(kw)
-    return FlashPackUNet2DConditionModel(**base)
-
-
-def ddim():
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
-
-
-def sd_components(tmp_path, text_encoder_cls=FlashPackCLIPTextModel):
-    torch.manual_seed(0)
-    return dict(vae=tiny_vae().eval(), text_encoder=text_encoder_cls(clip_config()).eval(),
-                tokenizer=make_tokenizer(tmp_path / "tok"), unet=tiny_unet().eval(), scheduler=ddim())
-
-
-def image(pipe) -> np.ndarray:
-    gen = torch.Generator("cpu").manual_seed(0)
-    with torch.no_grad():
-        return pipe(PROMPT, num_inference_steps=2, generator=gen, height=SIZE, width=SIZE, output_type="np").images
-
-
-def files_under(folder) -> set[str]:
-    out = set()
-    for root, _, names in os.walk(folder):
-        for n in names:
-            out.add(os.path.relpath(os.path.join(root, n), folder))
-    return out
+from _tiny_diffusers import (  # noqa: E402
+    SIZE,
+    FlashPackAutoencoderKL,
+    FlashPackCLIPTextModel,
+    FlashPackCLIPTextModelWithProjection,
+    FlashPackStableDiffusionPipeline,
+    FlashPackStableDiffusionXLPipeline,
+    FlashPackUNet2DConditionModel,
+    MixedStableDiffusionPipeline,
+    clip_config,
+    files_under,
+    image,
+    make_tokenizer,
+    sd_components,
+    tiny_unet,
+    tiny_vae,
+)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +58,7 @@ def sd_saved(sd_source, tmp_path_factory):
 # --------------------------------------------------------------------------- models
 
 
-def test_vae_roundtrip_equal_outputs_and_eval(tmp_path):
+def test_c13_vae_roundtrip_equal_outputs_and_eval(tmp_path):
     torch.manual_seed(0)
     vae = tiny_vae()
     vae.train()  # saved in train mode: comes back in eval mode (C13)
@@ -270,6 +122,7 @@ def test_config_overrides_and_unknown_override(tmp_path):
 # --------------------------------------------------------------------------- pipelines
 
 
+@pytest.mark.slow
 def test_sd_pipeline_saved_layout(sd_saved):
     files = files_under(sd_saved)
     assert {"model_index.json", "vae/config.json", "vae/model.flashpack", "unet/config.json",
@@ -285,6 +138,7 @@ def test_sd_pipeline_saved_layout(sd_saved):
     assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
 
 
+@pytest.mark.slow
 def test_sd_pipeline_images_bitwise_equal(sd_source, sd_saved):
     pipe, expected = sd_source
     loaded = FlashPackStableDiffusionPipeline.from_pretrained_flashpack(sd_saved, device_map="cpu")
@@ -297,6 +151,7 @@ def test_sd_pipeline_images_bitwise_equal(sd_source, sd_saved):
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.slow
 def test_sdxl_pipeline_images_bitwise_equal(tmp_path):
     torch.manual_seed(0)
     comps = dict(
@@ -321,7 +176,7 @@ def test_sdxl_pipeline_images_bitwise_equal(tmp_path):
     assert np.array_equal(image(loaded), expected)
 
 
-def test_mixed_pipeline_plain_text_encoder_class(tmp_path):
+def test_c36a_mixed_pipeline_plain_text_encoder_class(tmp_path):
     """C36 (a): the pipeline annotates a plain CLIPTextModel: it is saved and loaded the ordinary way."""
     comps = sd_components(tmp_path, text_encoder_cls=CLIPTextModel)
     pipe = MixedStableDiffusionPipeline(**comps)
@@ -335,7 +190,7 @@ def test_mixed_pipeline_plain_text_encoder_class(tmp_path):
     assert np.array_equal(image(loaded), expected)
 
 
-def test_mixed_pipeline_flashpack_class_without_pack(sd_source, tmp_path):
+def test_c36b_mixed_pipeline_flashpack_class_without_pack(sd_source, tmp_path):
     """C36 (b): FlashPack-enabled text encoder class, but its folder holds only ordinary safetensors."""
     pipe, expected = sd_source
     folder = tmp_path / "mixed"
@@ -350,7 +205,7 @@ def test_mixed_pipeline_flashpack_class_without_pack(sd_source, tmp_path):
     assert np.array_equal(image(loaded), expected)
 
 
-def test_pipeline_saved_twice_into_one_folder(sd_source, tmp_path):
+def test_c37_pipeline_saved_twice_into_one_folder(sd_source, tmp_path):
     """C37: no temporary files; the second save reads back exactly (with changed weights)."""
     pipe, _ = sd_source
     folder = tmp_path / "twice"

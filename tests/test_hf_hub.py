@@ -26,22 +26,14 @@ from flashpack.integrations.transformers import FlashPackTransformersModelMixin 
 
 from transformers import CLIPTextModel  # noqa: E402
 
-try:  # the tiny diffusers components live in the sibling test module
-    from test_hf_diffusers import (
-        FlashPackAutoencoderKL,
-        FlashPackStableDiffusionPipeline,
-        MixedStableDiffusionPipeline,
-        sd_components,
-        tiny_vae,
-    )
-except ImportError:  # tests collected as a package
-    from tests.test_hf_diffusers import (
-        FlashPackAutoencoderKL,
-        FlashPackStableDiffusionPipeline,
-        MixedStableDiffusionPipeline,
-        sd_components,
-        tiny_vae,
-    )
+from _tiny_diffusers import (  # noqa: E402
+    FlashPackAutoencoderKL,
+    FlashPackStableDiffusionPipeline,
+    MixedStableDiffusionPipeline,
+    files_under,
+    sd_components,
+    tiny_vae,
+)
 
 REAL_SNAPSHOT_DOWNLOAD = huggingface_hub.snapshot_download
 
@@ -54,10 +46,6 @@ def tiny_gpt2():
     torch.manual_seed(0)
     return FlashPackGPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16,
                                                bos_token_id=0, eos_token_id=1)).eval()
-
-
-def files_under(folder) -> set[str]:
-    return {os.path.relpath(os.path.join(r, n), folder) for r, _, ns in os.walk(folder) for n in ns}
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +123,7 @@ def test_pack_names():
             pack_name(bad)
 
 
-def test_local_looking_path_never_reaches_the_hub(monkeypatch, tmp_path):
+def test_c33_local_looking_path_never_reaches_the_hub(monkeypatch, tmp_path):
     def fail(*a, **k):
         raise AssertionError("snapshot_download called for a local path")
 
@@ -205,7 +193,7 @@ def test_pipeline_from_hub_fetches_packs_and_no_ordinary_weights(tmp_path, monke
     assert not any("safetensors" in p or p.endswith("/*") for p in pats)
 
 
-def test_pipeline_from_hub_fetches_ordinary_weights_only_for_plain_components(tmp_path, monkeypatch):
+def test_c36_pipeline_from_hub_fetches_ordinary_weights_only_for_plain_components(tmp_path, monkeypatch):
     """C36 over the Hub: a second fetch asks for the plain text encoder's files, nothing else."""
     pipe = MixedStableDiffusionPipeline(**sd_components(tmp_path, text_encoder_cls=CLIPTextModel))
     pipe.save_pretrained_flashpack(tmp_path / "snap")

@@ -29,6 +29,8 @@ from flashpack.integrations import UnsupportedDeviceMapError, parse_device_map  
 from flashpack.integrations.hub import ModelNotFoundError  # noqa: E402
 from flashpack.integrations.transformers import FlashPackTransformersModelMixin  # noqa: E402
 
+from _helpers import cuda  # noqa: E402
+
 
 class FlashPackBertModel(FlashPackTransformersModelMixin, BertModel):
     pass
@@ -81,7 +83,7 @@ def minilm_saved(minilm, tmp_path_factory):
 # --------------------------------------------------------------------------- the real checkpoint
 
 
-def test_bert_checkpoint_roundtrip_identical_outputs(minilm, minilm_saved, monkeypatch):
+def test_c11_bert_checkpoint_roundtrip_identical_outputs(minilm, minilm_saved, monkeypatch):
     monkeypatch.setenv("ACCELERATE_INIT_INCLUDE_BUFFERS", "true")  # C11: must not put buffers on meta
     assert sorted(os.listdir(minilm_saved)) == ["config.json", "model.flashpack"]
     cfg = json.loads((minilm_saved / "config.json").read_text())
@@ -129,7 +131,7 @@ def test_plain_from_pretrained_unchanged(minilm):
     (tiny_gpt2, "transformer.wte.weight", "lm_head.weight"),
     (tiny_bert_mlm, "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
 ])
-def test_tied_model_comes_back_tied(tmp_path, make, emb, head):
+def test_c01_tied_model_comes_back_tied(tmp_path, make, emb, head):
     model = make()
     assert model.get_parameter(emb) is model.get_parameter(head)
     model.save_pretrained_flashpack(tmp_path / "m")
@@ -145,7 +147,7 @@ def test_tied_model_comes_back_tied(tmp_path, make, emb, head):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
-def test_pack_with_only_lm_head_fills_tied_embeddings(tmp_path):
+def test_c03a_pack_with_only_lm_head_fills_tied_embeddings(tmp_path):
     """C03a: only lm_head.weight stored; wte is tied to it: both get it, nothing left on meta."""
     model = tiny_gpt2()
     model.save_pretrained_flashpack(tmp_path / "m")
@@ -159,7 +161,7 @@ def test_pack_with_only_lm_head_fills_tied_embeddings(tmp_path):
     assert not [n for n, t in (*loaded.named_parameters(), *loaded.named_buffers()) if t.device.type == "meta"]
 
 
-def test_pack_with_conflicting_tied_values_is_refused(tmp_path):
+def test_c03b_pack_with_conflicting_tied_values_is_refused(tmp_path):
     """C03b: both stored with different values while the model ties them: never silently pick one."""
     model = tiny_gpt2()
     model.save_pretrained_flashpack(tmp_path / "m")
@@ -182,7 +184,7 @@ def test_generation_config_written_and_loaded(tmp_path):
     assert loaded.generation_config.max_new_tokens == 7
 
 
-def test_eval_mode_and_deterministic_forward(tmp_path):
+def test_c13_eval_mode_and_deterministic_forward(tmp_path):
     """C13: saved in train mode with dropout; loaded in eval mode, two passes identical."""
     model = tiny_gpt2(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5).train()
     model.save_pretrained_flashpack(tmp_path / "m")
@@ -217,7 +219,7 @@ def test_mixed_dtype_pack_builds_each_parameter_in_its_file_dtype(tmp_path):
     assert torch.equal(loaded.transformer.ln_f.bias, model.transformer.ln_f.bias)
 
 
-def test_save_twice_into_one_folder(tmp_path):
+def test_c37_save_twice_into_one_folder(tmp_path):
     """C37: no temporary files left; the stale pack is replaced; the second save reads back exactly."""
     folder = tmp_path / "twice"
     tiny_gpt2(seed=0).save_pretrained_flashpack(folder)
@@ -243,7 +245,7 @@ def test_save_into_a_file_path_is_refused(tmp_path):
     assert f.read_text() == "x"
 
 
-def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
+def test_c37_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
     import flashpack.integrations._shared as ser  # where save_model_folder finds pack_to_file
 
     folder = tmp_path / "m"
@@ -301,7 +303,7 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path):
         FlashPackGPT2LMHeadModel.from_pretrained_flashpack(tmp_path / "m", device_map="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda
 @pytest.mark.parametrize("dm", ["cuda", "cuda:0", torch.device("cuda", 0), {"": 0}])
 def test_cuda_device_map(tmp_path, dm):
     model = tiny_gpt2()
@@ -331,6 +333,7 @@ def test_flashpack_imports_without_transformers_or_diffusers():
     assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_import_patches_nothing_in_the_libraries():
     code = (
         "import sys, transformers, diffusers, torch\n"
@@ -358,6 +361,7 @@ def test_loading_leaves_register_parameter_unpatched(tmp_path):
 # --------------------------------------------------------------------------- the benchmark script
 
 
+@pytest.mark.slow
 def test_bench_hf_smoke(tmp_path):
     """perf/bench_hf.py runs end to end on a tiny synthetic model (no timing asserted)."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf", "bench_hf.py")

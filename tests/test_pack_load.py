@@ -14,7 +14,7 @@ from flashpack import LoadStats, ReadError, read_weight_map
 from flashpack.format import BLOCK_ALIGN, HEADER_NBYTES, TENSOR_ALIGN
 from flashpack.io import base as io_base
 
-from conftest import file_bytes, file_size, flip_byte
+from _helpers import file_bytes, file_size, flip_byte
 
 
 def stored_bytes(path, key) -> bytes:
@@ -370,6 +370,7 @@ def test_verify_default_on_full_load(big_pack):
 # --------------------------------------------------------------------------- many tensors
 
 
+@pytest.mark.slow
 def test_100k_small_tensors_round_trip(pack):
     n = 100_000
     data = torch.arange(2 * n, dtype=torch.float32).reshape(n, 2)
@@ -629,7 +630,6 @@ def test_keys_empty_list_reads_nothing(big_pack):
     assert st.bytes_read == 0
 
 
-@pytest.mark.parametrize("backend", [b for b, info in flashpack.backends().items() if info.available])
 def test_c21_pack_loaded_twice_from_a_warm_cache_is_copied_from_the_page_cache(tmp_path, backend):
     """C21: a pack in the page cache (just written, then loaded twice) is copied from the cache with buffered
     reads, never re-read with O_DIRECT (fal's flashpack ran ~5x slower warm for that). Speed itself is

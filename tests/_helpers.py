@@ -1,0 +1,147 @@
+"""Helpers shared by several test modules (no fixtures here: those live in conftest.py).
+
+Test modules import these as ``from _helpers import ...`` (pytest puts ``tests/`` on ``sys.path`` through
+``conftest.py``); no test module imports another test module.
+
+- crafting damaged packs: ``read_parts``, ``rewrite_weight_map``, ``rewrite_header``, ``flip_byte``,
+  ``file_bytes``, ``file_size``. Each rewrites a valid pack so that exactly one invariant of docs/FORMAT.md
+  is broken: ``rewrite_weight_map`` re-encodes a modified weight map and fixes the header's sizes and
+  digests, ``rewrite_header`` re-encodes header fields with a valid header checksum.
+- position-dependent bytes (a misplaced or stale page never matches): ``position_bytes``, ``raw``;
+  and for raw reader tests ``pattern_bytes``, ``make_file``, ``aligned``, ``split``.
+- ``CUDA``: the ``cuda`` marker plus a skip with the reason where torch has no usable CUDA device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+
+from flashpack import format as fmt
+from flashpack.io import Extent
+
+PAGE = 4096
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_REASON = f"torch {torch.__version__} has no usable CUDA device (torch.cuda.is_available() is False)"
+
+
+def cuda(fn):
+    """Mark a test ``cuda`` and skip it, with the reason, where torch has no usable CUDA device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)(fn))
+
+
+# --------------------------------------------------------------------------- crafting damaged packs
+
+
+def read_parts(path) -> tuple[fmt.Header, bytes, dict[str, Any]]:
+    """(header, payload bytes [4096, index_offset), weight map as a dict) of a valid pack."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header = fmt.decode_header(data[:64], str(path), len(data))
+    doc = json.loads(data[header.index_offset:header.file_nbytes].decode("utf-8"))
+    return header, data[fmt.HEADER_NBYTES:header.index_offset], doc
+
+
+def rewrite_weight_map(path, mutate: Callable[[dict], Any], *, payload: bytes | None = None) -> dict:
+    """Rewrite a pack's weight map: ``mutate(doc)`` edits the dict in place (returning None), or returns a
+    new object to encode as JSON, or returns ``bytes`` to store verbatim. The header's index offset,
+    sizes and both digests are re-encoded, so only what ``mutate`` changed is wrong. ``payload`` replaces
+    the payload bytes between the header and the weight map. Returns the resulting doc (or None)."""
+    _, old_payload, doc = read_parts(path)
+    res = mutate(doc)
+    if isinstance(res, (bytes, bytearray)):
+        index = bytes(res)
+    else:
+        doc = doc if res is None else res
+        index = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body = old_payload if payload is None else payload
+    index_offset = fmt.HEADER_NBYTES + len(body)
+    file_nbytes = index_offset + len(index)
+    header = fmt.encode_header(file_nbytes, index_offset, len(index), xxhash.xxh3_64_intdigest(index))
+    with open(path, "wb") as f:
+        f.write(header + body + index)
+    return doc
+
+
+HEADER_FIELDS = ("magic", "version", "header_nbytes", "file_nbytes", "index_offset", "index_nbytes", "index_digest")
+
+
+def rewrite_header(path, **fields) -> None:
+    """Overwrite named header fields (see ``HEADER_FIELDS``) and recompute the header checksum."""
+    with open(path, "r+b") as f:
+        head = f.read(fmt._HEADER.size)
+        values = dict(zip(HEADER_FIELDS, fmt._HEADER.unpack(head)[:-1]))
+        unknown = set(fields) - set(values)
+        assert not unknown, unknown
+        values.update(fields)
+        hashed = fmt._HEADER.pack(*values.values(), 0)[:fmt._HEADER_HASHED]
+        f.seek(0)
+        f.write(hashed + struct.pack("<Q", xxhash.xxh3_64_intdigest(hashed)))
+
+
+def flip_byte(path, offset: int) -> None:
+    """XOR one byte of the file with 0xFF."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def file_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def file_size(path) -> int:
+    return os.stat(path).st_size
+
+
+# --------------------------------------------------------------------------- position-dependent bytes
+
+
+def position_bytes(nbytes: int, seed: int = 0) -> torch.Tensor:
+    """``nbytes`` bytes where byte i is a hash of (i, seed): a misplaced or stale page never matches."""
+    i = torch.arange(nbytes // 4 + 1, dtype=torch.int64)
+    words = ((i * 2654435761 + seed * 97 + 12345) ^ (i >> 3)) % (1 << 32)
+    return words.to(torch.int32).view(torch.uint8)[:nbytes].clone()
+
+
+def raw(t: torch.Tensor) -> bytes:
+    """A tensor's bytes in logical row-major order (from any device); b"" for an empty one."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def pattern_bytes(file_offset: int, nbytes: int) -> np.ndarray:
+    """Bytes that depend on their file offset and are never zero."""
+    i = np.arange(file_offset, file_offset + nbytes, dtype=np.uint64)
+    return (((i * np.uint64(0x9E3779B1)) >> np.uint64(13)) % np.uint64(251) + np.uint64(1)).astype(np.uint8)
+
+
+def make_file(path, nbytes: int) -> np.ndarray:
+    """Write ``pattern_bytes(0, nbytes)`` to ``path`` and return them."""
+    data = pattern_bytes(0, nbytes)
+    data.tofile(str(path))
+    return data
+
+
+def aligned(nbytes: int, misalign: int = 0) -> np.ndarray:
+    """A zeroed uint8 array whose first byte is ``misalign`` bytes past a 4096-byte boundary."""
+    buf = np.zeros(nbytes + 2 * PAGE, dtype=np.uint8)
+    start = (-buf.ctypes.data) % PAGE + misalign
+    return buf[start:start + nbytes]
+
+
+def split(nbytes: int, extent_nbytes: int, buf: np.ndarray, file_offset: int = 0) -> list[Extent]:
+    """``buf`` cut into extents of ``extent_nbytes`` bytes (tag = offset in ``buf``)."""
+    mv = memoryview(buf)
+    return [Extent(file_offset + o, min(extent_nbytes, nbytes - o), mv[o:o + min(extent_nbytes, nbytes - o)], tag=o)
+            for o in range(0, nbytes, extent_nbytes)]
