@@ -3,17 +3,22 @@ reader interface: ``open_reader``, ``Extent``, ``read_all``, ``wait``. A backend
 skipped with its probe's reason.
 
 Faults are injected per backend by :func:`inject`: for ``threads`` by patching
-``flashpack.io.base._preadv``; for ``uring`` through ``flashpack.io.uring.FAULTS`` (applied in C to
-each completion's result; the reads themselves are real). Cases C15-C18 and C22 of CASES.md.
+``flashpack.io.base._preadv``; for ``uring`` by swapping in the shim's test build (``-DFP_TESTING``,
+compiled once per session into a temporary directory by :func:`fault_build`) and setting its
+``struct fp_fault`` on each new ring (applied in C to each completion's result; the reads themselves
+are real). Cases C15-C18 and C22 of CASES.md.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import importlib.util
 import logging
 import os
 import random
+import tempfile
 import threading
 import time
 
@@ -26,6 +31,7 @@ from flashpack.io.pagecache import drop_from_cache
 
 PAGE = 4096
 BACKENDS = list(backends())
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -104,6 +110,39 @@ def no_more_threads_than(baseline: list[str], timeout_s: float = 5.0) -> list[st
     return names
 
 
+@functools.lru_cache(maxsize=None)
+def fault_build():
+    """The shim built with ``-DFP_TESTING`` (fault injection) into a temporary directory, once per
+    session; skips the calling test when it cannot be built here."""
+    spec = importlib.util.spec_from_file_location("build_uring_for_tests", os.path.join(REPO, "native", "build_uring.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    if not build.can_build():
+        return None
+    return build.build_testing_module(tempfile.mkdtemp(prefix="fp_uring_testing_"))
+
+
+def uring_faults(monkeypatch, **fault) -> object:
+    """Make every uring reader opened from now on use the test build with ``struct fp_fault`` = ``fault``
+    (fields of native/fp_uring.h; unset ones mean "no fault"). Returns the test build's module."""
+    from flashpack.io import uring
+
+    mod = fault_build()
+    if mod is None:
+        pytest.skip("the -DFP_TESTING build of the io_uring shim cannot be compiled here")
+    fields = {"direct_max_nbytes": -1, "err_offset": -1, "eof_offset": -1, **fault}
+    real_setup = uring.setup_ring
+
+    def setup_with_fault(depth):
+        ring, flags = real_setup(depth)
+        mod.lib.fp_ring_set_fault(ring, mod.ffi.new("struct fp_fault *", fields))
+        return ring, flags
+
+    monkeypatch.setattr(uring, "_uring", mod)
+    monkeypatch.setattr(uring, "setup_ring", setup_with_fault)
+    return mod
+
+
 def _is_direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
@@ -116,10 +155,8 @@ def inject(backend: str, monkeypatch, *, extent_nbytes: int = 0, max_res: int = 
     ``direct_max_nbytes`` counts per extent; for threads, extents must start at multiples of
     ``extent_nbytes``."""
     if backend == "uring":
-        from flashpack.io import uring
-        monkeypatch.setattr(uring, "FAULTS", dict(max_res=max_res, direct_max_nbytes=direct_max_nbytes,
-                                                  direct_errno=direct_errno, err_errno=err_errno,
-                                                  err_offset=err_offset, eof_offset=eof_offset))
+        uring_faults(monkeypatch, max_res=max_res, direct_max_nbytes=direct_max_nbytes, direct_errno=direct_errno,
+                     err_errno=err_errno, err_offset=err_offset, eof_offset=eof_offset)
         return []
     assert backend == "threads", backend
     real = base._preadv

@@ -123,7 +123,7 @@ def test_features_name_what_is_active(tmp_path):
         assert {"queue_depth=5", "registered_files", "registered_buffers", "o_direct"} <= r.features
     with open_reader(path, backend="uring", direct="off", registered_files=False, registered_buffers=False) as r:
         assert not {"registered_files", "registered_buffers", "o_direct"} & r.features
-    assert any(f.startswith("queue_depth=") for f in uring.probe_features())
+    assert any(f.startswith("queue_depth=") for f in backend_info("uring").features)
 
 
 @needs_uring
@@ -297,7 +297,7 @@ def test_cached_extents_are_copied_by_threads_and_cold_ones_go_to_the_ring(tmp_p
     buf = aligned(nbytes)
     with open_reader(path, "uring", direct="auto") as r:
         read_all(r, split(nbytes, 1024 * 1024, buf))
-        assert r._pool is not None  # the copy threads served the cached extents
+        assert r._copier is not None and r._copier.stats is r.stats  # the owned ThreadsReader copied them
         assert r.stats.bytes_buffered == nbytes and r.stats.bytes_direct == 0
         assert r.ring_stats()["sqes"] == 0
     assert np.array_equal(buf, data)
