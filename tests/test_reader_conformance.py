@@ -462,3 +462,69 @@ def test_c22_eio_reaches_the_caller_after_every_read_finished(backend, tmp_path,
     assert open_fds() == fds
     assert len(no_more_threads_than(tasks)) <= len(tasks), (task_names(), tasks)
     assert threading.active_count() == pythreads
+
+
+# --------------------------------------------------------------------------- the protocol and open_reader
+
+
+def test_reader_satisfies_the_protocol_and_reports_what_backends_reports(backend, tmp_path):
+    from flashpack.io import Reader
+    from flashpack.settings import settings
+
+    path = tmp_path / "f.bin"
+    make_file(path, 100_000)
+    cfg = settings()
+    with open_reader(path, backend=backend, cfg=cfg) as r:
+        assert isinstance(r, Reader)
+        assert r.name == backend and r.path == str(path) and r.file_nbytes == 100_000
+        if "o_direct" in r.features or cfg.direct == "off":  # O_DIRECT not refused by this file system
+            assert r.features == backends(cfg)[backend].features
+        assert not hasattr(r, "files")  # FileHandles stay inside flashpack.io
+
+
+def test_expect_checks_the_opened_file(backend, tmp_path):
+    path = tmp_path / "f.bin"
+    make_file(path, 50_000)
+    st = os.stat(path)
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with open_reader(path, backend=backend, expect=ident) as r:
+        assert r.file_nbytes == 50_000
+    fds = open_fds()
+    with open(path, "ab") as f:
+        f.write(b"more")
+    with pytest.raises(ReadError) as ei:
+        open_reader(path, backend=backend, expect=ident)
+    assert ei.value.errno == errno.ESTALE and ei.value.filename == str(path)
+    assert ("the file was replaced, truncated or rewritten while it was being loaded (50000 bytes when its "
+            "weight map was read, 50004 bytes now; its weight map and payload would not match); load it again"
+            ) in str(ei.value)
+    assert open_fds() == fds  # nothing left open by the refused reader
+
+
+@pytest.mark.parametrize("option, value", [("queue_depth", 0), ("queue_depth", 4097), ("threads", -1)])
+def test_options_out_of_range_are_named(backend, tmp_path, option, value):
+    path = tmp_path / "f.bin"
+    make_file(path, 1000)
+    with pytest.raises(ValueError, match=f"{option}={value}: expected an integer from 1 to"):
+        open_reader(path, backend=backend, **{option: value})
+
+
+def test_queue_depth_bounds_reads_in_flight(backend, tmp_path):
+    nbytes = 64 * 4096
+    path = tmp_path / "f.bin"
+    data = make_file(path, nbytes)
+    buf = aligned(nbytes)
+    with open_reader(path, backend=backend, direct="on", queue_depth=3, threads=8) as r:
+        assert {"queue_depth=3", "threads=8"} <= r.features
+        read_all(r, split(nbytes, 4096, buf))
+    assert np.array_equal(buf, data)
+
+
+def test_c_error_turns_a_negative_return_into_oserror():
+    from flashpack.io import c_error
+
+    e = c_error(-errno.ENOENT, "opening", "/x")
+    assert isinstance(e, FileNotFoundError) and e.errno == errno.ENOENT and e.filename == "/x"
+    assert e.strerror == f"opening failed: {os.strerror(errno.ENOENT)}"
+    r = c_error(-errno.EIO, "read", "/y", ReadError)
+    assert isinstance(r, ReadError) and r.errno == errno.EIO

@@ -261,8 +261,9 @@ class ReaderBase:
     def __init__(self, path: str | os.PathLike, *, cfg: Settings | None = None, direct: str | None = None,
                  queue_depth: int | None = None, threads: int | None = None, expect: FileIdentity | None = None):
         cfg = cfg if cfg is not None else settings()
-        queue_depth = check_count("queue_depth", queue_depth or cfg.queue_depth, MAX_QUEUE_DEPTH)
-        threads = check_count("threads", threads or cfg.threads, MAX_THREADS)
+        queue_depth = check_count("queue_depth", cfg.queue_depth if queue_depth is None else queue_depth,
+                                  MAX_QUEUE_DEPTH)
+        threads = check_count("threads", cfg.threads if threads is None else threads, MAX_THREADS)
         files = FileHandles(path, direct or cfg.direct)
         if expect is not None:
             try:
