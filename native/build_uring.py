@@ -206,8 +206,7 @@ ffibuilder = make_ffibuilder()
 if __name__ == "__main__":
     print(why_not() or "liburing found; building flashpack._uring")
     root = os.path.dirname(HERE)
-    os.chdir(root)  # the sources are named relative to the repository root
-    so = make_ffibuilder().compile(tmpdir=os.path.join(root, "build", "cffi"), target="_uring.*", verbose=True)
+    so = make_ffibuilder(relative=False).compile(tmpdir=os.path.join(root, "build", "cffi"), verbose=True)
     dest = os.path.join(root, "flashpack", os.path.basename(so))
     shutil.copyfile(so, dest)
     print(f"wrote {dest}")
