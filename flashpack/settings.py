@@ -7,7 +7,8 @@ variable                        default      meaning
 ``FLASHPACK_VERIFY``            ``1``        verify payload checksums on load (``0`` to skip)
 ``FLASHPACK_DIRECT``            ``auto``     O_DIRECT policy: ``auto`` (direct when the pages are not
                                              cached), ``on`` (always direct), ``off`` (always buffered)
-``FLASHPACK_QUEUE_DEPTH``       ``32``       reads in flight per load (``uring``)
+``FLASHPACK_QUEUE_DEPTH``       ``32``       reads in flight per reader, every backend (1 to
+                                             ``MAX_QUEUE_DEPTH``, 4096)
 ``FLASHPACK_THREADS``           ``16``       worker threads of the ``threads`` backend (and of
                                              ``uring``'s copies out of the page cache)
 ``FLASHPACK_EXTENT_NBYTES``     8 MiB        bytes per read request (a multiple of 4096)
@@ -41,6 +42,11 @@ GiB = 1024 * MiB
 #: Alignment of O_DIRECT offsets, lengths and buffer addresses, and of every block in a pack.
 #: 4096 covers the logical block size of every common device (see open(2), "O_DIRECT").
 PAGE_NBYTES = 4096
+
+#: The most reads one reader keeps in flight (``FLASHPACK_QUEUE_DEPTH``, the ``queue_depth`` option): the
+#: io_uring shim's ``FP_MAX_QUEUE_DEPTH`` (native/fp_uring.h). Written here too so settings work without
+#: the extension; native/build_uring.py refuses to build when the two differ.
+MAX_QUEUE_DEPTH = 4096
 
 
 def parse_nbytes(text: str) -> int:
@@ -127,7 +133,7 @@ def settings() -> Settings:
         backend=_env("FLASHPACK_BACKEND", "auto").lower() or "auto",
         verify=_env_bool("FLASHPACK_VERIFY", True),
         direct=direct,
-        queue_depth=count("FLASHPACK_QUEUE_DEPTH", 32, most=32768),  # io_uring_setup(2): at most 32768 entries
+        queue_depth=count("FLASHPACK_QUEUE_DEPTH", 32, most=MAX_QUEUE_DEPTH),
         threads=count("FLASHPACK_THREADS", 16),
         extent_nbytes=extent,
         slot_nbytes=slot,

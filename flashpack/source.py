@@ -30,19 +30,27 @@ def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def check_identity(fd: int, expect: tuple[int, int, int, int], path: str) -> None:
+    """Raise unless the open descriptor ``fd`` is the file whose :func:`file_identity` was ``expect``.
+
+    Raises:
+        ReadError (``ESTALE``): the file was replaced, truncated or rewritten since ``expect`` was taken.
+    """
+    now = file_identity(os.fstat(fd))
+    if now != tuple(expect):
+        raise ReadError(errno.ESTALE, f"the file was replaced, truncated or rewritten while it was being loaded "
+                                      f"({expect[2]} bytes when its weight map was read, {now[2]} bytes now; "
+                                      f"its weight map and payload would not match); load it again", path)
+
+
 def check_same_file(wm: WeightMap, fd: int) -> None:
     """Raise unless ``fd`` is the file (same inode, size and mtime) whose weight map ``wm`` is.
 
     Raises:
         ReadError (``ESTALE``): the file was replaced or rewritten since its weight map was read.
     """
-    if wm.file_id is None:
-        return
-    now = file_identity(os.fstat(fd))
-    if now != wm.file_id:
-        raise ReadError(errno.ESTALE, f"the file was replaced, truncated or rewritten while it was being loaded "
-                                      f"({wm.file_id[2]} bytes when its weight map was read, {now[2]} bytes now; "
-                                      f"its weight map and payload would not match); load it again", wm.path)
+    if wm.file_id is not None:
+        check_identity(fd, wm.file_id, wm.path)
 
 
 def read_weight_map_fd(fd: int, path: str) -> WeightMap:
@@ -90,4 +98,4 @@ def read_weight_map(path: str | os.PathLike) -> WeightMap:
         os.close(fd)
 
 
-__all__ = ["check_same_file", "file_identity", "read_weight_map", "read_weight_map_fd"]
+__all__ = ["check_identity", "check_same_file", "file_identity", "read_weight_map", "read_weight_map_fd"]

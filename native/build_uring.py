@@ -1,11 +1,20 @@
-"""cffi build script (API mode, out of line) for ``flashpack._uring``, the C shim over liburing in ``fp_uring.c``.
+"""cffi build script (API mode, out of line) for ``flashpack._uring``, the C shim over liburing.
+
+The C surface is declared once, in ``fp_uring.h``; :func:`cdef_from_header` turns that header into the
+cffi ``cdef`` (preprocessor lines dropped, ``#define FP_NAME value`` kept as a constant the compiler
+fills in), and ``fp_uring.c`` is compiled as its own translation unit (``sources=[...]``).
 
 setup.py builds it when :func:`can_build` is true; otherwise flashpack installs without it and the
-``uring`` backend reports why it is unavailable. Build by hand with ``python native/build_uring.py``
-(writes ``_uring.*.so`` into flashpack/ when run from the repository root).
+``uring`` backend reports why it is unavailable. Build by hand, from the repository root, with
+``python setup.py build_ext --inplace`` (writes ``flashpack/_uring.abi3.so``), or
+``python native/build_uring.py``, which compiles in ``build/cffi/`` and writes
+``flashpack/_uring.abi3.so`` (the name cffi gives it) next to the package's modules.
 
 API mode (the C compiler sees liburing.h) is needed because liburing's prep/wait/cqe_seen helpers are
 ``static inline``: there is no symbol an ABI-mode ``dlopen`` could call.
+
+The tests build a second copy with ``-DFP_TESTING`` (fault injection) into a temporary directory with
+:func:`build_testing_module`; it is never installed.
 
 Environment:
     FLASHPACK_NO_URING_BUILD=1   build without the extension even where liburing is present.
@@ -14,7 +23,10 @@ Environment:
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -24,66 +36,90 @@ import tempfile
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-#: The C surface Python sees: every function returns >= 0 or -errno (man-page comments in fp_uring.c).
-CDEF = """
-#define FP_DIRECT 1
-#define FP_FIXED 2
-#define FP_DONE_DIRECT_REFUSED 1
-#define FP_DONE_SHORT 2
-#define FP_SETUP_COOP_TASKRUN 1
-
-struct fp_read {
-    uint64_t tag;
-    uint64_t file_offset;
-    uint64_t nbytes;
-    uint64_t addr;
-    uint32_t flags;
-    uint32_t buf_index;
-};
-
-struct fp_done {
-    uint64_t tag;
-    uint64_t nbytes_direct;
-    uint64_t nbytes_buffered;
-    uint64_t fail_offset;
-    uint64_t fail_nbytes;
-    int32_t error;
-    uint32_t flags;
-    int32_t direct_error;
-};
-
-struct fp_fault {
-    int64_t max_res;
-    int64_t direct_max_nbytes;
-    int32_t direct_errno;
-    int32_t err_errno;
-    int64_t err_offset;
-    int64_t eof_offset;
-};
-
-struct fp_ring_stats {
-    uint64_t sqes;
-    uint64_t resubmits;
-    uint64_t enter_waits;
-};
-
-struct fp_ring;
-
-int fp_ring_open(unsigned depth, unsigned setup_flags, struct fp_ring **out);
-int fp_ring_set_files(struct fp_ring *r, int fd_direct, int fd_buffered, int register_files);
-int fp_ring_buffers_init(struct fp_ring *r, unsigned nr);
-int fp_ring_buffer_set(struct fp_ring *r, unsigned index, uint64_t addr, uint64_t nbytes);
-int fp_ring_set_fault(struct fp_ring *r, const struct fp_fault *fault);
-int fp_ring_submit(struct fp_ring *r, unsigned n, const struct fp_read *reqs);
-int fp_ring_reap(struct fp_ring *r, unsigned min_done, int timeout_ms, struct fp_done *out, unsigned max_out);
-int fp_ring_in_flight(const struct fp_ring *r);
-int fp_ring_get_stats(const struct fp_ring *r, struct fp_ring_stats *out);
-int fp_ring_close(struct fp_ring *r);
-int fp_liburing_version(int *major, int *minor);
-"""
+HEADER = os.path.join(HERE, "fp_uring.h")
+SOURCE = os.path.join(HERE, "fp_uring.c")
+#: The Python side of the queue-depth bound (``MAX_QUEUE_DEPTH``), checked against the header's.
+SETTINGS_PY = os.path.join(HERE, "..", "flashpack", "settings.py")
 
 _PROBE_C = "#include <liburing.h>\nint main(void) { struct io_uring r; return io_uring_queue_init(1, &r, 0) < -4096; }\n"
+_DEFINE = re.compile(r"^#\s*define\s+(FP_[A-Z0-9_]+)\s+(\S+)")
+
+
+def header_text() -> str:
+    with open(HEADER, encoding="utf-8") as f:
+        return f.read()
+
+
+def cdef_from_header(text: str, testing: bool = False) -> str:
+    """The cffi cdef for the header ``text``.
+
+    Drops every preprocessor line, keeps ``#define FP_NAME value`` as ``#define FP_NAME ...`` (API mode:
+    the compiler supplies the value, so Python and C cannot disagree), and drops the ``#ifdef
+    FP_TESTING`` block unless ``testing``.
+
+    Raises:
+        ValueError: an ``#ifdef``/``#ifndef``/``#endif`` nesting the parser does not understand.
+    """
+    out: list[str] = []
+    skipping: list[bool] = []  # one entry per open #if*: whether its body is dropped
+    for line in text.splitlines():
+        s = line.strip()
+        if not s.startswith("#"):
+            if not any(skipping):
+                out.append(line)
+            continue
+        if s.startswith(("#ifdef", "#ifndef", "#if ")):
+            skipping.append(s.split()[:2] == ["#ifdef", "FP_TESTING"] and not testing)
+        elif s.startswith("#endif"):
+            if not skipping:
+                raise ValueError("fp_uring.h: #endif without #if")
+            skipping.pop()
+        elif not any(skipping):
+            m = _DEFINE.match(s)
+            if m:
+                out.append(f"#define {m.group(1)} ...")
+    if skipping:
+        raise ValueError("fp_uring.h: unterminated #if")
+    return "\n".join(out) + "\n"
+
+
+def header_constant(name: str, text: str | None = None) -> int:
+    """The integer value of ``#define name value`` in fp_uring.h.
+
+    Raises:
+        KeyError: the header does not define ``name`` as an integer.
+    """
+    for line in (header_text() if text is None else text).splitlines():
+        m = _DEFINE.match(line.strip())
+        if m and m.group(1) == name:
+            return int(m.group(2), 0)
+    raise KeyError(f"fp_uring.h defines no integer {name}")
+
+
+def settings_max_queue_depth(path: str = SETTINGS_PY) -> int:
+    """``MAX_QUEUE_DEPTH`` of flashpack/settings.py, read with ``ast`` (the package is not imported)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id == "MAX_QUEUE_DEPTH":
+            return ast.literal_eval(node.value)
+    raise KeyError(f"{path} defines no MAX_QUEUE_DEPTH")
+
+
+def check_queue_depth_bound() -> None:
+    """Raise unless ``FP_MAX_QUEUE_DEPTH`` (fp_uring.h) equals ``MAX_QUEUE_DEPTH`` (flashpack/settings.py).
+
+    Raises:
+        RuntimeError: they differ (the message names both files); skipped when settings.py is absent.
+    """
+    if not os.path.exists(SETTINGS_PY):
+        return
+    c, py = header_constant("FP_MAX_QUEUE_DEPTH"), settings_max_queue_depth()
+    if c != py:
+        raise RuntimeError(f"FP_MAX_QUEUE_DEPTH is {c} in native/fp_uring.h but MAX_QUEUE_DEPTH is {py} in "
+                           f"flashpack/settings.py; make them equal")
 
 
 def _compiler() -> list[str]:
@@ -120,17 +156,57 @@ def can_build() -> bool:
     return why_not() == ""
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "flashpack._uring",
-    '#include "fp_uring.c"',  # one translation unit: the shim and cffi's wrappers
-    include_dirs=[HERE],
-    libraries=["uring"],
-    extra_compile_args=["-O2", "-Wall"],
-    depends=[os.path.join(HERE, "fp_uring.c")],
-)
+def make_ffibuilder(module_name: str = "flashpack._uring", testing: bool = False, relative: bool = True) -> FFI:
+    """A cffi builder for the shim.
+
+    Args:
+        module_name: the extension's full name.
+        testing: compile with ``-DFP_TESTING`` (fault injection) and expose ``fp_ring_set_fault``.
+        relative: name the sources relative to the repository root (setuptools wants that when it runs
+            from there); ``False`` for absolute paths (a build from any directory).
+    """
+    root = os.path.dirname(HERE)
+    native = os.path.relpath(HERE, root) if relative else HERE
+    ffi = FFI()
+    ffi.cdef(cdef_from_header(header_text(), testing=testing))
+    ffi.set_source(
+        module_name,
+        '#include "fp_uring.h"',
+        sources=[os.path.join(native, "fp_uring.c")],
+        include_dirs=[native],
+        libraries=["uring"],
+        define_macros=[("FP_TESTING", "1")] if testing else [],
+        extra_compile_args=["-O2", "-Wall"],
+        depends=[os.path.join(native, "fp_uring.h"), os.path.join(native, "fp_uring.c")],
+        py_limited_api=True,
+    )
+    return ffi
+
+
+def build_testing_module(tmpdir: str, module_name: str = "_fp_uring_testing"):
+    """Compile the ``-DFP_TESTING`` shim into ``tmpdir`` and import it (for the tests; never installed).
+
+    Returns:
+        The imported module (``.ffi``, ``.lib`` with ``fp_ring_set_fault`` and ``struct fp_fault``).
+
+    Raises:
+        cffi.VerificationError / distutils errors: the compiler failed.
+    """
+    ffi = make_ffibuilder(module_name, testing=True, relative=False)
+    path = ffi.compile(tmpdir=tmpdir, verbose=False)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+check_queue_depth_bound()
+ffibuilder = make_ffibuilder()
 
 if __name__ == "__main__":
     print(why_not() or "liburing found; building flashpack._uring")
-    ffibuilder.compile(tmpdir=os.path.join(HERE, "..", "build", "cffi"), verbose=True)
+    root = os.path.dirname(HERE)
+    so = make_ffibuilder(relative=False).compile(tmpdir=os.path.join(root, "build", "cffi"), verbose=True)
+    dest = os.path.join(root, "flashpack", os.path.basename(so))
+    shutil.copyfile(so, dest)
+    print(f"wrote {dest}")

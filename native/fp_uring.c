@@ -1,9 +1,9 @@
 /*
  * fp_uring.c - the thin C shim over liburing behind flashpack's "uring" reader.
  *
- * Python (flashpack/io/uring.py) never touches liburing structures: it calls the few fp_ functions
- * below through cffi (API mode, out of line; cffi releases the GIL around every call). Each function
- * returns >= 0 on success or -errno, like liburing itself.
+ * The interface (structs, flags, constants, prototypes and their man-page comments) is declared once
+ * in fp_uring.h. Python (flashpack/io/uring.py) never touches liburing structures: it calls these
+ * functions through cffi (API mode, out of line; cffi releases the GIL around every call).
  *
  * Model: one ring per open file. A ring has `depth` request slots; each slot holds one extent (a read
  * of `nbytes` bytes at `file_offset` into `addr`) and keeps exactly one SQE in flight for it until the
@@ -13,10 +13,16 @@
  * follows a short or refused direct read) goes to the buffered descriptor: an unaligned remainder is
  * never resubmitted with O_DIRECT. Python gets one fp_done record per finished extent.
  *
- * Not thread-safe: one thread drives a ring at a time.
+ * A hard submission error (io_uring_submit failing with anything but EAGAIN/EBUSY/EINTR) turns every
+ * SQE the kernel has not consumed into a no-op with the same user_data and fails its extent at once
+ * (fp_done.error = that errno): no extent is lost, and no buffer is written after its extent was
+ * reported failed. The slot stays busy until the no-op's CQE arrives, so a slot index is never reused
+ * while the kernel may still hold an SQE for it.
  */
 
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* F_DUPFD_CLOEXEC with older glibc */
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -28,103 +34,45 @@
 
 #include <liburing.h>
 
-/* Request flags (struct fp_read.flags). */
-#define FP_DIRECT 1u /* read the page-aligned body on the O_DIRECT descriptor */
-#define FP_FIXED 2u  /* buf_index names a registered buffer that holds [addr, addr + nbytes) */
-
-/* Completion flags (struct fp_done.flags). */
-#define FP_DONE_DIRECT_REFUSED 1u /* a direct read failed with EINVAL/EBADF/EOPNOTSUPP; finished buffered */
-#define FP_DONE_SHORT 2u          /* a buffered read returned 0 before nbytes: the file is shorter */
-
-/* Ring setup flags accepted by fp_ring_open (dropped one at a time when the kernel refuses them). */
-#define FP_SETUP_COOP_TASKRUN 1u
+#include "fp_uring.h"
 
 #define FP_PAGE_NBYTES 4096u
 #define FP_MAX_RW_NBYTES 0x7ffff000ull /* read(2), NOTES: the most one read transfers */
 
-struct fp_read {
-    uint64_t tag;         /* the caller's id, returned unchanged in fp_done */
-    uint64_t file_offset; /* first byte of the file to read */
-    uint64_t nbytes;      /* bytes to read */
-    uint64_t addr;        /* destination address; the caller keeps it valid until fp_done */
-    uint32_t flags;       /* FP_DIRECT | FP_FIXED */
-    uint32_t buf_index;   /* registered buffer index when FP_FIXED */
-};
-
-struct fp_done {
-    uint64_t tag;             /* fp_read.tag */
-    uint64_t nbytes_direct;   /* bytes read with O_DIRECT */
-    uint64_t nbytes_buffered; /* bytes read through the page cache */
-    uint64_t fail_offset;     /* error != 0: file offset of the failed read */
-    uint64_t fail_nbytes;     /* error != 0: length of the failed read */
-    int32_t error;            /* 0, or the positive errno of the read that failed */
-    uint32_t flags;           /* FP_DONE_* */
-    int32_t direct_error;     /* FP_DONE_DIRECT_REFUSED: the positive errno of the refused direct read */
-};
-
-/* Fault injection for tests: applied to each CQE's result before it is handled. */
-struct fp_fault {
-    int64_t max_res;           /* > 0: a successful read reports at most this many bytes */
-    int64_t direct_max_nbytes; /* >= 0: direct reads of one extent stop (return 0) after this many bytes */
-    int32_t direct_errno;      /* != 0: every direct read fails with -direct_errno */
-    int32_t err_errno;         /* != 0: a read whose range holds byte err_offset fails with -err_errno */
-    int64_t err_offset;
-    int64_t eof_offset; /* >= 0: reads see the file end at this byte (0 at or past it) */
-};
-
-struct fp_ring_stats {
-    uint64_t sqes;       /* SQEs prepared */
-    uint64_t resubmits;  /* of which resubmissions (short read, EAGAIN, split, switch to buffered) */
-    uint64_t enter_waits;/* times the reaper blocked in the kernel */
-};
-
 struct fp_slot {
     struct fp_read req;
-    uint64_t done;      /* bytes of req finished */
-    uint64_t ndirect;   /* of which O_DIRECT */
-    uint64_t cur_offset;/* the SQE in flight: file offset and length */
+    uint64_t done;       /* bytes of req finished */
+    uint64_t ndirect;    /* of which O_DIRECT */
+    uint64_t cur_offset; /* the SQE in flight: file offset and length */
     uint64_t cur_nbytes;
-    uint32_t direct;    /* the body is still being read with O_DIRECT */
+    uint32_t direct;     /* the body is still being read with O_DIRECT */
     uint32_t cur_direct;
-    uint32_t dflags;    /* FP_DONE_* so far */
+    uint32_t dflags;     /* FP_DONE_* so far */
     int32_t direct_error;
     uint32_t in_use;
+    int32_t failed;      /* != 0: submission failed with this errno; its SQE is a no-op */
 };
 
 struct fp_ring {
     struct io_uring ring;
     unsigned depth;
-    unsigned in_use;    /* slots holding an unfinished extent */
-    unsigned sqes;      /* SQEs prepared and not yet completed */
-    int fds[2];         /* owned duplicates: [0] O_DIRECT (or -1), [1] buffered */
-    int fixed_files;    /* fds registered: SQEs use indices 0/1 with IOSQE_FIXED_FILE */
-    int has_fault;
-    struct fp_fault fault;
+    unsigned in_use;     /* busy slots: an unfinished extent, or a failed one waiting for its no-op */
+    unsigned sqes;       /* SQEs prepared and not yet completed */
+    int fds[2];          /* owned duplicates: [0] O_DIRECT (or -1), [1] buffered */
+    int fixed_files;     /* fds registered: SQEs use indices 0/1 with IOSQE_FIXED_FILE */
     struct fp_ring_stats stats;
     unsigned *free_slots;
     unsigned nfree;
+    unsigned *failed;    /* slots failed at submission, fp_done not yet returned */
+    unsigned nfailed;
     struct fp_slot *slots;
+#ifdef FP_TESTING
+    int has_fault;
+    struct fp_fault fault;
+    int32_t submit_calls;
+#endif
 };
 
-/*
- * NAME
- *     fp_ring_open - create a ring with `depth` request slots
- * SYNOPSIS
- *     int fp_ring_open(unsigned depth, unsigned setup_flags, struct fp_ring **out);
- * DESCRIPTION
- *     Sets up an io_uring instance (io_uring_queue_init_params(3)) with `depth` SQ entries and a
- *     table of `depth` slots, and stores it in *out. setup_flags is a mask of FP_SETUP_*; a flag the
- *     kernel refuses with EINVAL is dropped and setup retried without it, as fio does. The ring has
- *     no files until fp_ring_set_files(). Free it with fp_ring_close().
- * RETURN VALUE
- *     The setup flags actually in use (>= 0), or -errno; *out is set only on success.
- * ERRORS
- *     EPERM   io_uring_setup(2) refused: seccomp (Docker's default profile), or
- *             kernel.io_uring_disabled=1 and the caller is neither privileged nor in io_uring_group.
- *     ENOSYS  the kernel has no io_uring.
- *     ENOMEM  no memory for the ring (kernels before 5.12 charge it to RLIMIT_MEMLOCK).
- *     EINVAL  depth is 0 or too large.
- */
 int fp_ring_open(unsigned depth, unsigned setup_flags, struct fp_ring **out)
 {
     struct fp_ring *r;
@@ -132,14 +80,15 @@ int fp_ring_open(unsigned depth, unsigned setup_flags, struct fp_ring **out)
     unsigned flags = setup_flags;
     int ret;
 
-    if (depth == 0 || depth > 4096)
+    if (depth == 0 || depth > FP_MAX_QUEUE_DEPTH)
         return -EINVAL;
     r = calloc(1, sizeof(*r));
     if (!r)
         return -ENOMEM;
     r->slots = calloc(depth, sizeof(*r->slots));
     r->free_slots = calloc(depth, sizeof(*r->free_slots));
-    if (!r->slots || !r->free_slots) {
+    r->failed = calloc(depth, sizeof(*r->failed));
+    if (!r->slots || !r->free_slots || !r->failed) {
         ret = -ENOMEM;
         goto fail;
     }
@@ -166,28 +115,11 @@ int fp_ring_open(unsigned depth, unsigned setup_flags, struct fp_ring **out)
 fail:
     free(r->slots);
     free(r->free_slots);
+    free(r->failed);
     free(r);
     return ret;
 }
 
-/*
- * NAME
- *     fp_ring_set_files - give the ring the file it reads
- * SYNOPSIS
- *     int fp_ring_set_files(struct fp_ring *r, int fd_direct, int fd_buffered, int register_files);
- * DESCRIPTION
- *     Duplicates fd_direct (an O_DIRECT descriptor, or -1 for none) and fd_buffered; the ring owns the
- *     duplicates, so the caller may close its own descriptors at any time (a descriptor number reused
- *     by a later open(2) can never be read by mistake). With register_files, the duplicates are also
- *     registered (io_uring_register_files(3)) and SQEs name them by index; if registration fails the
- *     ring goes on with plain descriptors. Call once, with no request in flight.
- * RETURN VALUE
- *     1 if the files are registered, 0 if not, or -errno.
- * ERRORS
- *     EBADF   fd_buffered is not an open descriptor.
- *     EBUSY   the ring already has files.
- *     EMFILE  no descriptor left for the duplicates.
- */
 int fp_ring_set_files(struct fp_ring *r, int fd_direct, int fd_buffered, int register_files)
 {
     if (r->fds[1] >= 0)
@@ -211,26 +143,6 @@ int fp_ring_set_files(struct fp_ring *r, int fd_direct, int fd_buffered, int reg
     return r->fixed_files;
 }
 
-/*
- * NAME
- *     fp_ring_buffers_init, fp_ring_buffer_set - registered buffers (READ_FIXED)
- * SYNOPSIS
- *     int fp_ring_buffers_init(struct fp_ring *r, unsigned nr);
- *     int fp_ring_buffer_set(struct fp_ring *r, unsigned index, uint64_t addr, uint64_t nbytes);
- * DESCRIPTION
- *     fp_ring_buffers_init makes a table of nr empty buffer slots (io_uring_register_buffers_sparse(3));
- *     fp_ring_buffer_set registers [addr, addr + nbytes) in slot index
- *     (io_uring_register_buffers_update_tag(3)), pinning its pages until fp_ring_close. A request
- *     with FP_FIXED and buf_index = index must lie inside that range. The caller keeps the memory
- *     alive while it is registered. Set a slot only while no request uses it.
- * RETURN VALUE
- *     0, or -errno.
- * ERRORS
- *     ENOMEM  pinning would exceed RLIMIT_MEMLOCK (the caller lacks CAP_IPC_LOCK), or no memory.
- *     EFAULT  the range is not ordinary anonymous or shmem memory, or longer than 1 GiB.
- *     EINVAL  index out of range, or nbytes is 0.
- *     EBUSY   the table already exists.
- */
 int fp_ring_buffers_init(struct fp_ring *r, unsigned nr)
 {
     return io_uring_register_buffers_sparse(&r->ring, nr);
@@ -248,43 +160,95 @@ int fp_ring_buffer_set(struct fp_ring *r, unsigned index, uint64_t addr, uint64_
     return ret < 0 ? ret : 0;
 }
 
-/*
- * NAME
- *     fp_ring_set_fault - inject faults (tests only)
- * SYNOPSIS
- *     int fp_ring_set_fault(struct fp_ring *r, const struct fp_fault *fault);
- * DESCRIPTION
- *     From now on, rewrite each CQE result as `fault` says before handling it (see struct fp_fault):
- *     the reads are real, only the reported result changes. NULL clears.
- * RETURN VALUE
- *     0.
- */
+#ifdef FP_TESTING
 int fp_ring_set_fault(struct fp_ring *r, const struct fp_fault *fault)
 {
     r->has_fault = fault != NULL;
     if (fault)
         r->fault = *fault;
+    r->submit_calls = 0;
     return 0;
+}
+
+/* The injected error of this submit call, or 0. */
+static int submit_fault(struct fp_ring *r)
+{
+    int32_t call = r->submit_calls++;
+
+    if (!r->has_fault || !r->fault.submit_errno)
+        return 0;
+    if (call >= r->fault.submit_fail_from && call < r->fault.submit_fail_from + r->fault.submit_fail_count)
+        return -r->fault.submit_errno;
+    return 0;
+}
+#else
+#define submit_fault(r) 0
+#endif
+
+static int is_soft(int ret)
+{
+    return ret == -EAGAIN || ret == -EBUSY || ret == -EINTR || ret == -ETIME;
+}
+
+/* Turn one unconsumed SQE into a no-op and fail its extent with err (once per slot). */
+static void fail_sqe(struct fp_ring *r, struct io_uring_sqe *sqe, int err)
+{
+    unsigned idx = (unsigned)sqe->user_data;
+    struct fp_slot *s;
+
+    if (idx >= r->depth)
+        return;
+    s = &r->slots[idx];
+    io_uring_prep_nop(sqe);
+    sqe->user_data = idx;
+    if (!s->in_use || s->failed)
+        return;
+    s->failed = err;
+    r->failed[r->nfailed++] = idx;
+}
+
+/*
+ * After a hard submission error: every SQE the kernel has not consumed, flushed to the SQ ring
+ * ([*khead, *ktail)) or still only prepared ([sqe_head, sqe_tail)), becomes a no-op and its extent
+ * fails with err. Without SQPOLL the kernel reads SQEs only inside io_uring_enter, so rewriting them
+ * between calls is safe.
+ */
+static void fail_unsubmitted(struct fp_ring *r, int err)
+{
+    struct io_uring_sq *sq = &r->ring.sq;
+    unsigned head = io_uring_smp_load_acquire(sq->khead);
+    unsigned tail = *sq->ktail;
+
+    for (unsigned i = head; i != tail; i++)
+        fail_sqe(r, &sq->sqes[sq->array[i & sq->ring_mask] & sq->ring_mask], err);
+    for (unsigned i = sq->sqe_head; i != sq->sqe_tail; i++)
+        fail_sqe(r, &sq->sqes[i & sq->ring_mask], err);
+}
+
+/* io_uring_submit, failing the unsubmitted extents on a hard error. Returns 0 or the hard -errno. */
+static int ring_submit(struct fp_ring *r)
+{
+    int ret = submit_fault(r);
+
+    if (ret == 0)
+        ret = io_uring_submit(&r->ring);
+    if (ret >= 0 || is_soft(ret))
+        return 0;
+    fail_unsubmitted(r, -ret);
+    return ret;
 }
 
 static int prep_slot(struct fp_ring *r, unsigned idx)
 {
     struct fp_slot *s = &r->slots[idx];
     struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
-    uint64_t want, body;
+    uint64_t want;
     int fd, which;
 
-    if (!sqe) {
-        /* the SQ holds at most one SQE per slot, so this only happens if a submit failed: flush */
-        int ret = io_uring_submit(&r->ring);
-        if (ret < 0)
-            return ret;
-        sqe = io_uring_get_sqe(&r->ring);
-        if (!sqe)
-            return -EBUSY;
-    }
+    if (!sqe) /* cannot happen: each busy slot holds at most one SQE and the SQ has one per slot */
+        return -EBUSY;
     if (s->direct) {
-        body = s->req.nbytes - s->req.nbytes % FP_PAGE_NBYTES;
+        uint64_t body = s->req.nbytes - s->req.nbytes % FP_PAGE_NBYTES;
         want = body - s->done;
         if (want > FP_MAX_RW_NBYTES - FP_MAX_RW_NBYTES % FP_PAGE_NBYTES)
             want = FP_MAX_RW_NBYTES - FP_MAX_RW_NBYTES % FP_PAGE_NBYTES;
@@ -312,28 +276,17 @@ static int prep_slot(struct fp_ring *r, unsigned idx)
     return 0;
 }
 
-/*
- * NAME
- *     fp_ring_submit - start reading extents
- * SYNOPSIS
- *     int fp_ring_submit(struct fp_ring *r, unsigned n, const struct fp_read *reqs);
- * DESCRIPTION
- *     Takes reqs[0..k) into free slots, k = min(n, free slots), prepares one SQE for each and submits
- *     them without waiting. FP_DIRECT is honoured only when the ring has an O_DIRECT descriptor and
- *     file_offset, addr and nbytes >= 4096 suit it (the caller checks alignment); the body, nbytes
- *     rounded down to 4096, is read direct and the rest buffered. Each request ends in one fp_done
- *     from fp_ring_reap().
- * RETURN VALUE
- *     k, the number of requests taken (0 when every slot is busy), or -errno.
- * ERRORS
- *     EBADF   the ring has no files (fp_ring_set_files).
- *     Errors of io_uring_submit(3) other than EAGAIN/EBUSY/EINTR (those leave the SQEs queued; the
- *     next fp_ring_submit or fp_ring_reap submits them).
- */
+static void free_slot(struct fp_ring *r, unsigned idx)
+{
+    r->slots[idx].in_use = 0;
+    r->in_use--;
+    r->free_slots[r->nfree++] = idx;
+}
+
 int fp_ring_submit(struct fp_ring *r, unsigned n, const struct fp_read *reqs)
 {
     unsigned k = 0;
-    int ret;
+    int ret = 0;
 
     if (r->fds[1] < 0)
         return -EBADF;
@@ -346,22 +299,17 @@ int fp_ring_submit(struct fp_ring *r, unsigned n, const struct fp_read *reqs)
         s->in_use = 1;
         r->in_use++;
         ret = prep_slot(r, idx);
-        if (ret < 0) { /* give the slot back; report what was taken */
-            s->in_use = 0;
-            r->in_use--;
-            r->free_slots[r->nfree++] = idx;
-            if (!k)
-                return ret;
+        if (ret < 0) { /* no SQE for it (nothing was prepared): give the slot back */
+            free_slot(r, idx);
             break;
         }
         k++;
     }
-    ret = io_uring_submit(&r->ring);
-    if (ret < 0 && ret != -EAGAIN && ret != -EBUSY && ret != -EINTR)
-        return ret;
-    return (int)k;
+    ring_submit(r); /* a hard error fails the taken extents through fp_ring_reap, never here */
+    return k || ret >= 0 ? (int)k : ret;
 }
 
+#ifdef FP_TESTING
 static int64_t apply_fault(const struct fp_ring *r, const struct fp_slot *s, int64_t res)
 {
     const struct fp_fault *f = &r->fault;
@@ -383,15 +331,36 @@ static int64_t apply_fault(const struct fp_ring *r, const struct fp_slot *s, int
         res = f->max_res;
     return res;
 }
+#endif
 
-/* Handle one CQE: 1 if the slot finished (filled *out), 0 if resubmitted. */
-static int handle_cqe(struct fp_ring *r, unsigned idx, int64_t res, struct fp_done *out)
+static void fill_done(struct fp_slot *s, int32_t error, struct fp_done *out)
+{
+    out->tag = s->req.tag;
+    out->nbytes_direct = s->ndirect;
+    out->nbytes_buffered = s->done - s->ndirect;
+    out->fail_offset = s->cur_offset;
+    out->fail_nbytes = s->cur_nbytes;
+    out->error = error;
+    out->flags = s->dflags;
+    out->direct_error = s->direct_error;
+}
+
+/* Handle one CQE: 1 if the slot's extent finished (filled *out), 0 if resubmitted or a no-op came back
+ * (then *freed is set). */
+static int handle_cqe(struct fp_ring *r, unsigned idx, int64_t res, struct fp_done *out, int *freed)
 {
     struct fp_slot *s = &r->slots[idx];
     int32_t error = 0;
 
+    if (s->failed) { /* the no-op of a failed submission: its fp_done was returned already */
+        free_slot(r, idx);
+        *freed = 1;
+        return 0;
+    }
+#ifdef FP_TESTING
     if (r->has_fault)
         res = apply_fault(r, s, res);
+#endif
     if (res == -EAGAIN || res == -EINTR) {
         /* resubmit as it was */
     } else if (s->cur_direct) {
@@ -425,44 +394,31 @@ static int handle_cqe(struct fp_ring *r, unsigned idx, int64_t res, struct fp_do
         error = (int32_t)-ret; /* no SQE for it: end the extent with that error */
         s->cur_nbytes = 0;
     }
-    out->tag = s->req.tag;
-    out->nbytes_direct = s->ndirect;
-    out->nbytes_buffered = s->done - s->ndirect;
-    out->fail_offset = s->cur_offset;
-    out->fail_nbytes = s->cur_nbytes;
-    out->error = error;
-    out->flags = s->dflags;
-    out->direct_error = s->direct_error;
-    s->in_use = 0;
-    r->in_use--;
-    r->free_slots[r->nfree++] = idx;
+    fill_done(s, error, out);
+    free_slot(r, idx);
+    *freed = 1;
     return 1;
 }
 
-/*
- * NAME
- *     fp_ring_reap - wait for extents to finish
- * SYNOPSIS
- *     int fp_ring_reap(struct fp_ring *r, unsigned min_done, int timeout_ms,
- *                      struct fp_done *out, unsigned max_out);
- * DESCRIPTION
- *     Handles completions, resubmitting short reads, EAGAIN/EINTR, the next piece of a split read
- *     and the buffered remainder of a direct read at the exact offset reached, until at least
- *     min_done extents have finished (or none is in flight), then returns the finished ones in
- *     out[0..k), k <= max_out, without waiting for more. A read error ends its extent with
- *     fp_done.error set; it is not an error of this call. A direct read refused with EINVAL, EBADF or
- *     EOPNOTSUPP is retried buffered and flagged FP_DONE_DIRECT_REFUSED. timeout_ms < 0 waits
- *     without limit. Blocks with the GIL released (cffi); keep timeout_ms short so the caller can
- *     notice signals between calls.
- * RETURN VALUE
- *     k >= 0 (possibly fewer than min_done after a timeout or a signal), or -errno.
- * ERRORS
- *     Errors of io_uring_submit_and_wait_timeout(3) other than ETIME and EINTR, returned only when no
- *     extent finished in this call.
- */
+/* Move failed-at-submission extents into out[k..max_out); returns the new k. */
+static unsigned drain_failed(struct fp_ring *r, unsigned k, struct fp_done *out, unsigned max_out)
+{
+    unsigned i = 0;
+
+    while (i < r->nfailed && k < max_out) {
+        struct fp_slot *s = &r->slots[r->failed[i++]];
+        fill_done(s, s->failed, &out[k]);
+        out[k++].flags |= FP_DONE_NOT_SUBMITTED;
+    }
+    memmove(r->failed, r->failed + i, (r->nfailed - i) * sizeof(*r->failed));
+    r->nfailed -= i;
+    return k;
+}
+
 int fp_ring_reap(struct fp_ring *r, unsigned min_done, int timeout_ms, struct fp_done *out, unsigned max_out)
 {
     unsigned k = 0;
+    int freed = 0;
     struct io_uring_cqe *cqe;
     struct __kernel_timespec ts;
     struct timespec now, deadline;
@@ -480,29 +436,32 @@ int fp_ring_reap(struct fp_ring *r, unsigned min_done, int timeout_ms, struct fp
         }
     }
     for (;;) {
+        k = drain_failed(r, k, out, max_out);
         while (k < max_out && io_uring_peek_cqe(&r->ring, &cqe) == 0) {
             unsigned idx = (unsigned)cqe->user_data;
             int64_t res = cqe->res;
             io_uring_cqe_seen(&r->ring, cqe);
             r->sqes--;
-            k += (unsigned)handle_cqe(r, idx, res, &out[k]);
+            if (idx < r->depth && r->slots[idx].in_use)
+                k += (unsigned)handle_cqe(r, idx, res, &out[k], &freed);
         }
-        if (k >= min_done || k >= max_out || r->in_use == 0) {
-            ret = io_uring_submit(&r->ring); /* resubmissions made while reaping */
-            if (ret < 0 && ret != -EAGAIN && ret != -EBUSY && ret != -EINTR && !k)
-                return ret;
-            return (int)k;
+        if (k >= min_done || k >= max_out || freed || r->in_use == 0) {
+            ret = ring_submit(r); /* resubmissions made while reaping */
+            k = drain_failed(r, k, out, max_out);
+            return k || ret >= 0 ? (int)k : ret;
         }
         r->stats.enter_waits++;
-        if (timeout_ms < 0) {
+        ret = submit_fault(r);
+        if (ret == 0 && timeout_ms < 0) {
             ret = io_uring_submit_and_wait(&r->ring, 1);
-        } else {
+        } else if (ret == 0) {
             long ns;
             clock_gettime(CLOCK_MONOTONIC, &now);
             ns = (deadline.tv_sec - now.tv_sec) * 1000000000L + (deadline.tv_nsec - now.tv_nsec);
             if (ns <= 0) {
-                io_uring_submit(&r->ring);
-                return (int)k;
+                ret = ring_submit(r);
+                k = drain_failed(r, k, out, max_out);
+                return k || ret >= 0 ? (int)k : ret;
             }
             ts.tv_sec = ns / 1000000000L;
             ts.tv_nsec = ns % 1000000000L;
@@ -510,20 +469,15 @@ int fp_ring_reap(struct fp_ring *r, unsigned min_done, int timeout_ms, struct fp
         }
         if (ret == -ETIME || ret == -EINTR)
             return (int)k;
-        if (ret < 0 && ret != -EAGAIN && ret != -EBUSY)
+        if (ret < 0 && !is_soft(ret)) {
+            fail_unsubmitted(r, -ret);
+            if (r->nfailed)
+                continue; /* report them */
             return k ? (int)k : ret;
+        }
     }
 }
 
-/*
- * NAME
- *     fp_ring_in_flight, fp_ring_stats - what the ring is doing
- * SYNOPSIS
- *     int fp_ring_in_flight(const struct fp_ring *r);
- *     int fp_ring_get_stats(const struct fp_ring *r, struct fp_ring_stats *out);
- * RETURN VALUE
- *     The number of extents taken and not yet returned by fp_ring_reap; 0 for fp_ring_get_stats.
- */
 int fp_ring_in_flight(const struct fp_ring *r)
 {
     return (int)r->in_use;
@@ -535,19 +489,6 @@ int fp_ring_get_stats(const struct fp_ring *r, struct fp_ring_stats *out)
     return 0;
 }
 
-/*
- * NAME
- *     fp_ring_close - drain and free a ring
- * SYNOPSIS
- *     int fp_ring_close(struct fp_ring *r);
- * DESCRIPTION
- *     Waits until every SQE in flight has completed (the kernel may otherwise still write into the
- *     callers' buffers after the ring is gone: ring teardown is asynchronous), discarding the results,
- *     then unregisters buffers and files, exits the ring (io_uring_queue_exit(3)), closes the duplicated
- *     descriptors and frees r. Safe to call with r == NULL. Every extent taken and not reaped is lost.
- * RETURN VALUE
- *     0.
- */
 int fp_ring_close(struct fp_ring *r)
 {
     struct io_uring_cqe *cqe;
@@ -571,20 +512,11 @@ int fp_ring_close(struct fp_ring *r)
             close(r->fds[i]);
     free(r->slots);
     free(r->free_slots);
+    free(r->failed);
     free(r);
     return 0;
 }
 
-/*
- * NAME
- *     fp_liburing_version - the liburing version this shim was compiled against
- * SYNOPSIS
- *     int fp_liburing_version(int *major, int *minor);
- * DESCRIPTION
- *     Stores IO_URING_VERSION_MAJOR/MINOR (liburing >= 2.4, <liburing/io_uring_version.h>).
- * RETURN VALUE
- *     0, or -ENOTSUP when the headers carry no version (liburing <= 2.3); ask the package manager.
- */
 int fp_liburing_version(int *major, int *minor)
 {
 #if defined(IO_URING_VERSION_MAJOR) && defined(IO_URING_VERSION_MINOR)

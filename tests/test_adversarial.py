@@ -146,13 +146,20 @@ def test_checksum_chunk_larger_than_1_gib_is_rejected(tmp_path):
         flashpack.verify(path)
 
 
-@pytest.mark.parametrize("value", ["100000", "0", "-3", "many"])
+@pytest.mark.parametrize("value", ["100000", "4097", "8192", "0", "-3", "many"])
 def test_queue_depth_out_of_range_is_named(monkeypatch, value):
     from flashpack.settings import settings
 
     monkeypatch.setenv("FLASHPACK_QUEUE_DEPTH", value)
-    with pytest.raises(ValueError, match=f"FLASHPACK_QUEUE_DEPTH='{value}': expected an integer from 1 to 32768"):
+    with pytest.raises(ValueError, match=f"FLASHPACK_QUEUE_DEPTH='{value}': expected an integer from 1 to 4096"):
         settings()
+
+
+def test_queue_depth_at_the_bound_loads_with_auto(monkeypatch, tmp_path):
+    # 4096 is the C side's bound too (native/fp_uring.h FP_MAX_QUEUE_DEPTH): auto must load, never EINVAL
+    monkeypatch.setenv("FLASHPACK_QUEUE_DEPTH", "4096")
+    flashpack.pack_to_file({"a": torch.arange(10)}, tmp_path / "q.flashpack")
+    assert torch.equal(flashpack.load(tmp_path / "q.flashpack", backend="auto")["a"], torch.arange(10))
 
 
 def test_revert_to_pt_of_sub_byte_dtypes_is_a_usage_error_naming_the_dtype(tmp_path, capsys):

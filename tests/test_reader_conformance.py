@@ -3,17 +3,22 @@ reader interface: ``open_reader``, ``Extent``, ``read_all``, ``wait``. A backend
 skipped with its probe's reason.
 
 Faults are injected per backend by :func:`inject`: for ``threads`` by patching
-``flashpack.io.base._preadv``; for ``uring`` through ``flashpack.io.uring.FAULTS`` (applied in C to
-each completion's result; the reads themselves are real). Cases C15-C18 and C22 of CASES.md.
+``flashpack.io.base._preadv``; for ``uring`` by swapping in the shim's test build (``-DFP_TESTING``,
+compiled once per session into a temporary directory by :func:`fault_build`) and setting its
+``struct fp_fault`` on each new ring (applied in C to each completion's result; the reads themselves
+are real). Cases C15-C18 and C22 of CASES.md.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import importlib.util
 import logging
 import os
 import random
+import tempfile
 import threading
 import time
 
@@ -26,6 +31,7 @@ from flashpack.io.pagecache import drop_from_cache
 
 PAGE = 4096
 BACKENDS = list(backends())
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -104,6 +110,39 @@ def no_more_threads_than(baseline: list[str], timeout_s: float = 5.0) -> list[st
     return names
 
 
+@functools.lru_cache(maxsize=None)
+def fault_build():
+    """The shim built with ``-DFP_TESTING`` (fault injection) into a temporary directory, once per
+    session; skips the calling test when it cannot be built here."""
+    spec = importlib.util.spec_from_file_location("build_uring_for_tests", os.path.join(REPO, "native", "build_uring.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    if not build.can_build():
+        return None
+    return build.build_testing_module(tempfile.mkdtemp(prefix="fp_uring_testing_"))
+
+
+def uring_faults(monkeypatch, **fault) -> object:
+    """Make every uring reader opened from now on use the test build with ``struct fp_fault`` = ``fault``
+    (fields of native/fp_uring.h; unset ones mean "no fault"). Returns the test build's module."""
+    from flashpack.io import uring
+
+    mod = fault_build()
+    if mod is None:
+        pytest.skip("the -DFP_TESTING build of the io_uring shim cannot be compiled here")
+    fields = {"direct_max_nbytes": -1, "err_offset": -1, "eof_offset": -1, **fault}
+    real_setup = uring.setup_ring
+
+    def setup_with_fault(depth):
+        ring, flags = real_setup(depth)
+        mod.lib.fp_ring_set_fault(ring, mod.ffi.new("struct fp_fault *", fields))
+        return ring, flags
+
+    monkeypatch.setattr(uring, "_uring", mod)
+    monkeypatch.setattr(uring, "setup_ring", setup_with_fault)
+    return mod
+
+
 def _is_direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
@@ -116,10 +155,8 @@ def inject(backend: str, monkeypatch, *, extent_nbytes: int = 0, max_res: int = 
     ``direct_max_nbytes`` counts per extent; for threads, extents must start at multiples of
     ``extent_nbytes``."""
     if backend == "uring":
-        from flashpack.io import uring
-        monkeypatch.setattr(uring, "FAULTS", dict(max_res=max_res, direct_max_nbytes=direct_max_nbytes,
-                                                  direct_errno=direct_errno, err_errno=err_errno,
-                                                  err_offset=err_offset, eof_offset=eof_offset))
+        uring_faults(monkeypatch, max_res=max_res, direct_max_nbytes=direct_max_nbytes, direct_errno=direct_errno,
+                     err_errno=err_errno, err_offset=err_offset, eof_offset=eof_offset)
         return []
     assert backend == "threads", backend
     real = base._preadv
@@ -425,3 +462,69 @@ def test_c22_eio_reaches_the_caller_after_every_read_finished(backend, tmp_path,
     assert open_fds() == fds
     assert len(no_more_threads_than(tasks)) <= len(tasks), (task_names(), tasks)
     assert threading.active_count() == pythreads
+
+
+# --------------------------------------------------------------------------- the protocol and open_reader
+
+
+def test_reader_satisfies_the_protocol_and_reports_what_backends_reports(backend, tmp_path):
+    from flashpack.io import Reader
+    from flashpack.settings import settings
+
+    path = tmp_path / "f.bin"
+    make_file(path, 100_000)
+    cfg = settings()
+    with open_reader(path, backend=backend, cfg=cfg) as r:
+        assert isinstance(r, Reader)
+        assert r.name == backend and r.path == str(path) and r.file_nbytes == 100_000
+        if "o_direct" in r.features or cfg.direct == "off":  # O_DIRECT not refused by this file system
+            assert r.features == backends(cfg)[backend].features
+        assert not hasattr(r, "files")  # FileHandles stay inside flashpack.io
+
+
+def test_expect_checks_the_opened_file(backend, tmp_path):
+    path = tmp_path / "f.bin"
+    make_file(path, 50_000)
+    st = os.stat(path)
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with open_reader(path, backend=backend, expect=ident) as r:
+        assert r.file_nbytes == 50_000
+    fds = open_fds()
+    with open(path, "ab") as f:
+        f.write(b"more")
+    with pytest.raises(ReadError) as ei:
+        open_reader(path, backend=backend, expect=ident)
+    assert ei.value.errno == errno.ESTALE and ei.value.filename == str(path)
+    assert ("the file was replaced, truncated or rewritten while it was being loaded (50000 bytes when its "
+            "weight map was read, 50004 bytes now; its weight map and payload would not match); load it again"
+            ) in str(ei.value)
+    assert open_fds() == fds  # nothing left open by the refused reader
+
+
+@pytest.mark.parametrize("option, value", [("queue_depth", 0), ("queue_depth", 4097), ("threads", -1)])
+def test_options_out_of_range_are_named(backend, tmp_path, option, value):
+    path = tmp_path / "f.bin"
+    make_file(path, 1000)
+    with pytest.raises(ValueError, match=f"{option}={value}: expected an integer from 1 to"):
+        open_reader(path, backend=backend, **{option: value})
+
+
+def test_queue_depth_bounds_reads_in_flight(backend, tmp_path):
+    nbytes = 64 * 4096
+    path = tmp_path / "f.bin"
+    data = make_file(path, nbytes)
+    buf = aligned(nbytes)
+    with open_reader(path, backend=backend, direct="on", queue_depth=3, threads=8) as r:
+        assert {"queue_depth=3", "threads=8"} <= r.features
+        read_all(r, split(nbytes, 4096, buf))
+    assert np.array_equal(buf, data)
+
+
+def test_c_error_turns_a_negative_return_into_oserror():
+    from flashpack.io import c_error
+
+    e = c_error(-errno.ENOENT, "opening", "/x")
+    assert isinstance(e, FileNotFoundError) and e.errno == errno.ENOENT and e.filename == "/x"
+    assert e.strerror == f"opening failed: {os.strerror(errno.ENOENT)}"
+    r = c_error(-errno.EIO, "read", "/y", ReadError)
+    assert isinstance(r, ReadError) and r.errno == errno.EIO

@@ -17,10 +17,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from flashpack.errors import BackendUnavailableError
+from flashpack.errors import BackendUnavailableError, ReadError
 from flashpack.io import Extent, backend_info, base, open_reader, read_all, resolve_backend, uring
 
-from test_reader_conformance import aligned, make_file, split
+from test_reader_conformance import aligned, make_file, open_fds, split, uring_faults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_uring = pytest.mark.skipif(not uring.probe()[0], reason=f"io_uring unavailable: {uring.probe()[1]}")
@@ -123,7 +123,7 @@ def test_features_name_what_is_active(tmp_path):
         assert {"queue_depth=5", "registered_files", "registered_buffers", "o_direct"} <= r.features
     with open_reader(path, backend="uring", direct="off", registered_files=False, registered_buffers=False) as r:
         assert not {"registered_files", "registered_buffers", "o_direct"} & r.features
-    assert any(f.startswith("queue_depth=") for f in uring.probe_features())
+    assert any(f.startswith("queue_depth=") for f in backend_info("uring").features)
 
 
 @needs_uring
@@ -297,7 +297,7 @@ def test_cached_extents_are_copied_by_threads_and_cold_ones_go_to_the_ring(tmp_p
     buf = aligned(nbytes)
     with open_reader(path, "uring", direct="auto") as r:
         read_all(r, split(nbytes, 1024 * 1024, buf))
-        assert r._pool is not None  # the copy threads served the cached extents
+        assert r._copier is not None and r._copier.stats is r.stats  # the owned ThreadsReader copied them
         assert r.stats.bytes_buffered == nbytes and r.stats.bytes_direct == 0
         assert r.ring_stats()["sqes"] == 0
     assert np.array_equal(buf, data)
@@ -310,3 +310,85 @@ def test_cached_extents_are_copied_by_threads_and_cold_ones_go_to_the_ring(tmp_p
         if r.stats.bytes_direct:  # the kernel honoured DONTNEED: the cold extents went to the ring
             assert r.ring_stats()["sqes"] > 0
     assert np.array_equal(buf2, data)
+
+
+# --------------------------------------------------------------------------- hard submit errors (test build)
+
+
+@needs_uring
+@pytest.mark.parametrize("max_res", [0, 5000], ids=["whole-reads", "resubmissions"])
+def test_hard_submit_error_loses_no_read_and_writes_no_failed_buffer(tmp_path, monkeypatch, max_res):
+    """io_uring_submit fails hard (ENXIO) on two submit calls: every extent still completes exactly once,
+    the failed ones with that errno; after an extent is reported failed its buffer never changes again
+    (its SQE became a no-op); the successful ones hold the right bytes; close returns."""
+    extent_nbytes = 64 * 1024
+    nbytes = 48 * extent_nbytes
+    path = tmp_path / "f.bin"
+    data = make_file(path, nbytes)
+    uring_faults(monkeypatch, submit_errno=errno.ENXIO, submit_fail_from=2, submit_fail_count=2, max_res=max_res)
+    fds = open_fds()
+    buf = aligned(nbytes)
+    extents = split(nbytes, extent_nbytes, buf)
+    seen: dict[int, BaseException | None] = {}
+    snapshots: dict[int, bytes] = {}
+    r = open_reader(path, backend="uring", direct="on", queue_depth=8)
+    r.submit(extents)
+    while r.in_flight:
+        for c in r.wait(timeout_s=10):
+            tag = c.extent.tag
+            assert tag not in seen, f"extent {tag} completed twice"
+            seen[tag] = c.error
+            if c.error is not None:
+                snapshots[tag] = buf[tag:tag + extent_nbytes].tobytes()
+    r.close()
+    assert sorted(seen) == [e.tag for e in extents]
+    failed = {t: e for t, e in seen.items() if e is not None}
+    assert failed and len(failed) < len(extents), len(failed)
+    for tag, err in failed.items():
+        assert isinstance(err, ReadError) and err.errno == errno.ENXIO and "io_uring submit failed" in str(err)
+        assert buf[tag:tag + extent_nbytes].tobytes() == snapshots[tag], f"extent {tag} written after it failed"
+    for tag in set(seen) - set(failed):
+        assert np.array_equal(buf[tag:tag + extent_nbytes], data[tag:tag + extent_nbytes]), tag
+    assert open_fds() == fds
+
+
+@needs_uring
+def test_finish_ignores_an_unknown_tag(tmp_path):
+    path = tmp_path / "f.bin"
+    make_file(path, 4096)
+    with open_reader(path, backend="uring") as r:
+        d = uring._uring.ffi.new("struct fp_done *", {"tag": 12345})
+        assert r._finish(d) is None
+
+
+# --------------------------------------------------------------------------- one header, one bound
+
+
+def test_cdef_comes_from_the_header_and_hides_the_test_hooks():
+    mod = _build_script()
+    text = mod.header_text()
+    plain, testing = mod.cdef_from_header(text), mod.cdef_from_header(text, testing=True)
+    directives = [line.strip() for line in plain.splitlines() if line.strip().startswith("#")]
+    assert directives and all(d.startswith("#define FP_") and d.endswith(" ...") for d in directives), directives
+    assert "#define FP_MAX_QUEUE_DEPTH ..." in plain and "struct fp_read {" in plain
+    assert "fp_ring_set_fault" not in plain and "fp_ring_set_fault" in testing
+    with pytest.raises(ValueError):
+        mod.cdef_from_header("#ifdef FP_TESTING\nint x;\n")
+    if uring._uring is not None:
+        assert not hasattr(uring._uring.lib, "fp_ring_set_fault")  # the shipped build has no fault hooks
+
+
+def test_queue_depth_bound_is_one_number(monkeypatch):
+    from flashpack.errors import SettingsError
+    from flashpack.settings import MAX_QUEUE_DEPTH, settings
+
+    mod = _build_script()
+    assert mod.header_constant("FP_MAX_QUEUE_DEPTH") == MAX_QUEUE_DEPTH == mod.settings_max_queue_depth()
+    mod.check_queue_depth_bound()
+    if uring._uring is not None:
+        assert uring._uring.lib.FP_MAX_QUEUE_DEPTH == MAX_QUEUE_DEPTH
+    monkeypatch.setenv("FLASHPACK_QUEUE_DEPTH", str(MAX_QUEUE_DEPTH))
+    assert settings().queue_depth == MAX_QUEUE_DEPTH
+    monkeypatch.setenv("FLASHPACK_QUEUE_DEPTH", "8192")
+    with pytest.raises(SettingsError, match=f"FLASHPACK_QUEUE_DEPTH='8192': expected an integer from 1 to {MAX_QUEUE_DEPTH}"):
+        settings()

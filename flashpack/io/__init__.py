@@ -1,4 +1,5 @@
-"""Reader backends: a small registry, ``backends()`` to see what runs here, ``open_reader`` to get one.
+"""Reader backends: the :class:`Reader` protocol, a small registry, ``backends()`` to see what runs here,
+``open_reader`` to get one.
 
 =============  ==============================================================================
 ``uring``      io_uring through the cffi shim in ``native/`` (needs liburing at build time and a
@@ -9,69 +10,80 @@
 ``backend="auto"`` (or ``FLASHPACK_BACKEND=auto``) takes ``uring`` when it is available, else
 ``threads`` with one log line naming why io_uring could not be used; a backend named explicitly
 never falls back: it raises :class:`~flashpack.errors.BackendUnavailableError` with the reason.
+
+The options every backend takes (``direct``, ``queue_depth``, ``threads``, ``registered_buffers``,
+``registered_files``) are listed in :mod:`flashpack.io.protocol`.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from ..errors import BackendUnavailableError
-from ..settings import settings
-from .base import Completion, Extent, Reader, ReaderStats, notice_once, read_all
+from ..settings import MAX_QUEUE_DEPTH, Settings, settings
+from . import pagecache  # noqa: F401  (flashpack.io.pagecache stays importable as an attribute)
+from .base import FileIdentity, ReaderBase, notice_once, read_all
+from .protocol import Completion, Extent, Reader, ReaderStats, c_error
+from .threads import ThreadsReader
+from .uring import UringReader
 
-#: Backend name -> module; each module has ``probe() -> (available, reason)`` and a Reader class.
-_REGISTRY = {"uring": ("flashpack.io.uring", "UringReader"), "threads": ("flashpack.io.threads", "ThreadsReader")}
+#: Backend name -> reader class. Each class has ``probe() -> (available, reason)`` and
+#: ``planned_features(cfg)``, the features an instance opened now reports.
+_REGISTRY: dict[str, type[ReaderBase]] = {cls.name: cls for cls in (UringReader, ThreadsReader)}
 #: ``auto`` tries these in order.
 AUTO_ORDER = ("uring", "threads")
 
 
 @dataclass(frozen=True)
 class BackendInfo:
+    """One backend: whether it can run here, why not (``""`` when it can), and the features a reader
+    opened now would report (empty when unavailable)."""
+
     name: str
     available: bool
     reason: str
     features: frozenset[str] = frozenset()
 
 
-def _module(name: str):
-    try:
-        return importlib.import_module(_REGISTRY[name][0]), ""
-    except ImportError as e:
-        return None, f"cannot import {_REGISTRY[name][0]}: {e}"
+def backend_info(name: str, cfg: Settings | None = None) -> BackendInfo:
+    """Probe one backend (cheap; the ``uring`` probe is cached per process).
 
+    Args:
+        name: ``uring`` or ``threads``.
+        cfg: settings read once by the caller (default: read now); they decide the planned features.
 
-def backend_info(name: str) -> BackendInfo:
-    """Probe one backend (cheap; cached by the backend module where the probe is costly)."""
-    if name not in _REGISTRY:
+    Raises:
+        BackendUnavailableError: ``name`` is not a backend.
+    """
+    cls = _REGISTRY.get(name)
+    if cls is None:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of: auto, {', '.join(_REGISTRY)}")
-    mod, why = _module(name)
-    if mod is None:
-        return BackendInfo(name, False, why)
-    ok, reason = mod.probe()
-    feats = frozenset(getattr(mod, "probe_features", lambda: frozenset())()) if ok else frozenset()
+    ok, reason = cls.probe()
+    feats = cls.planned_features(cfg if cfg is not None else settings()) if ok else frozenset()
     return BackendInfo(name, ok, reason, feats)
 
 
-def backends() -> dict[str, BackendInfo]:
+def backends(cfg: Settings | None = None) -> dict[str, BackendInfo]:
     """Every backend, with whether it can run here, why not, and its features."""
-    return {name: backend_info(name) for name in _REGISTRY}
+    cfg = cfg if cfg is not None else settings()
+    return {name: backend_info(name, cfg) for name in _REGISTRY}
 
 
-def resolve_backend(backend: str | None = None) -> str:
+def resolve_backend(backend: str | None = None, cfg: Settings | None = None) -> str:
     """Turn ``"auto"``/``None`` (or ``FLASHPACK_BACKEND``) into a backend name that can run here.
 
     Raises:
         BackendUnavailableError: a backend named explicitly cannot run; the message gives the reason.
     """
-    name = (backend or settings().backend or "auto").lower()
+    cfg = cfg if cfg is not None else settings()
+    name = (backend or cfg.backend or "auto").lower()
     if name != "auto":
-        info = backend_info(name)
+        info = backend_info(name, cfg)
         if not info.available:
             raise BackendUnavailableError(f"backend {name!r} is unavailable: {info.reason}")
         return name
     for cand in AUTO_ORDER:
-        info = backend_info(cand)
+        info = backend_info(cand, cfg)
         if info.available:
             return cand
         if cand == "uring":
@@ -79,28 +91,28 @@ def resolve_backend(backend: str | None = None) -> str:
     raise BackendUnavailableError("no reader backend can run here")  # pragma: no cover - threads always can
 
 
-def open_reader(path, backend: str | None = None, *, expect=None, cfg=None, **options) -> Reader:
+def open_reader(path, backend: str | None = None, *, expect: FileIdentity | None = None,
+                cfg: Settings | None = None, **options) -> Reader:
     """Open ``path`` with a backend (``auto``, ``uring`` or ``threads``).
 
+    Args:
+        path: the file.
+        backend: a backend name, ``"auto"``, or ``None`` for ``cfg.backend``.
+        expect: ``None``, or ``(st_dev, st_ino, st_size, st_mtime_ns)`` that the opened descriptor must
+            still have (taken when the weight map was read).
+        cfg: settings read once by the caller; ``None`` reads them once now.
+        options: ``direct``, ``queue_depth``, ``threads``, ``registered_buffers``, ``registered_files``
+            (see :mod:`flashpack.io.protocol`).
+
     Raises:
-        BackendUnavailableError, OSError; ReadError (ESTALE) when ``expect`` is not the opened file's identity.
+        BackendUnavailableError: the backend named cannot run here.
+        OSError: the file cannot be opened.
+        ReadError: ``ESTALE``, the opened file is not ``expect`` (replaced, truncated or rewritten).
+        ValueError: an option is out of range. TypeError: an unknown option.
     """
-    name = resolve_backend(backend)
-    mod, _ = _module(name)
-    reader = getattr(mod, _REGISTRY[name][1])(path, **options)
-    if expect is not None:
-        from ..source import check_same_file  # TEMPORARY until the io rework lands
-
-        class _W:
-            file_id = expect
-            path = reader.path
-        try:
-            check_same_file(_W, reader.files.fd)
-        except BaseException:
-            reader.close()
-            raise
-    return reader
+    cfg = cfg if cfg is not None else settings()
+    return _REGISTRY[resolve_backend(backend, cfg)](path, cfg=cfg, expect=expect, **options)
 
 
-__all__ = ["BackendInfo", "Completion", "Extent", "Reader", "ReaderStats", "backend_info", "backends",
-           "open_reader", "read_all", "resolve_backend"]
+__all__ = ["AUTO_ORDER", "BackendInfo", "Completion", "Extent", "FileIdentity", "MAX_QUEUE_DEPTH", "Reader",
+           "ReaderStats", "backend_info", "backends", "c_error", "open_reader", "read_all", "resolve_backend"]

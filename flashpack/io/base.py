@@ -1,19 +1,14 @@
-"""The reader interface every backend implements, and the file handling they share.
-
-A reader reads *extents* (a byte range of the file into a caller-owned writable buffer). The protocol:
-
-* ``submit(extents)`` queues extents; it does not block on I/O.
-* ``wait(timeout_s=None)`` blocks until at least one submitted extent is finished and returns the
-  finished ones as :class:`Completion` (``error`` is ``None`` or the exception for that extent); it
-  returns ``[]`` at once when nothing is in flight.
-* ``close()`` drains every in-flight read, then releases threads, rings and descriptors; idempotent.
-* ``features``: named capabilities that are active (``"o_direct"``, ``"registered_buffers"``, ...).
+"""What the backends share: the file handles (a buffered descriptor and an O_DIRECT one), the
+synchronous extent read, :class:`ReaderBase` (options, stats, file identity, close), and :func:`read_all`.
 
 Every extent is read completely or fails: short reads are resumed at the exact offset, an unaligned
 tail is read on the buffered descriptor (never resubmitted with O_DIRECT), and when O_DIRECT is
 refused at open (EINVAL: tmpfs before Linux 6.6, eCryptFS, old ZFS) or at read time (EINVAL/EBADF:
 overlayfs over squashfs) the bytes are read buffered instead. See open(2), "O_DIRECT" for the
 alignment rules: file offset, length and buffer address multiples of the logical block size; 4096 here.
+
+The protocol itself (and :class:`Extent`, :class:`Completion`, :class:`ReaderStats`) is in
+:mod:`flashpack.io.protocol`; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,12 +19,18 @@ import errno
 import logging
 import os
 import threading
-from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import ClassVar, Iterable
 
 from ..errors import ReadError, short_read_error
-from ..settings import PAGE_NBYTES
+from ..settings import MAX_QUEUE_DEPTH, PAGE_NBYTES, Settings, settings
+from ..source import check_identity
 from . import pagecache
+from .protocol import Completion, Extent, Reader, ReaderStats, c_error  # noqa: F401  (re-exported)
+
+#: ``expect=`` of :func:`flashpack.io.open_reader`: (st_dev, st_ino, st_size, st_mtime_ns).
+FileIdentity = tuple[int, int, int, int]
+#: The most worker threads one reader may start (as ``FLASHPACK_THREADS`` allows).
+MAX_THREADS = 4096
 
 log = logging.getLogger("flashpack")
 
@@ -60,46 +61,6 @@ def buffer_address(mv: memoryview) -> int:
     if mv.nbytes == 0:
         return 0
     return ctypes.addressof(ctypes.c_char.from_buffer(mv))
-
-
-@dataclass(eq=False)
-class Extent:
-    """Read ``nbytes`` bytes at file byte ``file_offset`` into ``dest[:nbytes]``.
-
-    ``dest`` is a writable C-contiguous buffer that the caller keeps alive and untouched until the
-    extent's completion is returned. ``tag`` is the caller's, returned unchanged.
-    """
-
-    file_offset: int
-    nbytes: int
-    dest: memoryview
-    tag: Any = None
-
-
-@dataclass(eq=False)
-class Completion:
-    extent: Extent
-    error: BaseException | None = None
-
-
-@dataclass
-class ReaderStats:
-    """Byte counts of one reader; ``bytes_read`` is what came from the file for this load."""
-
-    bytes_direct: int = 0
-    bytes_buffered: int = 0
-    extents: int = 0
-    direct_fallbacks: int = 0
-
-    @property
-    def bytes_read(self) -> int:
-        return self.bytes_direct + self.bytes_buffered
-
-    def add(self, other: "ReaderStats") -> None:
-        self.bytes_direct += other.bytes_direct
-        self.bytes_buffered += other.bytes_buffered
-        self.extents += other.extents
-        self.direct_fallbacks += other.direct_fallbacks
 
 
 class FileHandles:
@@ -242,57 +203,104 @@ def collect_futures(pending: "dict[cf.Future, Extent]", timeout_s: float | None,
     return out
 
 
-class Reader:
-    """Base class of the backends: holds the :class:`FileHandles` and the stats.
+def check_count(option: str, value: int, most: int) -> int:
+    """``value`` as an int if it is from 1 to ``most``.
 
-    Subclasses implement ``submit``, ``wait``, ``in_flight`` and ``_close``. Not thread-safe: one
-    thread drives a reader (the backends use their own threads or ring internally).
+    Raises:
+        ValueError: it is not (the message names ``option``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(f"{option}={value!r}: expected an integer from 1 to {most}")
+    return value
+
+
+def common_features(direct: bool, queue_depth: int, threads: int) -> frozenset[str]:
+    """The features every backend reports, from whether O_DIRECT is in use and the two counts."""
+    return frozenset({"o_direct" if direct else "buffered", f"queue_depth={queue_depth}", f"threads={threads}"})
+
+
+class ReaderBase:
+    """The shared half of every backend: options, :class:`FileHandles`, stats, identity check, close.
+
+    Args:
+        path: the file.
+        cfg: settings read once by the caller (default: :func:`flashpack.settings.settings` now).
+        direct: ``auto``/``on``/``off`` (default ``cfg.direct``).
+        queue_depth: extents in flight at once, 1 to ``MAX_QUEUE_DEPTH`` (default ``cfg.queue_depth``).
+        threads: worker threads, 1 to ``MAX_THREADS`` (default ``cfg.threads``).
+        expect: ``None``, or the (st_dev, st_ino, st_size, st_mtime_ns) the opened file must have.
+
+    Raises:
+        OSError: the file cannot be opened (errno and filename set).
+        ReadError: ``ESTALE``, the opened file is not ``expect``.
+        ValueError: ``queue_depth`` or ``threads`` out of range.
+
+    Subclasses implement ``submit``, ``wait``, ``in_flight``, ``cancel_pending``, ``_close`` and
+    ``planned_features``. Not thread-safe: one thread drives a reader.
     """
 
     name: ClassVar[str] = "?"
 
-    def __init__(self, path: str | os.PathLike, *, direct: str = "auto"):
-        self.files = FileHandles(path, direct)
-        self.stats = ReaderStats()
+    def __init__(self, path: str | os.PathLike, *, cfg: Settings | None = None, direct: str | None = None,
+                 queue_depth: int | None = None, threads: int | None = None, expect: FileIdentity | None = None):
+        cfg = cfg if cfg is not None else settings()
+        queue_depth = check_count("queue_depth", cfg.queue_depth if queue_depth is None else queue_depth,
+                                  MAX_QUEUE_DEPTH)
+        threads = check_count("threads", cfg.threads if threads is None else threads, MAX_THREADS)
+        files = FileHandles(path, direct or cfg.direct)
+        if expect is not None:
+            try:
+                check_identity(files.fd, expect, files.path)
+            except BaseException:
+                files.close()
+                raise
+        self._init_shared(files, ReaderStats(), queue_depth, threads, owns_files=True)
+
+    def _init_shared(self, files: FileHandles, stats: ReaderStats, queue_depth: int, threads: int, *,
+                     owns_files: bool) -> None:
+        """Set the shared state; from here on :meth:`close` releases it (the files if ``owns_files``)."""
+        self.queue_depth = check_count("queue_depth", queue_depth, MAX_QUEUE_DEPTH)
+        self.threads = check_count("threads", threads, MAX_THREADS)
+        self.stats = stats
+        self._files = files
+        self._owns_files = owns_files
         self._closed = False
+
+    @classmethod
+    def probe(cls) -> tuple[bool, str]:
+        """Whether this backend can run here, and if not why and how to fix it."""
+        return True, ""
+
+    @classmethod
+    def planned_features(cls, cfg: Settings) -> frozenset[str]:
+        """The features a reader opened now with ``cfg`` reports, when nothing is refused at open."""
+        return common_features(cfg.direct != "off", cfg.queue_depth, cfg.threads)
 
     @property
     def path(self) -> str:
-        return self.files.path
+        return self._files.path
 
     @property
     def file_nbytes(self) -> int:
-        return self.files.file_nbytes
+        return self._files.file_nbytes
 
     @property
     def features(self) -> frozenset[str]:
-        return frozenset({"o_direct"} if self.files.direct_fd >= 0 else {"buffered"})
-
-    def submit(self, extents: Iterable[Extent]) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def wait(self, timeout_s: float | None = None) -> list[Completion]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    @property
-    def in_flight(self) -> int:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def cancel_pending(self) -> None:
-        """Drop submitted extents that have not started; they complete with an error. Optional."""
+        return common_features(self._files.direct_fd >= 0, self.queue_depth, self.threads)
 
     def _close(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def close(self) -> None:
         """Drain in-flight reads, release everything; safe to call twice."""
-        if self._closed:
+        if getattr(self, "_closed", True):
             return
         self._closed = True
         try:
             self._close()
         finally:
-            self.files.close()
+            if self._owns_files:
+                self._files.close()
 
     def __enter__(self):
         return self
@@ -309,7 +317,7 @@ class Reader:
 
 def read_all(reader: Reader, extents: Iterable[Extent], on_complete=None) -> None:
     """Submit every extent, wait for all, call ``on_complete(extent)`` for each finished one in the
-    calling thread, and after *all* reads have finished raise the first error (case C22).
+    calling thread, and after *all* reads have finished raise the first error.
 
     ``on_complete`` may raise (a checksum mismatch): the remaining reads are still drained first.
     """

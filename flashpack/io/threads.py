@@ -2,65 +2,99 @@
 
 Each worker reads one whole extent at a time (:func:`flashpack.io.base.read_extent`): O_DIRECT into
 the destination for cold, aligned ranges, buffered for cached ranges and tails. ``os.preadv``
-releases the GIL, so the workers' reads overlap with each other and with the caller's work.
+releases the GIL, so the workers' reads overlap with each other and with the caller's work. At most
+``queue_depth`` extents are handed to the ``threads`` workers at once; the rest wait in a queue.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+from collections import deque
 from typing import Iterable
 
-from ..settings import settings
-from .base import Completion, Extent, Reader, ReaderStats, collect_futures, read_extent
+from .base import Completion, Extent, FileHandles, ReaderBase, ReaderStats, collect_futures, read_extent
 
 
-def probe() -> tuple[bool, str]:
-    """Always available: it needs only ``os.preadv`` (Linux, Python >= 3.7)."""
-    return (hasattr(os, "preadv"), "os.preadv is missing on this platform" if not hasattr(os, "preadv") else "")
+class ThreadsReader(ReaderBase):
+    """Reads extents of one file with a pool of worker threads.
 
-
-class ThreadsReader(Reader):
-    """Args: ``path``; ``direct`` (``auto``/``on``/``off``); ``threads`` workers (also the queue depth).
+    Args:
+        path, cfg, direct, queue_depth, threads, expect: see :class:`~flashpack.io.base.ReaderBase`
+            (``threads``: worker threads; ``queue_depth``: extents handed to them at once).
+        registered_buffers, registered_files: accepted and ignored (io_uring only), so one set of
+            options suits every backend.
 
     Raises:
-        OSError: the file cannot be opened.
+        OSError: the file cannot be opened. ReadError (``ESTALE``): it is not ``expect``.
+        ValueError: an option is out of range.
     """
 
     name = "threads"
 
-    def __init__(self, path, *, direct: str | None = None, threads: int | None = None, queue_depth: int | None = None):
-        cfg = settings()
-        super().__init__(path, direct=direct or cfg.direct)
-        self.threads = threads or queue_depth or cfg.threads
-        self._pool = cf.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="flashpack-read")
-        self._pending: dict[cf.Future, Extent] = {}
+    def __init__(self, path, *, registered_buffers: bool | None = None, registered_files: bool | None = None,
+                 **options):
+        self._start()
+        super().__init__(path, **options)
 
-    @property
-    def features(self) -> frozenset[str]:
-        return super().features | {f"threads={self.threads}"}
+    @classmethod
+    def sharing(cls, files: FileHandles, stats: ReaderStats, *, queue_depth: int, threads: int) -> "ThreadsReader":
+        """A reader over another reader's open ``files`` that adds to its ``stats`` (the ``uring``
+        backend's page-cache copier). Closing it leaves ``files`` open."""
+        self = cls.__new__(cls)
+        self._start()
+        self._init_shared(files, stats, queue_depth, threads, owns_files=False)
+        return self
+
+    def _start(self) -> None:
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._queue: deque[Extent] = deque()
+        self._pending: dict[cf.Future, Extent] = {}
+        self._cancelled: list[Completion] = []
+
+    @classmethod
+    def probe(cls) -> tuple[bool, str]:
+        """Available wherever ``os.preadv`` exists (Linux, Python >= 3.7)."""
+        return (True, "") if hasattr(os, "preadv") else (False, "os.preadv is missing on this platform")
 
     def _work(self, ext: Extent) -> ReaderStats:
         st = ReaderStats()
-        read_extent(self.files, ext, st)
+        read_extent(self._files, ext, st)
         return st
 
-    def submit(self, extents: Iterable[Extent]) -> None:
-        for ext in extents:
+    def _fill(self) -> None:
+        while self._queue and len(self._pending) < self.queue_depth:
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="flashpack-read")
+            ext = self._queue.popleft()
             self._pending[self._pool.submit(self._work, ext)] = ext
+
+    def submit(self, extents: Iterable[Extent]) -> None:
+        if self._closed:
+            raise ValueError("submit on a closed reader")
+        self._queue.extend(extents)
+        self._fill()
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._queue) + len(self._pending) + len(self._cancelled)
 
     def wait(self, timeout_s: float | None = None) -> list[Completion]:
-        return collect_futures(self._pending, timeout_s, self.stats)
+        out, self._cancelled = self._cancelled, []
+        out += collect_futures(self._pending, 0 if out else timeout_s, self.stats)
+        self._fill()
+        return out
 
     def cancel_pending(self) -> None:
+        err = cf.CancelledError("read cancelled after an earlier error")
+        self._cancelled.extend(Completion(ext, err) for ext in self._queue)
+        self._queue.clear()
         for fut in self._pending:
             fut.cancel()
 
     def _close(self) -> None:
         self.cancel_pending()
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # every read finished before the buffers go back
         self._pending.clear()
+        self._cancelled = []

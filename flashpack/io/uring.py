@@ -12,6 +12,11 @@ notice; registered files refused are dropped silently; O_DIRECT refused at open 
 back to buffered reads (:class:`~flashpack.io.base.FileHandles`). Only when the ring itself cannot be
 made is the backend unavailable, and :func:`probe` says why and how to fix it.
 
+Extents whose pages are already cached go to a :class:`~flashpack.io.threads.ThreadsReader` this reader
+owns (``threads`` workers over the same descriptors): a buffered io_uring read of cached pages
+completes inline in the one submitting thread, which caps a warm load at one core's copy speed
+(3.5 GiB/s against 11.6 GiB/s for 4 threads, measured on an H200 host).
+
 Requires Linux >= 5.6 (IORING_OP_READ) and liburing at build time.
 """
 
@@ -27,8 +32,11 @@ from collections import deque
 from typing import Iterable
 
 from ..errors import BackendUnavailableError, ReadError, short_read_error
-from ..settings import GiB, settings
-from .base import Completion, Extent, Reader, ReaderStats, buffer_address, collect_futures, notice_once, read_extent
+from ..settings import GiB, Settings
+from ..settings import settings as _settings
+from .base import Completion, Extent, ReaderBase, buffer_address, common_features, notice_once
+from .protocol import c_error
+from .threads import ThreadsReader
 
 try:
     from .. import _uring
@@ -52,11 +60,6 @@ REAP_SLICE_MS = 200
 POOL_MIN_NBYTES = 1024 * 1024
 #: How often wait() looks at the copy threads while the ring also has reads in flight.
 POOL_POLL_MS = 2
-
-#: Test hook: while not ``None``, every new ring rewrites read results as this says; keys are the
-#: fields of ``struct fp_fault`` in native/fp_uring.c (max_res, direct_max_nbytes, direct_errno,
-#: err_errno, err_offset, eof_offset). Reads are real; only their reported results change.
-FAULTS: dict | None = None
 
 _probe_cache: tuple[bool, str] | None = None
 _probe_flags: dict = {}
@@ -85,7 +88,7 @@ def setup_ring(depth: int):
     out = ffi.new("struct fp_ring **")
     rc = lib.fp_ring_open(depth, lib.FP_SETUP_COOP_TASKRUN, out)
     if rc < 0:
-        raise OSError(-rc, f"io_uring_setup failed: {os.strerror(-rc)}")
+        raise c_error(rc, "io_uring_setup")
     return ffi.gc(out[0], lib.fp_ring_close), rc
 
 
@@ -156,37 +159,37 @@ def reset_probe() -> None:
     _probe_flags.clear()
 
 
-def probe_features() -> set[str]:
-    """Features a reader opened now would try: from the settings and what the probe ring accepted."""
-    cfg = settings()
-    feats = {f"queue_depth={cfg.queue_depth}"}
-    if cfg.direct != "off":
-        feats.add("o_direct")
+def planned_features(cfg: Settings) -> frozenset[str]:
+    """What a :class:`UringReader` opened now with ``cfg`` reports when nothing is refused at open: the
+    common features plus what the probe ring accepted (``registered_files``, ``coop_taskrun``)."""
+    feats = set(common_features(cfg.direct != "off", cfg.queue_depth, cfg.threads))
     if cfg.uring_files and _probe_flags.get("registered_files"):
         feats.add("registered_files")
     if cfg.uring_buffers:
         feats.add("registered_buffers")
     if _probe_flags.get("coop_taskrun"):
         feats.add("coop_taskrun")
-    return feats
+    return frozenset(feats)
 
 
-class UringReader(Reader):
+class UringReader(ReaderBase):
     """Reads extents of one file through an io_uring ring.
 
     Args:
-        path: the file.
-        direct: ``auto``/``on``/``off`` (default ``FLASHPACK_DIRECT``).
-        queue_depth: extents in flight (default ``FLASHPACK_QUEUE_DEPTH``).
+        path, cfg, direct, expect: see :class:`~flashpack.io.base.ReaderBase`.
+        queue_depth: extents in flight at once: the ring's request slots plus the extents being copied
+            out of the page cache (default ``FLASHPACK_QUEUE_DEPTH``, at most ``MAX_QUEUE_DEPTH``).
+        threads: worker threads of the owned :class:`~flashpack.io.threads.ThreadsReader` that copies
+            extents whose pages are cached (default ``FLASHPACK_THREADS``); started on first use.
         registered_buffers: register destination buffers for READ_FIXED (default
             ``FLASHPACK_URING_BUFFERS``). A registered buffer's owner is kept alive, pinned, until
             :meth:`close`; buffers longer than 1 GiB are registered in 1 GiB windows.
         registered_files: register the descriptors with the ring (default ``FLASHPACK_URING_FILES``).
-        threads: accepted and ignored, so one set of options suits every backend.
 
     Raises:
         BackendUnavailableError: no ring can be made here (the message says why and what to do).
-        OSError: the file cannot be opened.
+        OSError: the file cannot be opened. ReadError (``ESTALE``): it is not ``expect``.
+        ValueError: an option is out of range.
 
     Notes:
         Not thread-safe: one thread drives a reader. Destinations must be writable, C-contiguous and
@@ -195,65 +198,66 @@ class UringReader(Reader):
 
     name = "uring"
     _ring = None
+    _copier: ThreadsReader | None = None
 
-    def __init__(self, path, *, direct: str | None = None, queue_depth: int | None = None,
-                 registered_buffers: bool | None = None, registered_files: bool | None = None,
-                 threads: int | None = None):
-        cfg = settings()
-        super().__init__(path, direct=direct or cfg.direct)
-        self.queue_depth = int(queue_depth or cfg.queue_depth)
+    def __init__(self, path, *, cfg: Settings | None = None, registered_buffers: bool | None = None,
+                 registered_files: bool | None = None, **options):
+        ok, reason = probe()  # before opening the file: an unavailable backend costs no descriptor
+        if not ok:
+            raise BackendUnavailableError(f"backend 'uring' is unavailable: {reason}")
+        cfg = cfg if cfg is not None else _settings()
         self._queue: deque[Extent] = deque()
         self._active: dict[int, Extent] = {}
-        # Extents served from the page cache are copied by a few threads: a buffered io_uring read of
-        # cached pages completes inline in the one submitting thread, which caps a warm load at one
-        # core's copy speed (3.5 GiB/s against 11.6 GiB/s for 4 threads, measured on an H200 host).
-        self._threads = int(threads or cfg.threads)
-        self._pool: cf.ThreadPoolExecutor | None = None
-        self._copies: dict[cf.Future, Extent] = {}
         self._cancelled: list[Completion] = []
         self._next_tag = 0
         self._fixed: dict[tuple[int, int], tuple[int, memoryview] | None] = {}
         self._fixed_nbytes = 0
         self._use_fixed = False
         self._fixed_files = False
+        self._coop = False
+        super().__init__(path, cfg=cfg, **options)
         try:
-            ok, reason = probe()
-            if not ok:
-                raise BackendUnavailableError(f"backend 'uring' is unavailable: {reason}")
             ffi, lib = _uring.ffi, _uring.lib
             try:
-                self._ring, _ = setup_ring(self.queue_depth)
+                self._ring, flags = setup_ring(self.queue_depth)
             except OSError as e:
                 raise BackendUnavailableError(
                     f"backend 'uring' is unavailable: {_setup_refused_reason(e.errno or errno.EIO, io_uring_disabled())}"
                 ) from e
-            rc = lib.fp_ring_set_files(self._ring, self.files.direct_fd, self.files.fd,
+            self._coop = bool(flags & lib.FP_SETUP_COOP_TASKRUN)
+            rc = lib.fp_ring_set_files(self._ring, self._files.direct_fd, self._files.fd,
                                        int(cfg.uring_files if registered_files is None else registered_files))
             if rc < 0:
-                raise OSError(-rc, f"cannot give {self.path} to the io_uring ring: {os.strerror(-rc)}", self.path)
+                raise c_error(rc, f"giving {self.path} to the io_uring ring", self.path)
             self._fixed_files = rc == 1
             if cfg.uring_buffers if registered_buffers is None else registered_buffers:
                 rc = lib.fp_ring_buffers_init(self._ring, FIXED_BUFFER_SLOTS)
                 self._use_fixed = rc == 0
                 if rc < 0:
                     log.debug("flashpack: io_uring buffer table refused (%s); no registered buffers", os.strerror(-rc))
-            if FAULTS is not None:
-                fault = ffi.new("struct fp_fault *", {"direct_max_nbytes": -1, "err_offset": -1, "eof_offset": -1,
-                                                      **FAULTS})
-                lib.fp_ring_set_fault(self._ring, fault)
             self._reqs = ffi.new("struct fp_read[]", self.queue_depth)
             self._dones = ffi.new("struct fp_done[]", self.queue_depth)
         except BaseException:
             self.close()
             raise
 
+    @classmethod
+    def probe(cls) -> tuple[bool, str]:
+        return probe()
+
+    @classmethod
+    def planned_features(cls, cfg: Settings) -> frozenset[str]:
+        return planned_features(cfg)
+
     @property
     def features(self) -> frozenset[str]:
-        feats = set(super().features) | {f"queue_depth={self.queue_depth}"}
+        feats = set(super().features)
         if self._fixed_files:
             feats.add("registered_files")
         if self._use_fixed:
             feats.add("registered_buffers")
+        if self._coop:
+            feats.add("coop_taskrun")
         return frozenset(feats)
 
     # ------------------------------------------------------------------ registered buffers
@@ -306,12 +310,25 @@ class UringReader(Reader):
         self._queue.extend(extents)
         self._pump()
 
+    def _copying(self) -> int:
+        return 0 if self._copier is None else self._copier.in_flight
+
+    def _ring_busy(self) -> bool:
+        """Whether the ring holds anything: extents in flight, or no-ops of failed submissions."""
+        return self._ring is not None and _uring.lib.fp_ring_in_flight(self._ring) > 0
+
+    def _copy(self, ext: Extent) -> None:
+        if self._copier is None:
+            self._copier = ThreadsReader.sharing(self._files, self.stats, queue_depth=self.queue_depth,
+                                                 threads=self.threads)
+        self._copier.submit([ext])
+
     def _pump(self) -> None:
-        """Hand queued extents to free ring slots (never blocks)."""
+        """Hand queued extents to free ring slots or to the copier (never blocks)."""
         lib = _uring.lib
         k = 0
         taken: list[Extent] = []
-        while self._queue and len(self._active) + len(self._copies) + k < self.queue_depth:
+        while self._queue and len(self._active) + self._copying() + k < self.queue_depth:
             ext = self._queue.popleft()
             try:
                 mv = ext.dest if ext.dest.nbytes == ext.nbytes else ext.dest[: ext.nbytes]
@@ -323,9 +340,9 @@ class UringReader(Reader):
                 self._cancelled.append(Completion(ext, ValueError(f"bad extent at byte offset {ext.file_offset} "
                                                                   f"of {self.path}: {e}")))
                 continue
-            direct = self.files.use_direct(ext.file_offset, ext.nbytes, addr)
+            direct = self._files.use_direct(ext.file_offset, ext.nbytes, addr)
             if not direct and ext.nbytes >= POOL_MIN_NBYTES:
-                self._copy_in_pool(ext)
+                self._copy(ext)
                 continue
             req = self._reqs[k]
             req.tag = self._next_tag
@@ -345,79 +362,80 @@ class UringReader(Reader):
         if not k:
             return
         rc = lib.fp_ring_submit(self._ring, k, self._reqs)
-        if rc < 0:
-            err = ReadError(-rc, f"io_uring submit failed: {os.strerror(-rc)}", self.path)
+        if rc < 0:  # none was taken (fp_ring_submit never leaves a prepared SQE behind a negative return)
+            err = c_error(rc, "io_uring submit", self.path, ReadError)
             self._cancelled.extend(Completion(ext, err) for ext in taken)
             return
         for i, ext in enumerate(taken[:rc]):
             self._active[self._reqs[i].tag] = ext
-        self._queue.extendleft(reversed(taken[rc:]))  # no free slot after all (cannot happen): retry later
+        self._queue.extendleft(reversed(taken[rc:]))  # slots still busy with failed submissions: later
 
     @property
     def in_flight(self) -> int:
-        return len(self._queue) + len(self._active) + len(self._copies) + len(self._cancelled)
-
-    def _copy_in_pool(self, ext: Extent) -> None:
-        if self._pool is None:
-            self._pool = cf.ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="flashpack-copy")
-
-        def work() -> ReaderStats:
-            st = ReaderStats()
-            read_extent(self.files, ext, st)
-            return st
-
-        self._copies[self._pool.submit(work)] = ext
-
-    def _collect_copies(self, timeout_s: float | None) -> list[Completion]:
-        return collect_futures(self._copies, timeout_s, self.stats)
+        return len(self._queue) + len(self._active) + self._copying() + len(self._cancelled)
 
     def wait(self, timeout_s: float | None = None) -> list[Completion]:
         out, self._cancelled = self._cancelled, []
-        if self._closed or not self._active:
+        if not self._closed:
             self._pump()
-            if not self._active:
-                if not out and self._copies:
-                    out = self._collect_copies(timeout_s)
-                    self._pump()
-                return out
+        if self._closed or not self._ring_busy():
+            if not out and self._copying():
+                out = self._copier.wait(timeout_s)
+                self._pump()
+            out.extend(self._cancelled)
+            self._cancelled = []
+            return out
         lib = _uring.lib
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            out.extend(self._collect_copies(0))
+            if self._copying():
+                out.extend(self._copier.wait(0))
             if out:
                 slice_ms, min_done = 0, 0  # collect what is ready, do not block
-            elif deadline is None:
-                slice_ms, min_done = (POOL_POLL_MS if self._copies else REAP_SLICE_MS), 1
             else:
-                slice_ms, min_done = max(0, min(POOL_POLL_MS if self._copies else REAP_SLICE_MS,
-                                                int((deadline - time.monotonic()) * 1000))), 1
+                slice_ms, min_done = (POOL_POLL_MS if self._copying() else REAP_SLICE_MS), 1
+                if deadline is not None:
+                    slice_ms = max(0, min(slice_ms, int((deadline - time.monotonic()) * 1000)))
             n = lib.fp_ring_reap(self._ring, min_done, slice_ms, self._dones, self.queue_depth)
             if n < 0:
-                raise ReadError(-n, f"io_uring wait failed: {os.strerror(-n)}", self.path)
+                raise c_error(n, "io_uring wait", self.path, ReadError)
             for i in range(n):
-                out.append(self._finish(self._dones[i]))
+                c = self._finish(self._dones[i])
+                if c is not None:
+                    out.append(c)
             self._pump()
-            if out or (deadline is not None and time.monotonic() >= deadline) or not (self._active or self._copies):
+            if (out or self._cancelled or (deadline is not None and time.monotonic() >= deadline)
+                    or not (self._ring_busy() or self._copying())):
                 out.extend(self._cancelled)
                 self._cancelled = []
                 return out
 
-    def _finish(self, d) -> Completion:
-        ext = self._active.pop(d.tag)
+    def _finish(self, d) -> Completion | None:
+        """The completion for one fp_done record; ``None`` (logged) for a tag this reader never gave."""
+        ext = self._active.pop(d.tag, None)
+        if ext is None:
+            log.debug("flashpack: io_uring completion for unknown tag %d on %s ignored", d.tag, self.path)
+            return None
+        lib = _uring.lib
         st = self.stats
         st.extents += 1
         st.bytes_direct += d.nbytes_direct
         st.bytes_buffered += d.nbytes_buffered
-        if d.flags & _uring.lib.FP_DONE_DIRECT_REFUSED:
+        if d.flags & lib.FP_DONE_DIRECT_REFUSED:
             st.direct_fallbacks += 1
-            if self.files.direct_fd >= 0:
-                self.files.drop_direct(os.strerror(d.direct_error))
+            if self._files.direct_fd >= 0:
+                self._files.drop_direct(os.strerror(d.direct_error))
+        if d.error and d.flags & lib.FP_DONE_NOT_SUBMITTED:
+            return Completion(ext, ReadError(
+                d.error, f"io_uring submit failed: {os.strerror(d.error)} (extent of {ext.nbytes} bytes at byte "
+                         f"offset {ext.file_offset}, {d.nbytes_direct + d.nbytes_buffered} bytes read before)",
+                self.path))
         if d.error:
             return Completion(ext, ReadError(
                 d.error, f"read of {d.fail_nbytes} bytes at byte offset {d.fail_offset} failed: "
                          f"{os.strerror(d.error)} (extent of {ext.nbytes} bytes at byte offset {ext.file_offset})",
                 self.path))
-        if d.flags & _uring.lib.FP_DONE_SHORT:
+        if d.flags & lib.FP_DONE_SHORT:
             return Completion(ext, short_read_error(self.path, ext.file_offset, ext.nbytes,
                                                     d.nbytes_direct + d.nbytes_buffered))
         return Completion(ext)
@@ -426,8 +444,8 @@ class UringReader(Reader):
         err = cf.CancelledError("read cancelled after an earlier error")
         self._cancelled.extend(Completion(ext, err) for ext in self._queue)
         self._queue.clear()
-        for fut in self._copies:
-            fut.cancel()
+        if self._copier is not None:
+            self._copier.cancel_pending()
 
     def ring_stats(self) -> dict[str, int]:
         """SQEs prepared, resubmissions and blocking waits of this reader's ring so far."""
@@ -439,11 +457,8 @@ class UringReader(Reader):
 
     def _close(self) -> None:
         self._queue.clear()
-        if self._pool is not None:
-            for fut in self._copies:
-                fut.cancel()
-            self._pool.shutdown(wait=True)  # every copy finished before the buffers go back
-            self._copies.clear()
+        if self._copier is not None:
+            self._copier.close()  # every copy finished before the buffers go back
         ring, self._ring = self._ring, None
         if ring is not None:
             _uring.ffi.release(ring)  # fp_ring_close: waits for every read in flight, then frees
