@@ -90,7 +90,7 @@ def child(args) -> int:
                 "resident_before": min(resident) if resident else None, "touch_checksum": touched,
                 "dtype": str(next(model.parameters()).dtype), "training": model.training, "meta_params": len(meta)}
 
-    return C.child_guard(body)
+    return C.child_main(body)
 
 
 # --------------------------------------------------------------------------- parent: preparing the folders
