@@ -1,16 +1,26 @@
-"""Shared pieces of the perf scripts: environment header, synthetic state_dicts, cache dropping, units,
-a subprocess runner that reports per-child peak RSS, and summaries.
+"""What every perf script shares: units, byte sizes, page-cache control, the filesystem under a path,
+synthetic state_dicts, one load per fresh subprocess, summaries, and the environment header.
 
-Units (STYLE.md habit 6): ``Gbps`` is 10^9 bits per second (:data:`GBPS_BITS_PER_S`, defined here and
-only here); ``GiB/s`` is 2^30 bytes per second. Every script reports both side by side. Times are in
+Units (STYLE.md habit 6): ``Gbps`` is 10^9 bits per second (:func:`gbps`); ``GiB/s`` is 2^30 bytes per
+second (:func:`gibps`). Scripts report both side by side. Sizes are parsed by
+``flashpack.settings.parse_nbytes`` (``4096``, ``64K``, ``16M``, ``2G``: powers of 1024); times are in
 seconds (``*_s``), sizes in bytes (``*_nbytes``).
 
-This module never imports ``flashpack`` at import time, so a child running in another virtualenv
-(fal's flashpack in ``.venv-peers``) can import it.
+Cache states, the same in every script:
+
+- ``cold``: the file's pages evicted (:func:`evict`) just before the load;
+- ``restart``: nothing done in between: the page cache is what the same loader's own earlier load, in an
+  earlier process, left behind (an O_DIRECT loader leaves nothing; a buffered or mmap one the whole file);
+- ``warm``: after a plain buffered read of the whole file (:func:`warm_file`): every page cached.
+
+Importing this module imports ``flashpack.settings`` and ``flashpack.io.pagecache`` (numpy only, no
+torch) from this repository: ``REPO_ROOT`` is put first on ``sys.path``. A child that must import
+fal's flashpack instead calls :func:`forget_our_flashpack` first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,58 +31,112 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-PAGE_NBYTES = 4096
-
-#: One Gbps: 10^9 bits per second.
-GBPS_BITS_PER_S = 1e9
-
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(PERF_DIR)
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from flashpack.io.pagecache import drop_from_cache, resident_pages  # noqa: E402
+from flashpack.settings import GiB, MiB, PAGE_NBYTES, parse_nbytes  # noqa: E402
+
 #: A child prints exactly one line starting with this, followed by JSON.
 RESULT_PREFIX = "PERF-RESULT "
+__all__ = ["GiB", "MiB", "PAGE_NBYTES", "parse_nbytes"]  # re-exported; the rest is added at the end
+
+
+def forget_our_flashpack() -> None:
+    """Let ``import flashpack`` find another installation (fal's, in ``.venv-peers``): drop this
+    repository from ``sys.path`` and its modules from ``sys.modules`` (functions imported above keep working)."""
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != REPO_ROOT]
+    for name in [m for m in sys.modules if m == "flashpack" or m.startswith("flashpack.")]:
+        del sys.modules[name]
 
 
 # --------------------------------------------------------------------------- units
 
 
-def gbps(nbytes: int | float, seconds: float) -> float:
+def gbps(nbytes: float, seconds: float) -> float:
     """Throughput in Gbps (10^9 bit/s); ``nan`` for a non-positive time."""
-    return nbytes * 8 / seconds / GBPS_BITS_PER_S if seconds > 0 else float("nan")
+    return nbytes * 8 / seconds / 1e9 if seconds and seconds > 0 else float("nan")
 
 
-def gibps(nbytes: int | float, seconds: float) -> float:
+def gibps(nbytes: float, seconds: float) -> float:
     """Throughput in GiB/s (2^30 byte/s); ``nan`` for a non-positive time."""
-    return nbytes / seconds / GiB if seconds > 0 else float("nan")
+    return nbytes / seconds / GiB if seconds and seconds > 0 else float("nan")
 
 
-def gb_per_s(nbytes: int | float, seconds: float) -> float:
-    """Throughput in GB/s (10^9 byte/s), the unit the issues quote; ``gbps / 8``."""
-    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
-
-
-def parse_nbytes(text: str) -> int:
-    """``"4M"``, ``"2G"``, ``"16MiB"``, ``"123"`` -> bytes (powers of 1024)."""
-    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}.get(t[-1:], 1)
-    if mult != 1:
-        t = t[:-1]
-    return int(float(t) * mult)
-
-
-def human_nbytes(nbytes: int | float) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+def human_nbytes(nbytes: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
         if abs(nbytes) >= size:
             v = nbytes / size
             return f"{v:.0f} {unit}" if v == int(v) else f"{v:.2f} {unit}"
     return f"{int(nbytes)} B"
+
+
+def speed(nbytes: float, seconds: float) -> str:
+    """``"12.34 Gbps 1.437 GiB/s"``: both units, side by side."""
+    return f"{gbps(nbytes, seconds):.2f} Gbps {gibps(nbytes, seconds):.3f} GiB/s"
+
+
+# --------------------------------------------------------------------------- summaries and output
+
+
+def summary(samples: Iterable[float | None]) -> dict[str, float]:
+    """median, min, max, n of the samples that are numbers (none -> nan, n=0)."""
+    xs = [x for x in samples if x is not None and not math.isnan(x)]
+    if not xs:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def median(xs: Iterable[float | None]) -> float:
+    return summary(xs)["median"]
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def verdict_table(verdicts: list[dict]) -> str:
+    """Targets as a table: ``pass`` True -> PASS, False -> MISS, None -> info."""
+    return markdown_table(["target", "verdict", "detail"], [[v["target"], {True: "PASS", False: "MISS", None: "info"}
+                                                              [v["pass"]], v["detail"]] for v in verdicts])
+
+
+def write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def default_workdir() -> str:
+    """Where big benchmark files go: ``$FLASHPACK_PERF_DIR`` or ``perf/out`` (git-ignored)."""
+    return os.environ.get("FLASHPACK_PERF_DIR") or os.path.join(PERF_DIR, "out")
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or the reason there is none (a str)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"no chart: {e}"
+    return plt
 
 
 # --------------------------------------------------------------------------- environment
@@ -86,49 +150,42 @@ def _read(path: str) -> str:
         return ""
 
 
-def _cpu_model() -> str:
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+def _proc_field(path: str, key: str) -> str:
+    return next((ln.split(":", 1)[1].strip() for ln in _read(path).splitlines() if ln.startswith(key)), "")
 
 
-def _ram_nbytes() -> int:
-    for line in _read("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def disk_of(path: str) -> dict[str, Any]:
-    """The block device holding ``path``: name, model, rotational flag, logical block size, filesystem."""
+def filesystem_of(path: str) -> dict[str, Any]:
+    """The mount holding ``path`` (filesystem type, source, mount point) and its block device (name, model,
+    rotational flag, logical block size) when it has one."""
     path = os.path.abspath(path)
     while not os.path.exists(path):
         path = os.path.dirname(path)
     st = os.stat(path)
-    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
-    info: dict[str, Any] = {"path": path, "device": f"{major}:{minor}"}
-    sysdir = f"/sys/dev/block/{major}:{minor}"
+    info: dict[str, Any] = {"path": path, "device": f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"}
+    sysdir = f"/sys/dev/block/{info['device']}"
     if os.path.exists(sysdir):
         real = os.path.realpath(sysdir)
-        name = os.path.basename(real)
-        disk_dir = real if os.path.exists(os.path.join(real, "queue")) else os.path.dirname(real)
-        info["device"] = name
-        model = _read(os.path.join(disk_dir, "device", "model")) or _read(os.path.join(disk_dir, "device", "vendor"))
-        if model == "0x1af4":
-            model = "virtio"
-        info["model"] = model or os.path.basename(disk_dir)
-        info["rotational"] = _read(os.path.join(disk_dir, "queue", "rotational")) == "1"
-        lbs = _read(os.path.join(disk_dir, "queue", "logical_block_size"))
-        info["logical_block_nbytes"] = int(lbs) if lbs.isdigit() else None
+        disk = real if os.path.exists(os.path.join(real, "queue")) else os.path.dirname(real)
+        model = _read(os.path.join(disk, "device", "model")) or _read(os.path.join(disk, "device", "vendor"))
+        lbs = _read(os.path.join(disk, "queue", "logical_block_size"))
+        info.update(device=os.path.basename(real), model={"0x1af4": "virtio"}.get(model, model or os.path.basename(disk)),
+                    rotational=_read(os.path.join(disk, "queue", "rotational")) == "1",
+                    logical_block_nbytes=int(lbs) if lbs.isdigit() else None)
     best = ""
     for line in _read("/proc/mounts").splitlines():
         parts = line.split()
-        if len(parts) >= 3 and path.startswith(parts[1]) and len(parts[1]) >= len(best):
+        if len(parts) >= 3 and (path + "/").startswith(parts[1].rstrip("/") + "/") and len(parts[1]) >= len(best):
             best = parts[1]
-            info["filesystem"] = parts[2]
-            info["mount"] = parts[1]
+            info.update(filesystem=parts[2], source=parts[0], mount=parts[1])
     return info
+
+
+def filesystem_words(info: dict[str, Any]) -> str:
+    words = f"{info.get('filesystem', '?')} at {info.get('mount', '?')}, device {info.get('model', '')} " \
+            f"{info.get('device', '?')}, rotational={int(bool(info.get('rotational')))}"
+    if info.get("filesystem") in ("tmpfs", "ramfs", "overlay"):
+        words += " (WARNING: cold may not measure a disk here: tmpfs cannot be evicted, overlay may refuse O_DIRECT)"
+    return words
 
 
 def _gpu() -> str:
@@ -140,91 +197,59 @@ def _gpu() -> str:
                 return "; ".join(line.strip() for line in out.stdout.strip().splitlines())
         except (OSError, subprocess.TimeoutExpired):
             pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    except Exception:  # noqa: BLE001 - the header reports what it can
-        pass
     return "none"
 
 
 def environment(data_path: str | None = None) -> dict[str, Any]:
-    """What the numbers were measured on: CPU, cores, RAM, kernel, disk under ``data_path``, GPU, versions."""
+    """What the numbers were measured on: CPU, cores, RAM, kernel, filesystem under ``data_path``, GPU,
+    versions, flashpack's backends, the git commit."""
+    import torch
+
+    import flashpack
+
     env: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
-        "cores": os.cpu_count(),
-        "ram_nbytes": _ram_nbytes(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "gpu": _gpu(),
-        "root": os.geteuid() == 0,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.machine(),
+        "cores": os.cpu_count(), "ram_nbytes": int((_proc_field("/proc/meminfo", "MemTotal").split() or [0])[0]) * 1024,
+        "kernel": platform.release(), "python": platform.python_version(), "gpu": _gpu(), "root": os.geteuid() == 0,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "flashpack": flashpack.__version__,
+        "flashpack_backends": {n: "available" if i.available else (i.reason or "unavailable")
+                               for n, i in flashpack.backends().items()},
+        "fio": shutil.which("fio") or "not installed", "cache_eviction": eviction_method(),
     }
     if data_path:
-        env["disk"] = disk_of(data_path)
-    try:
-        import torch
-
-        env["torch"] = torch.__version__
-        env["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
-    for mod in ("safetensors", "numpy"):
+        env["disk"] = filesystem_of(data_path)
+    for mod in ("safetensors", "numpy", "transformers"):
         try:
             env[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    try:
-        sys.path.insert(0, REPO_ROOT)
-        import flashpack
-
-        env["flashpack"] = flashpack.__version__
-        env["flashpack_backends"] = {n: (i.reason or "available") if not i.available else "available"
-                                     for n, i in flashpack.backends().items()}
-    except Exception as e:  # noqa: BLE001
-        env["flashpack"] = f"unavailable: {e}"
-    finally:
-        if sys.path and sys.path[0] == REPO_ROOT:
-            sys.path.pop(0)
-    env["fio"] = shutil.which("fio") or "not installed"
-    try:
-        env["git_commit"] = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True, timeout=10).stdout.strip()
-    except OSError:
-        pass
+    git = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    env["git_commit"] = git.stdout.strip() or "?"
     return env
 
 
-def disk_words(env: dict[str, Any]) -> str:
-    d = env.get("disk") or {}
-    if not d:
-        return "?"
-    kind = "rotational=1" if d.get("rotational") else "rotational=0"
-    return f"{d.get('model', '?')} {d.get('device', '')} ({d.get('filesystem', '?')}, {kind})".strip()
-
-
 def machine_title(env: dict[str, Any]) -> str:
-    """One line for chart titles: CPU, cores, RAM, kernel, disk, GPU."""
-    return (f"{env['cpu_model']}, {env['cores']} cores, {env['ram_nbytes'] / GiB:.0f} GiB RAM, "
-            f"Linux {env['kernel']}, disk {disk_words(env)}, GPU {env['gpu']}")
+    """One line for chart titles: CPU, cores, RAM, kernel, filesystem, GPU."""
+    d = env.get("disk") or {}
+    return (f"{env['cpu_model']}, {env['cores']} cores, {env['ram_nbytes'] / GiB:.0f} GiB RAM, Linux {env['kernel']}, "
+            f"{d.get('filesystem', '?')} on {d.get('model', '?')}, GPU {env['gpu']}")
 
 
-def format_environment(env: dict[str, Any], title: str = "") -> str:
-    """The environment header every script prints first (markdown-friendly)."""
-    lines = [f"# {title}" if title else "# environment", ""]
-    lines.append(f"- CPU: {env['cpu_model']}, {env['cores']} cores; RAM {env['ram_nbytes'] / GiB:.1f} GiB; "
-                 f"kernel {env['kernel']}; root: {env['root']}")
-    lines.append(f"- disk: {disk_words(env)}" + (f", logical block {env['disk'].get('logical_block_nbytes')} B"
-                                                  if env.get("disk") else ""))
-    lines.append(f"- GPU: {env['gpu']}")
-    lines.append(f"- python {env['python']}, torch {env.get('torch', '?')} ({env.get('torch_threads', '?')} threads), "
-                 f"safetensors {env.get('safetensors', '?')}, flashpack {env.get('flashpack', '?')}, "
-                 f"fio: {env['fio']}; git {env.get('git_commit', '?')}")
-    if "flashpack_backends" in env:
-        lines.append("- flashpack backends: " + ", ".join(f"{k}: {v}" for k, v in env["flashpack_backends"].items()))
-    lines.append(f"- units: Gbps = 10^9 bit/s, GiB/s = 2^30 B/s, GB/s = 10^9 B/s; measured {env['time_utc']}")
+def header(env: dict[str, Any], title: str, *extra: str) -> str:
+    """The environment header every script prints first (markdown), then ``extra`` lines and the command."""
+    lines = [f"# {title}", "",
+             f"- CPU: {env['cpu_model']}, cpu count {env['cores']}; RAM {env['ram_nbytes'] / GiB:.1f} GiB; "
+             f"kernel {env['kernel']}; root: {env['root']}",
+             f"- disk: {filesystem_words(env['disk'])}" if env.get("disk") else "- disk: ?",
+             f"- GPU: {env['gpu']}",
+             f"- python {env['python']}, torch {env['torch']} ({env['torch_threads']} threads), safetensors "
+             f"{env.get('safetensors', '?')}, flashpack {env['flashpack']}, fio: {env['fio']}; git {env['git_commit']}",
+             "- flashpack backends: " + ", ".join(f"{k}: {v}" for k, v in env["flashpack_backends"].items()),
+             f"- cache eviction: {env['cache_eviction']}",
+             f"- units: Gbps = 10^9 bit/s, GiB/s = 2^30 B/s; measured {env['time_utc']}",
+             *(f"- {x}" for x in extra),
+             f"- command: {' '.join([os.path.relpath(sys.executable, REPO_ROOT)] + sys.argv)}", ""]
     return "\n".join(lines)
 
 
@@ -242,27 +267,16 @@ class TensorSpec:
         return math.prod(self.shape) * {"bfloat16": 2, "float32": 4, "int64": 8, "bool": 1}[self.dtype]
 
 
-def _hidden_for(nbytes: int) -> int:
-    for limit, h in ((8 * MiB, 128), (64 * MiB, 256), (512 * MiB, 1024), (4 * GiB, 2048)):
-        if nbytes <= limit:
-            return h
-    return 4096
-
-
 def synthetic_spec(nbytes: int) -> list[TensorSpec]:
-    """Tensor names, shapes and dtypes of a transformer-like state_dict of about ``nbytes`` bytes.
-
-    ~90% bfloat16 (embedding, attention and MLP projections), ~9% float32 (norms, an fp32 ``lm_head``),
-    the rest int64 (position ids) and bool (a causal mask). The total is within 1% of ``nbytes`` for
-    ``nbytes >= 1 MiB``.
-    """
-    h = _hidden_for(nbytes)
+    """Names, shapes and dtypes of a transformer-like state_dict of about ``nbytes`` bytes (within 1% for
+    ``nbytes >= 1 MiB``): ~90% bfloat16 (embedding, attention and MLP projections), ~9% float32 (norms, an
+    fp32 ``lm_head``), the rest int64 (position ids) and bool (a causal mask)."""
+    h = next((h for limit, h in ((8 * MiB, 128), (64 * MiB, 256), (512 * MiB, 1024), (4 * GiB, 2048))
+              if nbytes <= limit), 4096)
     inter = max(64, (8 * h // 3 + 63) // 64 * 64)
-    specs: list[TensorSpec] = []
-    bf16_left = int(nbytes * 0.90)
-    fp32_left = int(nbytes * 0.09)
+    bf16_left, fp32_left = int(nbytes * 0.90), int(nbytes * 0.09)
     vocab = max(16, min(32000, bf16_left // 10 // (2 * h)))
-    specs.append(TensorSpec("model.embed_tokens.weight", (vocab, h), "bfloat16"))
+    specs = [TensorSpec("model.embed_tokens.weight", (vocab, h), "bfloat16")]
     bf16_left -= vocab * h * 2
     layer = 0
     while bf16_left >= 2 * h and layer < 10_000:
@@ -285,33 +299,36 @@ def synthetic_spec(nbytes: int) -> list[TensorSpec]:
     fp32_left -= 4 * h
     if fp32_left >= 4 * h:
         specs.append(TensorSpec("lm_head.weight", (fp32_left // (4 * h), h), "float32"))
-    int64_nbytes = max(8, int(nbytes * 0.006))
-    specs.append(TensorSpec("model.rotary_emb.position_ids", (1, int64_nbytes // 8), "int64"))
-    rest = nbytes - sum(s.nbytes for s in specs)
-    side = max(1, math.isqrt(max(1, rest)))
+    specs.append(TensorSpec("model.rotary_emb.position_ids", (1, max(8, int(nbytes * 0.006)) // 8), "int64"))
+    side = max(1, math.isqrt(max(1, nbytes - sum(s.nbytes for s in specs))))
     specs.append(TensorSpec("model.causal_mask", (side, side), "bool"))
     return specs
 
 
 def make_state_dict(nbytes: int, seed: int = 0) -> dict:
-    """A synthetic state_dict of about ``nbytes`` bytes (see :func:`synthetic_spec`), CPU, contiguous.
-
-    bf16 values are random with the top exponent bit cleared (finite: no NaN/Inf, so ``torch.equal``
-    works); fp32 values are normal; int64 is ``arange``; bool is random. Deterministic for a ``seed``.
-    """
+    """A synthetic state_dict of about ``nbytes`` bytes (:func:`synthetic_spec`), CPU, contiguous, one storage
+    per tensor. bf16 values are finite (the top exponent bit cleared, so ``torch.equal`` works) and are
+    copied from one random 16 MiB block at a different offset per tensor (fast at many GiB); fp32 values
+    are normal, int64 is ``arange``, bool is random. Deterministic for a ``seed``."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    out = {}
+    block = torch.randint(-(2 ** 15), 2 ** 15, (8 * MiB,), dtype=torch.int16, generator=g).bitwise_and_(~0x4000)
+    block = torch.cat([block, block])
+    out, shift = {}, 0
     for s in synthetic_spec(nbytes):
+        n = math.prod(s.shape)
         if s.dtype == "bfloat16":
-            t = torch.randint(-(2 ** 15), 2 ** 15, s.shape, dtype=torch.int16, generator=g)
-            t.bitwise_and_(~0x4000)
-            out[s.name] = t.view(torch.bfloat16)
+            t = torch.empty(n, dtype=torch.int16)
+            for o in range(0, n, 8 * MiB):
+                m = min(8 * MiB, n - o)
+                t[o:o + m] = block[shift:shift + m]
+            shift = (shift + 7919) % (8 * MiB)
+            out[s.name] = t.view(torch.bfloat16).reshape(s.shape)
         elif s.dtype == "float32":
             out[s.name] = torch.randn(s.shape, dtype=torch.float32, generator=g)
         elif s.dtype == "int64":
-            out[s.name] = torch.arange(math.prod(s.shape), dtype=torch.int64).reshape(s.shape)
+            out[s.name] = torch.arange(n, dtype=torch.int64).reshape(s.shape)
         else:
             out[s.name] = torch.randint(0, 2, s.shape, dtype=torch.uint8, generator=g).bool()
     return out
@@ -321,179 +338,110 @@ def state_dict_nbytes(sd: dict) -> int:
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
-def dtype_mix(sd: dict) -> dict[str, float]:
-    """Share of bytes per dtype, e.g. ``{"bfloat16": 0.9, ...}``."""
-    total = state_dict_nbytes(sd) or 1
-    mix: dict[str, float] = {}
-    for t in sd.values():
-        k = str(t.dtype).removeprefix("torch.")
-        mix[k] = mix.get(k, 0.0) + t.numel() * t.element_size() / total
-    return mix
-
-
-def touch(sd: dict) -> int:
-    """Fault in every page of every tensor: sum one byte per 4096 of each tensor's bytes.
-
-    For lazy loaders (mmap) this is what turns "returned" into "every byte resident". Returns the sum
-    (so the work cannot be optimised away) as an int.
-    """
+def touch(tensors: Iterable) -> int:
+    """Fault in every page of every tensor (one byte per 4096 read), so that a lazy (mmap) load has really
+    read its bytes when the clock stops; meta tensors are skipped. Returns the sum, so nothing is optimised away."""
     import torch
 
     total = 0
-    for t in sd.values():
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+    for t in tensors.values() if isinstance(tensors, dict) else tensors:
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
             continue
-        b = t.detach().reshape(-1).view(torch.uint8) if t.is_contiguous() else t.detach().contiguous().reshape(-1).view(torch.uint8)
+        b = t.detach().contiguous().reshape(-1).view(torch.uint8)
         total += int(b[::PAGE_NBYTES].sum(dtype=torch.int64)) + int(b[-1])
     return total
 
 
-# --------------------------------------------------------------------------- cache control
+# --------------------------------------------------------------------------- page cache
 
 
 def can_drop_caches() -> bool:
-    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+    """Root, and ``$FLASHPACK_PERF_FADVISE_ONLY`` unset (the smoke tests set it: a shared machine keeps its cache)."""
+    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK) \
+        and not os.environ.get("FLASHPACK_PERF_FADVISE_ONLY")
 
 
-def drop_caches(paths: Iterable[str] = ()) -> str:
-    """Evict file pages from the page cache; returns the method used.
+def eviction_method() -> str:
+    return "sync; drop_caches (root) + posix_fadvise DONTNEED per file" if can_drop_caches() \
+        else "sync; posix_fadvise DONTNEED per file (clean pages only; a page another process maps may stay)"
 
-    Root: ``sync; echo 3 > /proc/sys/vm/drop_caches`` (the whole cache), ``"drop_caches"``. Otherwise
-    ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each of ``paths``, ``"fadvise"`` (clean pages only; a page
-    another process maps may stay).
-    """
+
+def evict(paths: Iterable[str], whole_cache: bool = True) -> str:
+    """The one way the perf scripts evict files from the page cache: ``sync``; as root (and ``whole_cache``)
+    ``echo 3 > /proc/sys/vm/drop_caches``; then ``posix_fadvise(DONTNEED)`` on each file. Returns what ran."""
     os.sync()
-    if can_drop_caches():
+    how = "fadvise"
+    if whole_cache and can_drop_caches():
         try:
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("3\n")
-            return "drop_caches"
+            how = "drop_caches+fadvise"
         except OSError:
             pass
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd) if os.access(p, os.W_OK) else None
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return "fadvise"
-
-
-def cache_method() -> str:
-    return "drop_caches" if can_drop_caches() else "fadvise"
+        drop_from_cache(p)
+    return how
 
 
 def warm_file(path: str, chunk_nbytes: int = 16 * MiB) -> None:
-    """Read a file through the page cache so that it is resident (buffered, into one reused buffer)."""
-    buf = bytearray(chunk_nbytes)
-    mv = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        off = 0
-        while True:
-            n = os.preadv(fd, [mv], off)
-            if n <= 0:
-                break
-            off += n
-    finally:
-        os.close(fd)
+    """Read a file through the page cache (buffered, into one reused buffer) so that it is resident."""
+    mv = memoryview(bytearray(chunk_nbytes))
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(mv):
+            pass
 
 
 def resident_fraction(path: str) -> float:
-    """Fraction of a file's pages in the page cache now (mincore(2) on a read-only mapping, which
-    faults nothing), or nan if unknown."""
-    import ctypes
-    import ctypes.util
-    import mmap
-
-    size = os.path.getsize(path)
-    if size == 0:
-        return 1.0
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    """Fraction of a file's pages in the page cache now (mincore(2), faults nothing); nan if unknown."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            return float("nan")
-        try:
-            npages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vec = (ctypes.c_ubyte * npages)()
-            if libc.mincore(addr, size, vec) != 0:
-                return float("nan")
-            import numpy as np
-
-            return float((np.frombuffer(vec, dtype=np.uint8) & 1).mean())
-        finally:
-            libc.munmap(addr, size)
+        pages = resident_pages(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+    return float("nan") if pages is None else float(pages.mean()) if len(pages) else 1.0
 
 
-# --------------------------------------------------------------------------- subprocesses
+# --------------------------------------------------------------------------- one load per fresh subprocess
 
 
 @dataclass
 class ChildResult:
-    """One child process: what it printed as its result, its exit status, its own wall time and peak RSS."""
+    """One child process: its result line, exit status, wall time and own peak RSS."""
 
-    argv: list[str]
     returncode: int
     wall_s: float
     peak_rss_nbytes: int
     result: dict[str, Any] | None
     stdout: str = ""
     stderr: str = ""
-    timed_out: bool = False
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and self.result is not None and not self.result.get("error")
 
     def error_line(self) -> str:
-        if self.timed_out:
-            return "timed out"
         if self.result and self.result.get("error"):
             return str(self.result["error"])
         tail = (self.stderr or self.stdout).strip().splitlines()
         return f"exit {self.returncode}: " + (tail[-1] if tail else "no output")
 
 
-def run_child(argv: Sequence[str], timeout_s: float = 600, env: dict[str, str] | None = None,
-              cwd: str | None = None) -> ChildResult:
-    """Run ``argv`` and return its result line, wall time and peak RSS.
-
-    The peak RSS is the child's own ``ru_maxrss`` from ``wait4(2)`` (per child, unlike
-    ``RUSAGE_CHILDREN``, which keeps the maximum over every child ever waited for). The child reports
-    its result by printing one line ``PERF-RESULT {json}`` (see :func:`emit_result`).
-    """
-    out_path = f"/tmp/perf-child-{os.getpid()}-{threading.get_ident()}.out"
-    err_path = out_path[:-4] + ".err"
-    with open(out_path, "w+") as out, open(err_path, "w+") as err:
+def run_child(argv: Sequence[str], timeout_s: float = 600, cwd: str | None = None) -> ChildResult:
+    """Run ``argv`` in a fresh process; return its ``PERF-RESULT`` line (:func:`child_main`), wall time and
+    peak RSS. The peak RSS is the child's own ``ru_maxrss`` from ``wait4(2)`` (``RUSAGE_CHILDREN`` would keep
+    the maximum over every child ever waited for). A child past ``timeout_s`` is killed."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
-        timed_out = threading.Event()
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, cwd=cwd, start_new_session=True)
 
-        def _kill():
-            timed_out.set()
-            try:
+        def kill():
+            with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
 
-        timer = threading.Timer(timeout_s, _kill)
+        timer = threading.Timer(timeout_s, kill)
         timer.start()
         try:
-            while True:
-                try:
-                    _, status, ru = os.wait4(proc.pid, 0)
-                    break
-                except InterruptedError:
-                    continue
+            _, status, ru = os.wait4(proc.pid, 0)
         finally:
             timer.cancel()
         wall_s = time.perf_counter() - t0
@@ -501,88 +449,58 @@ def run_child(argv: Sequence[str], timeout_s: float = 600, env: dict[str, str] |
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    for p in (out_path, err_path):
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
-    result = None
-    for line in stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
-    return ChildResult(list(argv), proc.returncode, wall_s, ru.ru_maxrss * 1024, result, stdout[-4000:],
-                       stderr[-4000:], timed_out.is_set())
+    lines = [ln[len(RESULT_PREFIX):] for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    return ChildResult(proc.returncode, wall_s, ru.ru_maxrss * 1024, json.loads(lines[-1]) if lines else None,
+                       stdout[-4000:], stderr[-4000:])
 
 
-def current_rss_nbytes() -> int:
-    """This process's resident set size now (VmRSS), in bytes; 0 if unknown."""
-    for line in _read("/proc/self/status").splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def emit_result(result: dict[str, Any]) -> None:
-    """Print the child's result line (with its own peak RSS so far) and flush."""
-    result = dict(result)
-    result.setdefault("self_peak_rss_nbytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
-    sys.stdout.flush()
-
-
-def child_guard(fn: Callable[[], dict[str, Any]]) -> int:
-    """Run a child's body; any exception becomes ``{"error": ...}`` in its result line and exit 1."""
+def child_main(fn: Callable[[], dict[str, Any]]) -> int:
+    """Run a child's body and print its result line ``PERF-RESULT {json}`` with its own peak RSS; an
+    exception becomes ``{"error": ...}`` and exit status 1."""
     try:
-        emit_result(fn())
-        return 0
+        result, rc = dict(fn()), 0
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
 
         traceback.print_exc()
-        emit_result({"error": f"{type(e).__name__}: {e}"[:500]})
-        return 1
+        result, rc = {"error": f"{type(e).__name__}: {e}"[:500]}, 1
+    result.setdefault("self_peak_rss_nbytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+    return rc
 
 
-# --------------------------------------------------------------------------- summaries
+def current_rss_nbytes() -> int:
+    """This process's resident set size now (VmRSS), in bytes; 0 if unknown."""
+    return int((_proc_field("/proc/self/status", "VmRSS").split() or [0])[0]) * 1024
 
 
-def summary(samples: Sequence[float]) -> dict[str, float]:
-    """median, min, max, n of a list of seconds (empty -> nan)."""
-    xs = [x for x in samples if x is not None and not math.isnan(x)]
-    if not xs:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+def fio_read(path: str, nbytes: int, bs: int, iodepth: int = 8, fixedbufs: bool = False,
+             engines: Sequence[str] = ("io_uring", "libaio"), timeout_s: float = 600,
+             whole_cache: bool = True) -> dict[str, Any]:
+    """A sequential O_DIRECT read of ``path`` with fio, the file evicted first: ``nbytes`` read, ``seconds``
+    (io_bytes / bandwidth), ``cpu_s`` (fio's own usr+sys, which leaves out its start-up), ``method``, ``command``;
+    or ``{"error": ...}``. The first engine of ``engines`` that runs is used; eviction as :func:`evict`."""
+    last = "fio not installed"
+    for engine in engines if shutil.which("fio") else ():
+        cmd = ["fio", "--name=ceiling", f"--filename={path}", "--readonly", "--rw=read", f"--bs={bs}",
+               f"--ioengine={engine}", "--direct=1", f"--iodepth={iodepth}", f"--size={nbytes}", "--numjobs=1",
+               "--output-format=json"] + (["--fixedbufs"] if fixedbufs else [])
+        evict([path], whole_cache)
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": "fio timed out"}
+        try:
+            job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+        except (ValueError, KeyError, IndexError):
+            last = f"fio {engine}: " + ((out.stderr or out.stdout).strip().splitlines() or ["?"])[-1]
+            continue
+        read = job["read"]
+        cpu_s = (job.get("usr_cpu", 0.0) + job.get("sys_cpu", 0.0)) / 100 * job.get("job_runtime", read["runtime"]) / 1000
+        return {"nbytes": int(read["io_bytes"]), "seconds": read["io_bytes"] / read["bw_bytes"] if read["bw_bytes"]
+                else float("nan"), "cpu_s": cpu_s, "command": " ".join(cmd),
+                "method": f"fio {engine} O_DIRECT bs={human_nbytes(bs)} iodepth={iodepth}" + (" fixedbufs" * fixedbufs)}
+    return {"error": last}
 
 
-def median(xs: Sequence[float]) -> float:
-    return summary(xs)["median"]
-
-
-def fmt(x: float, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}f}"
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    rows = [[str(c) for c in r] for r in rows]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def default_workdir() -> str:
-    """Where big benchmark files go: ``$FLASHPACK_PERF_DIR`` or ``perf/out`` (git-ignored)."""
-    return os.environ.get("FLASHPACK_PERF_DIR") or os.path.join(PERF_DIR, "out")
-
-
-__all__ = [n for n in dir() if not n.startswith("_")]
+__all__ += [n for n in dir() if not n.startswith("_") and n not in __all__]

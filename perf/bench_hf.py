@@ -5,9 +5,8 @@ Llama-shaped causal LM built from a config to about ``--size`` bytes of bf16 wei
 saved once both ways under ``--workdir`` (reused when already there), then every measurement runs in its own
 subprocess, cold and warm page cache in the same run, methods interleaved:
 
-- cold: the parent drops the page cache (root: ``sync; echo 3 > /proc/sys/vm/drop_caches``; otherwise
-  ``posix_fadvise(DONTNEED)`` on the weight files); the child also evicts the weight files again after its imports.
-- warm: the child reads the weight files through the page cache first.
+- cold: the child evicts the weight files after its imports (``_common.evict``);
+- warm: the child reads the weight files through the page cache first (buffered).
 
 Times (seconds, imports excluded): ``load_s`` until the load call returns; ``ready_s`` until one byte of every
 4 KiB page of every weight has been read too (a lazily mmapped checkpoint pays its reads there). Throughput is weight-file
@@ -30,8 +29,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 METHODS = ("safetensors", "flashpack")
 CACHES = ("cold", "warm")
@@ -66,18 +64,13 @@ def weight_files(folder: str, method: str) -> list[str]:
 
 
 def child(args) -> int:
-    sys.path.insert(0, C.REPO_ROOT)
-
     def body():
         import torch
 
         cls = classes(args.kind)
         files = weight_files(args.folder, args.method)
         if args.cache == "cold":
-            from flashpack.io.pagecache import drop_from_cache
-
-            for f in files:  # after the imports, which a global drop made re-read the libraries
-                drop_from_cache(f)
+            C.evict(files)  # after the imports
         else:
             for f in files:
                 C.warm_file(f)
@@ -88,7 +81,7 @@ def child(args) -> int:
         else:
             model = cls.from_pretrained_flashpack(args.folder, device_map=args.device)
         t1 = time.perf_counter()
-        touched = touch(model)
+        touched = C.touch([*model.parameters(), *model.buffers()])
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -97,21 +90,7 @@ def child(args) -> int:
                 "resident_before": min(resident) if resident else None, "touch_checksum": touched,
                 "dtype": str(next(model.parameters()).dtype), "training": model.training, "meta_params": len(meta)}
 
-    return C.child_guard(body)
-
-
-def touch(model) -> int:
-    """Read one byte of every 4 KiB page of every parameter and buffer, so a lazily mapped checkpoint has
-    really been read when the clock stops (cheap for weights already in memory)."""
-    import torch
-
-    total = 0
-    for t in (*model.parameters(), *model.buffers()):
-        if t.numel() == 0 or t.device.type == "meta":
-            continue
-        flat = t.detach().reshape(-1).view(torch.uint8) if t.is_contiguous() else t.detach().contiguous().view(-1).view(torch.uint8)
-        total += int(flat[::4096].sum().item())
-    return total
+    return C.child_main(body)
 
 
 # --------------------------------------------------------------------------- parent: preparing the folders
@@ -163,9 +142,9 @@ def prepare(kind: str, workdir: str, nbytes: int) -> tuple[str, str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1G", help="synthetic model weight bytes (e.g. 1G, 16M); default 1G")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--runs", "--repeats", dest="repeats", type=int, default=3, help="rounds (median)")
     ap.add_argument("--models", default="bert,synthetic", help="comma list: bert, synthetic")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None, help="default $FLASHPACK_PERF_DIR or perf/out")
@@ -181,21 +160,13 @@ def main(argv=None) -> int:
     if args.child:
         return child(args)
 
-    sys.path.insert(0, C.REPO_ROOT)
     workdir = os.path.abspath(args.workdir or C.default_workdir())
     os.makedirs(workdir, exist_ok=True)
     nbytes = C.parse_nbytes(args.size)
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     env = C.environment(workdir)
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    print(C.format_environment(env, "bench_hf: time to a ready transformers model"))
-    print(f"- transformers {env.get('transformers', '?')}; cache drop: {C.cache_method()}; device {args.device}; "
-          f"repeats {args.repeats}; workdir {workdir}\n", flush=True)
+    print(C.header(env, "bench_hf: time to a ready transformers model", f"transformers {env.get('transformers', '?')}; "
+                   f"device {args.device}; runs {args.repeats}; workdir {workdir}"), flush=True)
 
     samples = []
     for kind in (("bert" if k == "bert" else "llama") for k in kinds):
@@ -204,9 +175,6 @@ def main(argv=None) -> int:
         for rep in range(args.repeats):
             for cache in CACHES:
                 for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
-                    files = weight_files(folders[method], method)
-                    if cache == "cold":
-                        C.drop_caches(files)
                     argv = [sys.executable, os.path.abspath(__file__), "--child", "--kind", kind, "--method", method,
                             "--cache", cache, "--folder", folders[method], "--device", args.device]
                     res = C.run_child(argv, timeout_s=args.timeout_s, cwd=C.REPO_ROOT)

@@ -6,8 +6,8 @@ Usage:
                                 [--fixed off] [--direct auto] [--file PATH] [--cache auto|fadvise]
                                 [--no-fio] [--json OUT]
 
-Every run drops the file from the page cache first (root: ``sync; echo 3 > /proc/sys/vm/drop_caches``;
-otherwise, or with ``--cache fadvise``: posix_fadvise DONTNEED on the file) and reads the whole file in
+Every run evicts the file from the page cache first (``_common.evict``: as root also the whole cache;
+``--cache fadvise``: posix_fadvise DONTNEED on the file only) and reads the whole file in
 ``--extent`` pieces into one pre-faulted, page-aligned buffer of the file's size. The variants alternate
 (A B C A B C ...), so drift hits each alike. For each variant: raw samples, median time, Gbps
 (10^9 bit/s), GiB/s, the ratio to fio at the same queue depth (fio's command as printed;
@@ -22,20 +22,16 @@ buffers) instead of one file-sized buffer, so registration is paid once per slot
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import resource
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import _common as C
 
 
 def make_file(path: str, nbytes: int) -> None:
@@ -110,25 +106,6 @@ def run_reader(path: str, buf: np.ndarray, backend: str, extent: int, qd: int, d
             "features": feats}
 
 
-def run_fio(path: str, nbytes: int, extent: int, qd: int, fixedbufs: bool = False) -> dict:
-    cmd = ["fio", "--name=x", f"--filename={path}", "--rw=read", "--ioengine=io_uring", "--direct=1",
-           f"--bs={extent}", f"--iodepth={qd}", f"--size={nbytes}", "--output-format=json"]
-    if fixedbufs:
-        cmd.append("--fixedbufs")
-    cpu0 = cpu_s(resource.RUSAGE_CHILDREN)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    cpu = cpu_s(resource.RUSAGE_CHILDREN) - cpu0
-    if res.returncode != 0:
-        raise RuntimeError(f"fio failed ({shlex.join(cmd)}): {res.stderr.strip()[-500:]}")
-    text = res.stdout[res.stdout.index("{"):]
-    job = json.loads(text)["jobs"][0]
-    read = job["read"]
-    wall = read["io_bytes"] / read["bw_bytes"] if read["bw_bytes"] else float("nan")
-    # fio's own CPU figures (percent of its run time): the process's rusage would add its start-up
-    job_cpu = (job.get("usr_cpu", 0.0) + job.get("sys_cpu", 0.0)) / 100 * job.get("job_runtime", read["runtime"]) / 1000
-    return {"wall_s": wall, "cpu_s": job_cpu, "process_cpu_s": cpu, "io_bytes": read["io_bytes"], "cmd": shlex.join(cmd)}
-
-
 def verify(path: str, buf: np.ndarray, samples: int = 32) -> None:
     """Compare random 4 KiB pieces (and the last bytes) of the buffer with the file."""
     rng = random.Random(0)
@@ -143,7 +120,7 @@ def verify(path: str, buf: np.ndarray, samples: int = 32) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="2G", help="file size (K/M/G suffixes; rounded up to 4096)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--extent", default="8M", help="bytes per read request, and fio's --bs")
@@ -155,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="uring,threads,fio")
     ap.add_argument("--file", default="")
     ap.add_argument("--cache", default="auto", choices=["auto", "fadvise"],
-                    help="auto: drop_caches as root, else fadvise; fadvise: only this file")
+                    help="auto: _common.evict (drop_caches too as root); fadvise: only this file")
     ap.add_argument("--no-fio", action="store_true")
     ap.add_argument("--fio-fixedbufs", action="store_true",
                     help="also run fio with --fixedbufs (buffers registered and pinned before its clock starts)")
@@ -195,35 +172,25 @@ def main(argv=None) -> int:
                 variants.append((f"{b}{'+fixed' if fx else ''} qd={qd}", b, qd, fx))
 
     env = C.environment(path)
-    print(C.format_environment(env, "bench_reader: raw reader throughput, file to memory, cold cache"))
-    cache = "fadvise" if a.cache == "fadvise" else C.cache_method()
-    print(f"- command: {shlex.join([sys.executable, *sys.argv])}")
-    print(f"- file: {path} ({C.human_nbytes(size)}), extent {C.human_nbytes(extent)}, direct={a.direct}, "
-          f"dest {a.dest}, runs {a.runs}, cold cache by {cache}"
-          + (" (sync; echo 3 > /proc/sys/vm/drop_caches)" if cache == "drop_caches" else
-             " (posix_fadvise DONTNEED on the file)"))
-    for s in skipped:
-        print(f"- skipped {s}")
-    print()
+    whole = a.cache == "auto"
+    cache = "drop_caches+fadvise" if whole and C.can_drop_caches() else "fadvise"
+    print(C.header(env, "bench_reader: raw reader throughput, file to memory, cold cache",
+                   f"file: {path} ({C.human_nbytes(size)}), extent {C.human_nbytes(extent)}, direct={a.direct}, "
+                   f"dest {a.dest}, runs {a.runs}, cold cache by {cache}", *(f"skipped {s}" for s in skipped)))
 
     buf = aligned_buffer(size if a.dest == "file" else extent * max(qds))
     samples: dict[str, list[dict]] = {v[0]: [] for v in variants}
     print(C.markdown_table(["run", "variant", "wall s", "Gbps", "GiB/s", "CPU s", "direct/buffered MiB"], []))
     for run in range(a.runs):
         for label, kind, qd, fx in variants:
-            if cache == "drop_caches":
-                C.drop_caches([path])
-            else:
-                os.sync()
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
             if kind == "fio":
-                s = run_fio(path, size, extent, qd, fx)
+                s = C.fio_read(path, size, extent, qd, fx, engines=["io_uring"], whole_cache=whole)
+                if "error" in s:
+                    raise RuntimeError(s["error"])
+                s["wall_s"] = s["seconds"]
                 db = "fio O_DIRECT"
             else:
+                C.evict([path], whole)
                 buf[:: C.PAGE_NBYTES] = 0
                 s = run_reader(path, buf, kind, extent, qd, a.direct, fx, size, a.dest)
                 if a.dest == "file":

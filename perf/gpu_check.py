@@ -9,8 +9,8 @@ Steps:
     2. measure ceilings: pinned host-to-device copy bandwidth (torch), and the raw disk read bandwidth
        (a sequential O_DIRECT read of the pack with flashpack's threads reader into an aligned buffer,
        page cache dropped first);
-    3. load it to cuda with every available reader backend, warm (page cache) and cold (page cache
-       dropped: `echo 3 > /proc/sys/vm/drop_caches` as root, else posix_fadvise(DONTNEED) on the file),
+    3. load it to cuda with every available reader backend, warm (after a buffered read) and cold
+       (evicted by ``_common.evict``),
        and bit-compare every tensor with a CPU reference load (`flashpack.load(path)`), on the GPU;
     4. the C24 race: allocate the load's size, queue a long kernel then a write into it, free it, load
        at once; the bytes must equal the reference;
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import threading
 import time
@@ -37,34 +36,16 @@ import traceback
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import _common as C
+import flashpack
+from flashpack import ring as ring_mod
+from flashpack.deserialization import aligned_empty
+from flashpack.io import read_all
+from flashpack.io.base import Extent
+from flashpack.settings import settings
 
-import flashpack  # noqa: E402
-from flashpack import ring as ring_mod  # noqa: E402
-from flashpack.deserialization import aligned_empty  # noqa: E402
-from flashpack.io import pagecache, read_all  # noqa: E402
-from flashpack.io.base import Extent  # noqa: E402
-from flashpack.settings import settings  # noqa: E402
-
-KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
-GBPS = 1e9  # one Gbps: 10^9 bit/s
+GiB, MiB, gbps, gibps = C.GiB, C.MiB, C.gbps, C.gibps
 WARM_TARGET, COLD_TARGET = 0.8, 0.9
-
-
-def gbps(nbytes: float, s: float) -> float:
-    return nbytes * 8 / s / GBPS if s > 0 else float("nan")
-
-
-def gibps(nbytes: float, s: float) -> float:
-    return nbytes / s / GiB if s > 0 else float("nan")
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": KiB, "M": MiB, "G": GiB}.get(t[-1:], 1)
-    return int(float(t[:-1] if mult != 1 else t) * mult)
 
 
 # --------------------------------------------------------------------------- report (printed even when cut short)
@@ -143,140 +124,29 @@ class Report:
         sys.stdout.flush()
 
 
-# --------------------------------------------------------------------------- environment
-
-
 def header(args, device_ok: bool) -> None:
     cfg = settings()
-    print("=" * 100)
-    print("flashpack GPU check" + ("  [--dry-cpu: host copy engine, no GPU]" if args.dry_cpu else ""))
-    print("=" * 100)
     gpu = "none"
     if device_ok:
         p = torch.cuda.get_device_properties(0)
         gpu = f"{p.name}, {p.total_memory / GiB:.0f} GiB, {torch.cuda.device_count()} device(s), CUDA {torch.version.cuda}"
-    print(f"GPU           : {gpu}")
-    print(f"torch {torch.__version__}   python {platform.python_version()}   flashpack {flashpack.__version__}")
-    print(f"cpu count     : {os.cpu_count()}   kernel {platform.release()}   root: {os.geteuid() == 0}")
-    try:
-        import psutil
-
-        vm = psutil.virtual_memory()
-        print(f"host memory   : {vm.total / GiB:.1f} GiB total, {vm.available / GiB:.1f} GiB available")
-    except ImportError:
-        pass
-    fs = fs_of(args.dir)
-    print(f"data dir      : {args.dir} ({fs})")
-    if fs.split()[0] in ("tmpfs", "ramfs", "overlay"):
-        print(f"WARNING       : {args.dir} is on {fs.split()[0]}: 'cold' rows may not measure a disk (tmpfs cannot be "
-              f"evicted; overlay may refuse O_DIRECT); pass --dir on a local disk if one exists")
-    for name, info in flashpack.backends().items():
-        state = "available" if info.available else f"unavailable: {info.reason}"
-        print(f"backend {name:<7}: {state}{' ' + ','.join(sorted(info.features)) if info.features else ''}")
-    print(f"settings      : slot {cfg.slot_nbytes / MiB:.0f} MiB x {cfg.num_slots} slots, pinned cap "
-          f"{cfg.pinned_cap_nbytes / MiB:.0f} MiB, reader threads {cfg.threads}, extent {cfg.extent_nbytes / MiB:.0f} MiB, "
-          f"verify {cfg.verify}, direct {cfg.direct}")
-    print(f"deadline      : {args.deadline_s:.0f} s for the whole run; size {args.size / GiB:.3f} GiB")
-    print("", flush=True)
-
-
-def fs_of(path: str) -> str:
-    path = os.path.abspath(path)
-    best, fs = "", "?"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and (path + "/").startswith(parts[1].rstrip("/") + "/") and len(parts[1]) >= len(best):
-                    best, fs = parts[1], f"{parts[2]} on {parts[0]} at {parts[1]}"
-    except OSError:
-        pass
-    return fs
-
-
-# --------------------------------------------------------------------------- synthetic model
-
-
-def synthetic_state_dict(size: int) -> dict[str, torch.Tensor]:
-    """Transformer-like shapes: per layer q/k/v/o (h x h) and gate/up/down (3h x h) in bf16, a
-    (3h/4 x h) fp32 projection and fp32 norms (~10% fp32 bytes), then bf16 'embed' pieces filling up to
-    ``size``. Tensors are views at different offsets into one random buffer, so bytes differ per tensor
-    and per position without holding ``size`` bytes in memory."""
-    h = 128
-    while h < 4096 and 29 * (2 * h) ** 2 * 4 <= size:
-        h *= 2
-    base_n = max(8 * MiB, min(size, 1 * GiB)) + 64 * KiB
-    base = torch.empty(base_n // 8, dtype=torch.int64).random_().view(torch.uint8)
-    sd: dict[str, torch.Tensor] = {}
-    used = 0
-    state = {"off": 0}
-
-    def take(shape, dtype):
-        n = 1
-        for s in shape:
-            n *= s
-        nb = n * torch.empty(0, dtype=dtype).element_size()
-        off = state["off"] % (base_n - nb - 64) // 64 * 64
-        state["off"] += 7_340_033 * 64  # a prime stride: neighbours never share an offset
-        return base[off:off + nb].view(dtype).view(shape)
-
-    layer = 0
-    while used + 29 * h * h <= size:
-        pre = f"model.layers.{layer}"
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[f"{pre}.self_attn.{n}.weight"] = take((h, h), torch.bfloat16)
-        for n in ("gate_proj", "up_proj"):
-            sd[f"{pre}.mlp.{n}.weight"] = take((3 * h, h), torch.bfloat16)
-        sd[f"{pre}.mlp.down_proj.weight"] = take((h, 3 * h), torch.bfloat16)
-        sd[f"{pre}.mlp.router.weight"] = take((3 * h // 4, h), torch.float32)
-        sd[f"{pre}.input_layernorm.weight"] = take((h,), torch.float32)
-        sd[f"{pre}.post_attention_layernorm.weight"] = take((h,), torch.float32)
-        used += sum(t.nbytes for k, t in sd.items() if k.startswith(pre + "."))
-        layer += 1
-    rest, j = size - used, 0
-    while rest >= 2 * h:
-        rows = min(rest // (2 * h), 64 * MiB // (2 * h))
-        sd[f"model.embed_tokens.part{j}"] = take((rows, h), torch.bfloat16)
-        rest -= rows * 2 * h
-        j += 1
-    return sd
-
-
-# --------------------------------------------------------------------------- page cache
+    print(C.header(C.environment(args.dir), "flashpack GPU check" + ("  [--dry-cpu: host copy engine, no GPU]"
+                                                                     if args.dry_cpu else ""),
+                   f"GPU (torch): {gpu}",
+                   f"settings: slot {cfg.slot_nbytes / MiB:.0f} MiB x {cfg.num_slots} slots, pinned cap "
+                   f"{cfg.pinned_cap_nbytes / MiB:.0f} MiB, reader threads {cfg.threads}, extent "
+                   f"{cfg.extent_nbytes / MiB:.0f} MiB, verify {cfg.verify}, direct {cfg.direct}",
+                   f"deadline {args.deadline_s:.0f} s for the whole run; size {C.human_nbytes(args.size)}"), flush=True)
 
 
 def evict(path: str) -> str:
-    """Drop the file from the page cache; returns how, and what fraction stayed resident."""
-    os.sync()
-    how = "posix_fadvise(DONTNEED)"
-    if os.geteuid() == 0:
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-            how = "drop_caches"
-        except OSError as e:
-            how = f"posix_fadvise(DONTNEED) (drop_caches refused: {e.strerror})"
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        pages = pagecache.resident_pages(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    frac = float(pages.mean()) if pages is not None and len(pages) else float("nan")
-    return f"{how}; {frac:.1%} of the file still resident"
+    how = C.evict([path])
+    return f"{how}; {C.resident_fraction(path):.1%} of the file still resident"
 
 
 def warm_up_cache(path: str) -> str:
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(64 * MiB)
-        while f.readinto(buf):
-            pass
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pages = pagecache.resident_pages(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    return f"{float(pages.mean()) if pages is not None and len(pages) else float('nan'):.1%} resident"
+    C.warm_file(path)
+    return f"{C.resident_fraction(path):.1%} resident"
 
 
 # --------------------------------------------------------------------------- ceilings
@@ -389,14 +259,14 @@ def compare(out: dict, ref: dict, ref_dev: dict | None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="8G", help="synthetic state_dict size (default 8G; K/M/G suffixes)")
     ap.add_argument("--dir", default="/tmp", help="where to write the pack (a local disk; default /tmp)")
     ap.add_argument("--deadline-s", type=float, default=330.0, help="hard limit for the whole run (default 330)")
     ap.add_argument("--keep", action="store_true", help="keep the pack file")
     ap.add_argument("--dry-cpu", action="store_true", help="no GPU: host copy engine instead of CUDA")
     args = ap.parse_args(argv)
-    args.size = parse_size(args.size)
+    args.size = C.parse_nbytes(args.size)
     t_start = time.monotonic()
     left = lambda: args.deadline_s - (time.monotonic() - t_start)  # noqa: E731
 
@@ -424,8 +294,8 @@ def main(argv=None) -> int:
     watchdog.daemon = True
     watchdog.start()
 
-    header(args, device_ok)
     os.makedirs(args.dir, exist_ok=True)
+    header(args, device_ok)
     backends = [n for n, i in flashpack.backends().items() if i.available]
     dev = torch.device("cuda", 0) if device_ok else None
 
@@ -461,7 +331,7 @@ def main(argv=None) -> int:
 
         # 1. pack
         t = time.perf_counter()
-        sd = synthetic_state_dict(args.size)
+        sd = C.make_state_dict(args.size)
         gen_s = time.perf_counter() - t
         nbytes = sum(v.nbytes for v in sd.values())
         bf16 = sum(v.nbytes for v in sd.values() if v.dtype == torch.bfloat16)
