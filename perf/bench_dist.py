@@ -35,7 +35,8 @@ def _rank(rank: int, world: int, port: int, path: str, exchange: str, backend: s
     import xxhash
 
     import flashpack
-    from flashpack.distributed import init_local_group, load_distributed
+    from flashpack.loading.distributed import load_distributed
+    from flashpack.testing import init_local_group
 
     init_local_group(rank, world, port, backend=backend, timeout_s=600)
     stats = flashpack.LoadStats()
@@ -60,12 +61,12 @@ def _rank(rank: int, world: int, port: int, path: str, exchange: str, backend: s
 
 def run_once(path: str, world: int, exchange: str, backend: str) -> tuple[list, float]:
     """One cold load by ``world`` ranks: (per-rank rows sorted by rank, resident fraction before)."""
-    from flashpack.distributed import free_port
+    from flashpack.testing import free_port
 
     C.evict([path])
     resident = C.resident_fraction(path)
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "flashpack", "flashpack.distributed"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "flashpack", "flashpack.loading.distributed"])
     q, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_rank, args=(r, world, port, path, exchange, backend, q)) for r in range(world)]
     for p in procs:

@@ -38,10 +38,9 @@ import torch
 
 import _common as C
 import flashpack
-from flashpack import ring as ring_mod
-from flashpack.deserialization import aligned_empty
-from flashpack.io import read_all
-from flashpack.io.base import Extent
+from flashpack.io import Extent, open_reader, read_all
+from flashpack.loading.memory import aligned_empty
+from flashpack.staging import ring as ring_mod
 from flashpack.settings import settings
 
 GiB, MiB, gbps, gibps = C.GiB, C.MiB, C.gbps, C.gibps
@@ -201,15 +200,13 @@ def host_copy_ceiling() -> tuple[float, str]:
 def disk_ceiling(path: str, limit_s: float) -> tuple[float, str]:
     """Sequential O_DIRECT read of the pack (page cache dropped first) with the threads reader, 8 MiB
     reads, 16 in flight, into a 128 MiB aligned buffer; stops after ``limit_s`` seconds."""
-    from flashpack.io.threads import ThreadsReader
-
     how = evict(path)
     size = os.path.getsize(path)
     ext, depth = 8 * MiB, 16
     buf = aligned_empty(ext * depth)
     mv = memoryview(buf.numpy()).cast("B")
     done = 0
-    with ThreadsReader(path, direct="on", threads=depth) as r:
+    with open_reader(path, "threads", direct="on", threads=depth, queue_depth=depth) as r:
         feats = ",".join(sorted(r.features))
         t0 = time.perf_counter()
         while done < size and time.perf_counter() - t0 < limit_s:
@@ -311,7 +308,7 @@ def main(argv=None) -> int:
                 out = flashpack.load(path, device=dev, backend=backend, stats=st)
                 torch.cuda.synchronize()
             else:
-                from flashpack.gpu import load_staged
+                from flashpack.testing import load_staged
 
                 out = load_staged(path, device="cpu", backend=backend, stats=st)
             return out, time.perf_counter() - t, st
