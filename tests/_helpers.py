@@ -14,9 +14,13 @@ Test modules import these as ``from _helpers import ...`` (pytest puts ``tests/`
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import struct
+import tempfile
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -145,3 +149,70 @@ def split(nbytes: int, extent_nbytes: int, buf: np.ndarray, file_offset: int = 0
     mv = memoryview(buf)
     return [Extent(file_offset + o, min(extent_nbytes, nbytes - o), mv[o:o + min(extent_nbytes, nbytes - o)], tag=o)
             for o in range(0, nbytes, extent_nbytes)]
+
+
+# --------------------------------------------------------------------------- readers: descriptors, threads, faults
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def task_names() -> list[str]:
+    """Threads of this process, except io_uring's kernel workers (iou-wrk-*), which exit on their own."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if not name.startswith("iou-"):
+            names.append(name)
+    return sorted(names)
+
+
+def no_more_threads_than(baseline: list[str], timeout_s: float = 5.0) -> list[str]:
+    """task_names(), polled until it holds no more threads than ``baseline`` or ``timeout_s`` passes: a
+    joined thread's /proc entry can outlive its join for a moment while the kernel tears it down."""
+    deadline = time.monotonic() + timeout_s
+    names = task_names()
+    while len(names) > len(baseline) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        names = task_names()
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def fault_build():
+    """The shim built with ``-DFP_TESTING`` (fault injection) into a temporary directory, once per
+    session; skips the calling test when it cannot be built here."""
+    spec = importlib.util.spec_from_file_location("build_uring_for_tests", os.path.join(_REPO, "native", "build_uring.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    if not build.can_build():
+        return None
+    return build.build_testing_module(tempfile.mkdtemp(prefix="fp_uring_testing_"))
+
+
+def uring_faults(monkeypatch, **fault) -> object:
+    """Make every uring reader opened from now on use the test build with ``struct fp_fault`` = ``fault``
+    (fields of native/fp_uring.h; unset ones mean "no fault"). Returns the test build's module."""
+    from flashpack.io import uring
+
+    mod = fault_build()
+    if mod is None:
+        pytest.skip("the -DFP_TESTING build of the io_uring shim cannot be compiled here")
+    fields = {"direct_max_nbytes": -1, "err_offset": -1, "eof_offset": -1, **fault}
+    real_setup = uring.setup_ring
+
+    def setup_with_fault(depth):
+        ring, flags = real_setup(depth)
+        mod.lib.fp_ring_set_fault(ring, mod.ffi.new("struct fp_fault *", fields))
+        return ring, flags
+
+    monkeypatch.setattr(uring, "_uring", mod)
+    monkeypatch.setattr(uring, "setup_ring", setup_with_fault)
+    return mod

@@ -603,11 +603,3 @@ def test_progress_bar_on_a_tty_only_and_quiet(st_file, tmp_path, monkeypatch, ca
     assert cli.main(["convert", str(src), str(tmp_path / "b.flashpack"), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
 
-
-@pytest.mark.slow
-def test_bench_convert_smoke(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(REPO, "perf", "bench_convert.py"), "--size=1M", "--tensor=256K",
-                        f"--dir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert p.returncode == 0, p.stderr
-    assert "disk buffered write" in p.stdout and "ratio to disk write speed" in p.stdout and "peak RSS" in p.stdout
-    assert os.listdir(tmp_path) == []

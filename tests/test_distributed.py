@@ -10,8 +10,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -358,19 +356,6 @@ def test_shares_partition_the_plan(files, w, name):
 
 
 # --------------------------------------------------------------------------- the benchmark, smoke-run
-
-
-def test_bench_dist_smoke(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "perf" / "bench_dist.py"), "--world-size", "2", "--size", "1M",
-                          "--dir", str(tmp_path), "--no-baseline"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("result ")]
-    assert len(lines) == 1, out.stdout
-    for ln in lines:
-        fields = dict(kv.split("=", 1) for kv in ln.split()[1:])
-        assert fields["ok"] == "True"
-        assert int(fields["total_read_nbytes"]) <= int(fields["file_nbytes"])  # read once, not world_size times
 
 
 def test_src_rank_without_a_process_group_is_refused(tmp_path):

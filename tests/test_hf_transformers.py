@@ -360,17 +360,3 @@ def test_loading_leaves_register_parameter_unpatched(tmp_path):
 
 # --------------------------------------------------------------------------- the benchmark script
 
-
-@pytest.mark.slow
-def test_bench_hf_smoke(tmp_path):
-    """perf/bench_hf.py runs end to end on a tiny synthetic model (no timing asserted)."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf", "bench_hf.py")
-    out = subprocess.run([sys.executable, script, "--models", "synthetic", "--size", "2M", "--repeats", "1",
-                          "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    doc = json.loads((tmp_path / "r.json").read_text())
-    assert {(s["method"], s["cache"]) for s in doc["samples"]} == {(m, c) for m in ("safetensors", "flashpack")
-                                                                  for c in ("cold", "warm")}
-    assert all(s["meta_params"] == 0 and s["training"] is False for s in doc["samples"])
-    assert len({s["touch_checksum"] for s in doc["samples"]}) == 1  # both formats hold the same bytes

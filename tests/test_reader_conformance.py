@@ -13,65 +13,23 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
-import importlib.util
 import logging
 import os
 import random
-import tempfile
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from flashpack.errors import ReadError
-from flashpack.io import Extent, backend_info, backends, base, open_reader, read_all
+from flashpack.io import Extent, backends, base, open_reader, read_all
 from flashpack.io.pagecache import drop_from_cache
 
-PAGE = 4096
-BACKENDS = list(backends())
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _helpers import PAGE, aligned, make_file, no_more_threads_than, open_fds, pattern_bytes, split, task_names, uring_faults  # noqa: E501
 
-
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    info = backend_info(request.param)
-    if not info.available:
-        pytest.skip(f"backend {request.param!r} unavailable: {info.reason}")
-    return request.param
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def pattern(file_offset: int, nbytes: int) -> np.ndarray:
-    """Bytes that depend on their file offset and are never zero."""
-    i = np.arange(file_offset, file_offset + nbytes, dtype=np.uint64)
-    return ((i * np.uint64(0x9E3779B1)) >> np.uint64(13)) % np.uint64(251) + np.uint64(1)
-
-
-def pattern_bytes(file_offset: int, nbytes: int) -> np.ndarray:
-    return pattern(file_offset, nbytes).astype(np.uint8)
-
-
-def make_file(path, nbytes: int) -> np.ndarray:
-    data = pattern_bytes(0, nbytes)
-    data.tofile(str(path))
-    return data
-
-
-def aligned(nbytes: int, misalign: int = 0) -> np.ndarray:
-    """A zeroed uint8 array whose first byte is ``misalign`` bytes past a 4096-byte boundary."""
-    raw = np.zeros(nbytes + 2 * PAGE, dtype=np.uint8)
-    start = (-raw.ctypes.data) % PAGE + misalign
-    return raw[start:start + nbytes]
-
-
-def split(nbytes: int, extent_nbytes: int, buf: np.ndarray, file_offset: int = 0) -> list[Extent]:
-    mv = memoryview(buf)
-    return [Extent(file_offset + o, min(extent_nbytes, nbytes - o), mv[o:o + min(extent_nbytes, nbytes - o)], tag=o)
-            for o in range(0, nbytes, extent_nbytes)]
 
 
 def load(path, backend: str, nbytes: int, extent_nbytes: int = 256 * 1024, direct: str = "on", **kw):
@@ -79,68 +37,6 @@ def load(path, backend: str, nbytes: int, extent_nbytes: int = 256 * 1024, direc
     with open_reader(path, backend=backend, direct=direct, **kw) as r:
         read_all(r, split(nbytes, extent_nbytes, buf))
         return buf, r.stats, r.features
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def task_names() -> list[str]:
-    """Threads of this process, except io_uring's kernel workers (iou-wrk-*), which exit on their own."""
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if not name.startswith("iou-"):
-            names.append(name)
-    return sorted(names)
-
-
-def no_more_threads_than(baseline: list[str], timeout_s: float = 5.0) -> list[str]:
-    """task_names(), polled until it holds no more threads than ``baseline`` or ``timeout_s`` passes: a
-    joined thread's /proc entry can outlive its join for a moment while the kernel tears it down."""
-    deadline = time.monotonic() + timeout_s
-    names = task_names()
-    while len(names) > len(baseline) and time.monotonic() < deadline:
-        time.sleep(0.02)
-        names = task_names()
-    return names
-
-
-@functools.lru_cache(maxsize=None)
-def fault_build():
-    """The shim built with ``-DFP_TESTING`` (fault injection) into a temporary directory, once per
-    session; skips the calling test when it cannot be built here."""
-    spec = importlib.util.spec_from_file_location("build_uring_for_tests", os.path.join(REPO, "native", "build_uring.py"))
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    if not build.can_build():
-        return None
-    return build.build_testing_module(tempfile.mkdtemp(prefix="fp_uring_testing_"))
-
-
-def uring_faults(monkeypatch, **fault) -> object:
-    """Make every uring reader opened from now on use the test build with ``struct fp_fault`` = ``fault``
-    (fields of native/fp_uring.h; unset ones mean "no fault"). Returns the test build's module."""
-    from flashpack.io import uring
-
-    mod = fault_build()
-    if mod is None:
-        pytest.skip("the -DFP_TESTING build of the io_uring shim cannot be compiled here")
-    fields = {"direct_max_nbytes": -1, "err_offset": -1, "eof_offset": -1, **fault}
-    real_setup = uring.setup_ring
-
-    def setup_with_fault(depth):
-        ring, flags = real_setup(depth)
-        mod.lib.fp_ring_set_fault(ring, mod.ffi.new("struct fp_fault *", fields))
-        return ring, flags
-
-    monkeypatch.setattr(uring, "_uring", mod)
-    monkeypatch.setattr(uring, "setup_ring", setup_with_fault)
-    return mod
 
 
 def _is_direct(fd: int) -> bool:

@@ -20,7 +20,7 @@ import pytest
 from flashpack.errors import BackendUnavailableError, ReadError
 from flashpack.io import Extent, backend_info, base, open_reader, read_all, resolve_backend, uring
 
-from test_reader_conformance import aligned, make_file, open_fds, split, uring_faults
+from _helpers import aligned, make_file, open_fds, split, uring_faults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_uring = pytest.mark.skipif(not uring.probe()[0], reason=f"io_uring unavailable: {uring.probe()[1]}")
@@ -267,24 +267,6 @@ def test_build_script_says_why_not(monkeypatch):
     monkeypatch.delenv("CFLAGS")
     if uring._uring is not None:  # built here, so the script must agree it can build
         assert mod.can_build(), mod.why_not()
-
-
-# --------------------------------------------------------------------------- perf/bench_reader.py smoke run
-
-
-def test_bench_reader_smoke(tmp_path):
-    """The benchmark runs end to end on a 4 MiB file (fadvise only: never drops the machine's page cache)."""
-    out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, os.path.join(REPO, "perf", "bench_reader.py"), "--size", "4M", "--runs", "1",
-                          "--extent", "1M", "--queue-depths", "2", "--fixed", "off,on", "--cache", "fadvise",
-                          "--file", str(tmp_path / "b.bin"), "--json", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "cold cache by fadvise" in res.stdout and "| variant | median s | Gbps | GiB/s | x fio | x fio+fixedbufs | CPU s/GiB |" in res.stdout
-    variants = json.loads(out.read_text())["variants"]
-    assert "threads qd=2" in variants
-    assert ("uring qd=2" in variants) == uring.probe()[0]
-    assert all(v["throughput_gbps"] > 0 for v in variants.values())
 
 
 @needs_uring
