@@ -19,6 +19,7 @@ from .io import Extent, open_reader, read_all
 from .loading.common import LoadStats, aligned_empty, assemble, parse_device, prepare
 from .loading.distributed import group_for, load_distributed
 from .loading.host import mmap_payload, read_into
+from .loading.memory import host_buffer
 from .loading.staged import load_payload_cuda
 from .settings import PAGE_NBYTES, settings
 from .source import read_weight_map
@@ -92,8 +93,11 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
     elif dev.type == "cuda":
         buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg)
     else:
-        buffer = aligned_empty(plan.buffer_nbytes)
-        read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg)
+        dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages)
+        stats.memory = dest.kind
+        buffer = dest.tensor
+        read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
+                  populate=None if dest.kind == "torch" else dest.populate)
     return assemble(job, buffer, plan)
 
 

@@ -26,6 +26,8 @@ class LoadStats:
         bytes_read: bytes requested from the file (this rank's, in a distributed load).
         bytes_direct, bytes_buffered: of those, read with O_DIRECT / through the page cache.
         chunks_verified: checksum chunks verified.
+        memory: how the host destination was allocated (:attr:`flashpack.loading.memory.HostBuffer.kind`), or
+            ``""`` when the load had none of its own (CUDA, mmap).
     """
 
     backend: str = ""
@@ -33,6 +35,7 @@ class LoadStats:
     bytes_direct: int = 0
     bytes_buffered: int = 0
     chunks_verified: int = 0
+    memory: str = ""
 
     def add_reader(self, rs: ReaderStats) -> None:
         """Add a reader's byte counts."""

@@ -21,8 +21,54 @@ def _extents(plan: LoadPlan, buf: memoryview) -> list[Extent]:
             for i, e in enumerate(plan.extents)]
 
 
+#: Destination bytes pre-faulted (``populate``) ahead of the reads submitted into them, per step.
+WINDOW_NBYTES = 64 * 1024 * 1024
+
+
+def _read_windowed(reader, plan: LoadPlan, extents: list[Extent], on_complete, populate) -> None:
+    """:func:`flashpack.io.read_all` that submits the extents one destination window at a time, each window
+    pre-faulted by ``populate(buffer_offset, nbytes)`` first (in this thread, while the reader reads the
+    windows before it), and verifies completions between windows. Errors as ``read_all``: the first one is
+    raised after every in-flight read has finished."""
+    first: BaseException | None = None
+
+    def handle(completions) -> None:
+        nonlocal first
+        for c in completions:
+            if c.error is not None:
+                first = first or c.error
+            elif first is None and on_complete is not None:
+                try:
+                    on_complete(c.extent)
+                except BaseException as e:  # noqa: BLE001 - raised after draining
+                    first = e
+
+    try:
+        i, n = 0, len(extents)
+        while i < n and first is None:
+            lo = plan.extents[extents[i].tag].buffer_offset
+            j, hi = i, lo
+            while j < n and (j == i or hi - lo < WINDOW_NBYTES):
+                e = plan.extents[extents[j].tag]
+                hi = max(hi, e.buffer_offset + e.nbytes)
+                j += 1
+            populate(lo, hi - lo)
+            reader.submit(extents[i:j])
+            i = j
+            handle(reader.wait(0))
+        while reader.in_flight:
+            if first is not None:
+                reader.cancel_pending()
+            handle(reader.wait())
+    except BaseException:
+        reader.close()  # KeyboardInterrupt while waiting: drain before propagating
+        raise
+    if first is not None:
+        raise first
+
+
 def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str | None, verify: bool,
-              stats: LoadStats, cfg: Settings) -> None:
+              stats: LoadStats, cfg: Settings, populate=None) -> None:
     """Read a plan's extents into ``dest``, verifying chunks as they complete.
 
     Args:
@@ -30,6 +76,9 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
         dest: a page-aligned CPU uint8 tensor of at least ``plan.buffer_nbytes`` bytes.
         backend: the reader (``None``: ``cfg.backend``); verify: check checksum chunks; stats: filled in.
         cfg: the load's settings.
+        populate: ``populate(buffer_offset, nbytes)`` pre-faults destination bytes
+            (:meth:`flashpack.loading.memory.HostBuffer.populate`); when given, extents are submitted one
+            64 MiB window at a time, each populated first. ``None``: all at once, faulted by the reads.
 
     Raises:
         ChecksumMismatchError, ReadError (``ESTALE`` when the file changed since its weight map was read),
@@ -52,7 +101,10 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
     with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg) as reader:
         stats.backend = reader.name
         try:
-            read_all(reader, _extents(plan, buf), done if verify else None)
+            if populate is None:
+                read_all(reader, _extents(plan, buf), done if verify else None)
+            else:
+                _read_windowed(reader, plan, _extents(plan, buf), done if verify else None, populate)
         finally:
             stats.add_reader(reader.stats)
 

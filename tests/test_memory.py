@@ -1,0 +1,103 @@
+"""Host load destinations (flashpack/loading/memory.py): alignment, huge pages on request, pre-faulting with
+its fallback, the tensors owning the mapping, and loads identical whichever memory they land in."""
+
+from __future__ import annotations
+
+import errno
+import gc
+
+import pytest
+import torch
+
+import flashpack
+import flashpack.errors
+import flashpack.settings
+from flashpack.loading import memory
+from flashpack.settings import MiB
+
+HUGE = memory.HUGE_PAGE_NBYTES
+
+
+@pytest.mark.parametrize("mode, kind_prefix", [("on", ("thp", "4k")), ("off", ("torch",))])
+def test_host_buffer_size_alignment_and_kind(mode, kind_prefix):
+    b = memory.host_buffer(16 * MiB + 4096, huge_pages=mode)
+    t = b.tensor
+    assert t.dtype == torch.uint8 and t.device.type == "cpu" and t.numel() == 16 * MiB + 4096
+    assert t.data_ptr() % 4096 == 0 and b.kind.startswith(kind_prefix)
+    if mode == "on":
+        assert t.data_ptr() % HUGE == 0
+    b.populate(0, t.numel())
+    t.fill_(7)
+    assert int(t.sum()) == 7 * t.numel()
+
+
+def test_small_destinations_come_from_torch():
+    b = memory.host_buffer(memory.MIN_MAPPED_NBYTES - 1, huge_pages="on")
+    assert b.kind == "torch" and b.tensor.numel() == memory.MIN_MAPPED_NBYTES - 1
+
+
+def test_auto_asks_for_huge_pages_only_when_free_blocks_cover_twice_the_load(monkeypatch):
+    monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 2 * 8 * MiB - 1)
+    assert memory.host_buffer(8 * MiB, huge_pages="auto").kind == "torch"
+    monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 2 * 8 * MiB)
+    assert memory.host_buffer(8 * MiB, huge_pages="auto").kind != "torch"
+
+
+def test_free_huge_nbytes_counts_blocks_of_2_mib_and_more(monkeypatch, tmp_path):
+    fake = tmp_path / "buddyinfo"
+    #               order: 0  1  2  3  4  5  6  7  8  9  10
+    fake.write_text("Node 0, zone   Normal  9  9  9  9  9  9  9  9  9  3  2\n"
+                    "Node 0, zone    DMA32  0  0  0  0  0  0  0  0  0  1  0\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(fake if p == "/proc/buddyinfo" else p, *a, **k))
+    assert memory.free_huge_nbytes() == (3 + 1) * 2 * MiB + 2 * 4 * MiB
+
+
+def test_populate_falls_back_to_touching_when_the_kernel_refuses(monkeypatch):
+    monkeypatch.setattr(memory, "_populate_refused", False)
+    real = memory._madvise
+    monkeypatch.setattr(memory, "_madvise",
+                        lambda a, n, adv: errno.EINVAL if adv == memory.MADV_POPULATE_WRITE else real(a, n, adv))
+    b = memory.host_buffer(8 * MiB, huge_pages="on")
+    b.populate(4096, 5 * MiB)
+    assert b.kind.endswith("+touch")
+    assert int(b.tensor[4096:4096 + 5 * MiB:4096].sum()) == 0  # touched pages read as zero
+
+
+def test_the_tensors_own_the_mapping():
+    b = memory.host_buffer(256 * MiB, huge_pages="on")
+    view = b.tensor[MiB:2 * MiB]
+    del b
+    gc.collect()
+    before = memory.resident_nbytes()
+    view.fill_(1)  # still mapped through the view
+    big = memory.host_buffer(256 * MiB, huge_pages="on")
+    big.populate(0, 256 * MiB)
+    assert memory.resident_nbytes() - before >= 200 * MiB
+    grown = memory.resident_nbytes()
+    del big
+    gc.collect()
+    assert grown - memory.resident_nbytes() >= 200 * MiB  # unmapped with its last tensor
+    assert int(view.sum()) == MiB
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "auto"])
+def test_loads_are_identical_in_any_memory(tmp_path, monkeypatch, backend, mode):
+    monkeypatch.setenv("FLASHPACK_HUGE_PAGES", mode)
+    torch.manual_seed(0)
+    sd = {"a": torch.randn(3 * MiB), "b": torch.arange(1000), "c": torch.randn(7, 5).bfloat16()}
+    flashpack.pack_to_file(sd, tmp_path / "m.flashpack")
+    stats = flashpack.LoadStats()
+    out = flashpack.load(tmp_path / "m.flashpack", backend=backend, stats=stats)
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+    assert stats.memory in ("torch", "thp+populate", "thp+touch", "4k+populate", "4k+touch")
+    if mode == "off":
+        assert stats.memory == "torch"
+    out["a"].add_(1)  # private and writable
+    assert torch.equal(out["a"], sd["a"] + 1)
+
+
+def test_bad_setting_is_named(monkeypatch):
+    monkeypatch.setenv("FLASHPACK_HUGE_PAGES", "maybe")
+    with pytest.raises(flashpack.errors.SettingsError, match="FLASHPACK_HUGE_PAGES='maybe'"):
+        flashpack.settings.settings()
