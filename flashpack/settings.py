@@ -20,9 +20,10 @@ variable                        default      meaning
 ``FLASHPACK_URING_BUFFERS``     ``0``        ``1``: ``uring`` registers destination buffers (READ_FIXED);
                                              pins them, counted against RLIMIT_MEMLOCK
 ``FLASHPACK_URING_FILES``       ``1``        ``uring`` registers the file's descriptors with the ring
-``FLASHPACK_HUGE_PAGES``        ``auto``     host load destinations in transparent huge pages: ``auto`` (when
-                                             free 2 MiB blocks cover twice the load, /proc/buddyinfo),
-                                             ``on``, ``off`` (4 KiB pages from torch's allocator)
+``FLASHPACK_HUGE_PAGES``        ``off``      host load destinations in transparent huge pages, pre-faulted
+                                             ahead of the reads: ``on``, ``auto`` (when free 2 MiB blocks
+                                             cover twice the load, /proc/buddyinfo), ``off`` (4 KiB pages
+                                             from torch's allocator, faulted in by the reader threads)
 ==============================  ===========  ==========================================================
 
 Build time only (read by ``native/build_uring.py``, not here): ``FLASHPACK_NO_URING_BUILD=1`` installs
@@ -99,7 +100,7 @@ class Settings:
     debug: bool
     uring_buffers: bool = False
     uring_files: bool = True
-    huge_pages: str = "auto"
+    huge_pages: str = "off"
 
 
 def settings() -> Settings:
@@ -133,7 +134,7 @@ def settings() -> Settings:
     slot = size("FLASHPACK_SLOT_NBYTES", "64M")
     if slot < PAGE_NBYTES or slot % PAGE_NBYTES:
         raise SettingsError(f"FLASHPACK_SLOT_NBYTES={slot}: must be a positive multiple of {PAGE_NBYTES}")
-    huge = _env("FLASHPACK_HUGE_PAGES", "auto").lower()
+    huge = _env("FLASHPACK_HUGE_PAGES", "off").lower()
     if huge not in ("auto", "on", "off"):
         raise SettingsError(f"FLASHPACK_HUGE_PAGES={huge!r}: expected auto, on or off")
     return Settings(
