@@ -2,6 +2,8 @@
 
 - :class:`HostCopySink` / :class:`HostFence`: a stand-in for CUDA streams and events (worker threads that copy
   staging slots out after random delays and check the ring's contract), so the staged path runs without a GPU.
+- :class:`HostRegistrar`: a stand-in for read-only ``cudaHostRegister`` of page-cache windows (counts them), so the
+  mapped path (:mod:`flashpack.staging.mapped`) runs without a GPU too.
 - :func:`load_payload_host`, :func:`load_staged`: the staged load into host memory through that sink.
 - :func:`free_port`, :func:`init_local_group`: a ``torch.distributed`` group of processes on this machine.
 """
@@ -21,10 +23,11 @@ import torch
 
 from .format import WeightMap
 from .loading.common import LoadStats, aligned_empty, assemble, parse_device, prepare
-from .loading.staged import load_payload_cuda, load_payload_staged
+from .loading.staged import load_payload_cuda, load_payload_mapped, load_payload_staged
 from .plan import LoadPlan
 from .settings import Settings, settings
 from .source import read_weight_map
+from .staging.mapped import Registrar, Window, host_tensor_at
 from .staging.ring import Pinner, Slot
 
 # --------------------------------------------------------------------------- a host copy engine
@@ -90,12 +93,12 @@ class HostCopySink:
             job = q.get()
             if job is None:
                 return
-            slot, generation, nbytes, dest_offset, delay_s, fence = job
+            slot, generation, nbytes, dest_offset, delay_s, fence, src = job
             try:
                 if delay_s:
                     time.sleep(delay_s)
-                self.dest[dest_offset:dest_offset + nbytes].copy_(slot.tensor[:nbytes])
-                if slot.generation != generation:
+                self.dest[dest_offset:dest_offset + nbytes].copy_(slot.tensor[:nbytes] if src is None else src)
+                if slot is not None and slot.generation != generation:
                     self.violations.append(f"{slot!r} was handed out again while its copy ran")
                 fence._complete()
             except BaseException as e:  # noqa: BLE001 - reported through the fence and drain()
@@ -113,7 +116,26 @@ class HostCopySink:
         fence = HostFence()
         delay = self._rng.uniform(0, self.max_delay_s) if self.max_delay_s else 0.0
         self._fences.append(fence)
-        self._queues[self._next].put((slot, slot.generation, nbytes, dest_offset, delay, fence))
+        self._queues[self._next].put((slot, slot.generation, nbytes, dest_offset, delay, fence, None))
+        self._next = (self._next + 1) % len(self._queues)
+        self.copies += 1
+        return fence
+
+    def copy_from(self, src: torch.Tensor, dest_offset: int) -> HostFence:
+        """Queue a copy of the CPU uint8 tensor ``src`` (a registered window,
+        :class:`flashpack.staging.mapped.WindowSink`) to ``dest[dest_offset:]``; returns its fence.
+
+        Raises:
+            ValueError: the copy would fall outside ``dest``.
+        """
+        nbytes = src.numel()
+        if dest_offset < 0 or dest_offset + nbytes > self.dest.numel():
+            raise ValueError(f"copy of {nbytes} bytes to offset {dest_offset} is outside the "
+                             f"{self.dest.numel()}-byte destination")
+        fence = HostFence()
+        delay = self._rng.uniform(0, self.max_delay_s) if self.max_delay_s else 0.0
+        self._fences.append(fence)
+        self._queues[self._next].put((None, 0, nbytes, dest_offset, delay, fence, src))
         self._next = (self._next + 1) % len(self._queues)
         self.copies += 1
         return fence
@@ -150,32 +172,96 @@ class HostCopySink:
         self.close()
 
 
+class HostRegistrar:
+    """A stand-in for read-only ``cudaHostRegister`` of page-cache windows (:mod:`flashpack.staging.mapped`).
+
+    "Registering" copies the populated window into private memory, as pinning holds the pages for the
+    device: what the copy engine reads afterwards no longer goes through the mapping (a file truncated
+    later cannot make the host copy fault). This copy is the test double's only CPU read of a mapping.
+
+    Args:
+        refuse: the reason every registration from the ``refuse_after``-th on (0-based) is refused with;
+            ``None`` refuses none.
+        on_register: called as ``on_register(window, index)`` after each registration (tests truncate the
+            file there).
+
+    Attributes:
+        attempts, registered, unregistered: calls counted; ``live``/``peak_live``: windows registered now /
+        at most at once; ``violations``: windows unregistered twice or before their copy's fence was done.
+    """
+
+    name = "host"
+
+    def __init__(self, *, refuse: str | None = None, refuse_after: int = 0, on_register=None):
+        self.refuse, self.refuse_after, self.on_register = refuse, refuse_after, on_register
+        self.attempts = self.registered = self.unregistered = self.live = self.peak_live = 0
+        self.violations: list[str] = []
+        self._lock = threading.Lock()
+
+    def register(self, window: Window) -> str | None:
+        with self._lock:
+            i, self.attempts = self.attempts, self.attempts + 1
+        if self.refuse is not None and i >= self.refuse_after:
+            return self.refuse
+        window.tensor = host_tensor_at(window.address, window.piece.nbytes).clone()
+        window.handle = i
+        with self._lock:
+            self.registered += 1
+            self.live += 1
+            self.peak_live = max(self.peak_live, self.live)
+        if self.on_register is not None:
+            self.on_register(window, i)
+        return None
+
+    def unregister(self, window: Window) -> None:
+        with self._lock:
+            if window.handle is None:
+                self.violations.append(f"window at file offset {window.piece.file_offset} unregistered twice")
+            elif window.fence is not None and not window.fence.done():
+                self.violations.append(f"window at file offset {window.piece.file_offset} unregistered before "
+                                       f"its copy's fence was done")
+            window.handle = None
+            self.live -= 1
+            self.unregistered += 1
+
+
 # --------------------------------------------------------------------------- staged loads into host memory
 
 
 def load_payload_host(wm: WeightMap, plan: LoadPlan, *, backend: str | None, verify: bool, stats: LoadStats,
                       slot_nbytes: int | None = None, num_slots: int | None = None, num_workers: int = 2,
                       max_delay_s: float = 0.0, seed: int | None = None, pinner: Pinner | None = None,
-                      hash_threads: int | None = None, cfg: Settings | None = None) -> torch.Tensor:
+                      hash_threads: int | None = None, cfg: Settings | None = None, mapped: str = "off",
+                      registrar: Registrar | None = None) -> torch.Tensor:
     """The same staged load with a host copy engine: a new CPU uint8 tensor of ``plan.buffer_nbytes``.
 
     Args:
         num_workers, max_delay_s, seed: the copy engine (see :class:`HostCopySink`).
         pinner: a test pinner (default: pageable slots).
+        mapped: ``"off"`` (default: the ring only), ``"auto"`` or ``"on"``: page-cache windows as for
+            :func:`flashpack.loading.staged.load_payload_mapped`, registered by ``registrar`` (default a new
+            :class:`HostRegistrar`).
         cfg: settings (default: read now). Others as :func:`flashpack.loading.staged.load_payload_cuda`.
 
     Raises:
         As :func:`flashpack.load`; also ``AssertionError`` when the engine saw a slot handed out again
-        while its copy ran (a ring bug).
+        while its copy ran (a ring bug), or the registrar a window unregistered before its copy was done.
     """
     dest = aligned_empty(plan.buffer_nbytes)
     if plan.buffer_nbytes == 0:
         return dest
     with HostCopySink(dest, num_workers=num_workers, max_delay_s=max_delay_s, seed=seed) as sink:
-        load_payload_staged(wm, plan, sink, backend=backend, verify=verify, stats=stats, cfg=cfg or settings(),
-                            slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=pinner, hash_threads=hash_threads)
-    if sink.violations:
-        raise AssertionError("; ".join(sink.violations))
+        if mapped != "off":
+            registrar = registrar if registrar is not None else HostRegistrar()
+            load_payload_mapped(wm, plan, sink, registrar, backend=backend, verify=verify, stats=stats,
+                                cfg=cfg or settings(), slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=pinner,
+                                hash_threads=hash_threads, mapped=mapped)
+        else:
+            load_payload_staged(wm, plan, sink, backend=backend, verify=verify, stats=stats, cfg=cfg or settings(),
+                                slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=pinner, hash_threads=hash_threads)
+    violations = sink.violations + (getattr(registrar, "violations", None) or [])
+    if violations:
+        raise AssertionError("; ".join(violations))
     return dest
 
 
@@ -231,4 +317,4 @@ def init_local_group(rank: int, world_size: int, port: int, *, backend: str = "g
     return dist.group.WORLD
 
 
-__all__ = ["HostCopySink", "HostFence", "free_port", "init_local_group", "load_payload_host", "load_staged"]
+__all__ = ["HostCopySink", "HostFence", "HostRegistrar", "free_port", "init_local_group", "load_payload_host", "load_staged"]

@@ -2,7 +2,7 @@
 ceilings measured in the same run. Runs unattended, never hangs (global deadline), prints one report.
 
 Usage:
-    python perf/gpu_check.py [--size 8G] [--dir /tmp] [--deadline-s 330] [--keep] [--dry-cpu]
+    python perf/gpu_check.py [--size 8G] [--dir /tmp] [--deadline-s 330] [--keep] [--dry-cpu] [--no-fresh]
 
 Steps:
     1. pack a synthetic transformer-like state_dict (~90% bf16, ~10% fp32 bytes) of --size to --dir;
@@ -14,9 +14,18 @@ Steps:
        and bit-compare every tensor with a CPU reference load (`flashpack.load(path)`), on the GPU;
     4. the C24 race: allocate the load's size, queue a long kernel then a write into it, free it, load
        at once; the bytes must equal the reference;
-    5. print one table: Gbps and GiB/s per backend and cache state, each as a fraction of its ceiling and
-       against the targets (warm >= 0.8 x H2D; cold >= 0.9 x min(disk, H2D)), plus peak pinned bytes vs
-       slots x slot size.
+    5. fresh-process rows (skipped with --no-fresh): for each path -- ``ring`` (pinned staging ring,
+       ``mapped="off"``), ``mapped`` (read-only registered page-cache windows, ``mapped="on"``: populated
+       from the disk when cold) and ``default`` (``flashpack.load``, which picks ``mapped`` when the file is
+       cached) -- one load per cache state, each in a new process (perf/_common.py run_child): ``cold``
+       (page cache dropped first), ``restart`` (right after the cold load of that path, nothing else done),
+       ``cached`` (the file read once with a buffered read first); the loaded bytes are hashed in the child
+       and compared with the reference; a mapped load that fell back to the ring says why (the
+       ``cudaHostRegister`` refusal); peak registered window bytes are checked against windows x slot size;
+    6. print the tables: Gbps and GiB/s per backend and cache state, each as a fraction of its ceiling and
+       against the targets (in-process rows: warm >= 0.8 x H2D; cold >= 0.9 x min(disk, H2D); fresh-process
+       rows, issue 12: cached >= 0.8 x pinned H2D; cold >= 0.95 x min(disk, H2D); restart is reported), plus
+       peak pinned bytes vs slots x slot size.
 
 --dry-cpu runs the same steps without a GPU: loads go through the same ring and scheduler with the
 host copy engine, and the H2D ceiling is replaced by a host memcpy (for smoke tests).
@@ -45,6 +54,10 @@ from flashpack.settings import settings
 
 GiB, MiB, gbps, gibps = C.GiB, C.MiB, C.gbps, C.gibps
 WARM_TARGET, COLD_TARGET = 0.8, 0.9
+#: Fresh-process rows: targets of issue 12 ("GPU when lent: cached >= 0.8x pinned H2D; cold >= 0.95x min(disk, H2D)").
+FRESH_TARGETS = {"cold": 0.95, "restart": None, "cached": 0.8}
+FRESH_PATHS = ("ring", "mapped", "default")
+FRESH_MODES = ("cold", "restart", "cached")
 
 
 # --------------------------------------------------------------------------- report (printed even when cut short)
@@ -54,6 +67,7 @@ class Report:
     def __init__(self):
         self.lock = threading.Lock()
         self.rows: list[dict] = []
+        self.fresh: list[dict] = []  # fresh-process rows (path, mode, nbytes, time_s, backend, note)
         self.ceilings: dict[str, tuple[float, str]] = {}  # name -> (bytes/s, how)
         self.lines: list[str] = []
         self.failures: list[str] = []
@@ -110,6 +124,8 @@ class Report:
         if not self.rows:
             p("  (no load completed)")
         p("")
+        self.final_fresh(h2d, disk)
+        p("")
         p(f"targets (default-settings rows only): {met} of {total} met; warm >= {WARM_TARGET} x H2D ceiling, "
           f"cold >= {COLD_TARGET} x min(disk, H2D); rows named 'threadsN' or 'no-verify' are informative variants")
         p(pinned)
@@ -121,6 +137,29 @@ class Report:
         p("legend: GiB = bytes read from the file / 2^30; time_s = best wall time of the load call including the "
           "final device synchronize; Gbps = 10^9 bit/s; fraction = throughput / ceiling")
         sys.stdout.flush()
+
+
+    def final_fresh(self, h2d: float, disk: float) -> None:
+        p = print
+        p("FRESH-PROCESS ROWS (each load in a new process; ceiling: pinned H2D, cold: min(disk, H2D))")
+        if not self.fresh:
+            p("  (none run)")
+            return
+        p(f"  {'path':<8} {'cache':<8} {'ran as':<14} {'GiB':>7} {'time_s':>8} {'Gbps':>8} {'GiB/s':>7}  "
+          f"{'ceiling':<18} {'fraction':>8} {'target':>7}  result")
+        for r in self.fresh:
+            ceil_name, ceil = ("min(disk,H2D)", min(disk, h2d)) if r["mode"] == "cold" else ("H2D", h2d)
+            target = FRESH_TARGETS[r["mode"]]
+            if r.get("error"):
+                p(f"  {r['path']:<8} {r['mode']:<8} ERROR: {r['error']}")
+                continue
+            bps = r["nbytes"] / r["time_s"]
+            frac = bps / ceil if ceil == ceil and ceil > 0 else float("nan")
+            res = "n/a" if frac != frac or target is None else ("met" if frac >= target else "MISSED")
+            p(f"  {r['path']:<8} {r['mode']:<8} {r['backend']:<14} {r['nbytes'] / GiB:7.2f} {r['time_s']:8.3f} "
+              f"{gbps(r['nbytes'], r['time_s']):8.1f} {gibps(r['nbytes'], r['time_s']):7.2f}  "
+              f"{ceil_name + f' {gibps(ceil, 1):.2f}':<18} {frac:8.2f} {'-' if target is None else f'{target:.2f}':>7}  "
+              f"{res}" + (f"  ({r['note']})" if r.get("note") else ""))
 
 
 def header(args, device_ok: bool) -> None:
@@ -252,6 +291,103 @@ def compare(out: dict, ref: dict, ref_dev: dict | None) -> list[str]:
     return bad
 
 
+# --------------------------------------------------------------------------- fresh-process rows
+
+
+def digest(sd: dict) -> dict[str, str]:
+    """xxh3_64 of each tensor's bytes (moved to the CPU first), to compare loads made in other processes."""
+    import xxhash
+
+    out = {}
+    for k, t in sd.items():
+        b = t.detach().reshape(-1).view(torch.uint8).cpu().numpy() if t.numel() else b""
+        out[k] = f"{t.dtype}|{tuple(t.shape)}|{xxhash.xxh3_64_hexdigest(b)}"
+    return out
+
+
+def child_load(args) -> dict:
+    """``--child PATH --mode MODE --file F``: set the cache state, then one timed load of ``F`` through
+    ``PATH`` (ring | mapped | default) in this fresh process; returns its time, bytes and digest."""
+    import logging
+
+    from flashpack.staging import mapped as mapped_mod
+    from flashpack.testing import load_staged
+
+    cfg = settings()
+    notices: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            notices.append(record.getMessage())
+
+    logging.getLogger("flashpack").addHandler(Keep(logging.WARNING))
+    dev = None if args.dry_cpu else torch.device("cuda", 0)
+    if dev is not None:
+        torch.empty(1, device=dev)  # the CUDA context, before the clock
+        torch.cuda.synchronize()
+    info = {"path": args.child, "mode": args.mode}
+    if args.mode == "cold":
+        info["cache_method"] = C.evict([args.file])
+    elif args.mode == "cached":
+        C.warm_file(args.file)
+    info["resident_before"] = C.resident_fraction(args.file)
+    st = flashpack.LoadStats()
+    t = time.perf_counter()
+    if args.child == "default" and dev is not None:
+        out = flashpack.load(args.file, device=dev, stats=st)
+    else:
+        mapped = {"ring": "off", "mapped": "on", "default": "auto"}[args.child]
+        out = load_staged(args.file, device=dev or "cpu", stats=st, mapped=mapped)
+    if dev is not None:
+        torch.cuda.synchronize()
+    info["load_s"] = time.perf_counter() - t
+    bound = mapped_mod.window_bound(cfg.num_slots, cfg.slot_nbytes, cfg.pinned_cap_nbytes) * cfg.slot_nbytes
+    info.update(nbytes=st.bytes_read, backend=st.backend, chunks_verified=st.chunks_verified,
+                registered_peak=mapped_mod.registered_nbytes()[1], registered_bound=bound,
+                pinned_peak=ring_mod.pinned_nbytes()[1], notices=notices, digest=digest(out))
+    return info
+
+
+def run_fresh(rep: Report, path: str, ref_digest: dict, args, left) -> None:
+    """The fresh-process rows: per path, cold then restart then cached, one child each (skipped when
+    less time is left than the slowest child so far, plus a margin)."""
+    slowest = 30.0
+    for path_kind in FRESH_PATHS:
+        for mode in FRESH_MODES:
+            if left() < slowest * 1.5 + 20:
+                rep.note(f"SKIP fresh {path_kind} {mode}: {left():.0f} s left")
+                continue
+            argv = [sys.executable, os.path.abspath(__file__), "--child", path_kind, "--mode", mode, "--file", path,
+                    "--dir", args.dir] + (["--dry-cpu"] if args.dry_cpu else [])
+            res = C.run_child(argv, timeout_s=max(10.0, left() - 15))
+            slowest = max(slowest if rep.fresh else 0.0, res.wall_s)
+            row = {"path": path_kind, "mode": mode}
+            if not res.ok:
+                row["error"] = res.error_line()
+                rep.fresh.append(row)
+                rep.fail(f"fresh {path_kind} {mode}: {row['error']}")
+                continue
+            r = res.result
+            note = []
+            if path_kind == "mapped" and r["backend"] != "mapped":
+                note.append("fell back to the ring: " + ("; ".join(r["notices"]) or "no notice"))
+            if r["registered_peak"] > r["registered_bound"]:
+                rep.fail(f"fresh {path_kind} {mode}: registered {r['registered_peak']} bytes at once, more than "
+                         f"windows x slot size = {r['registered_bound']}")
+            bad = sorted(k for k in ref_digest if r["digest"].get(k) != ref_digest[k]) + \
+                sorted(set(r["digest"]) - set(ref_digest))
+            if bad:
+                rep.fail(f"fresh {path_kind} {mode}: tensors differ from the CPU reference: {bad[:5]}")
+            row.update(nbytes=r["nbytes"], time_s=r["load_s"], backend=r["backend"], note="; ".join(note))
+            rep.fresh.append(row)
+            rep.note(f"fresh {path_kind:<8} {mode:<8}: {r['load_s']:.3f} s, {gibps(r['nbytes'], r['load_s']):.2f} GiB/s "
+                     f"as {r['backend']} (resident before {r['resident_before']:.0%}, {r['chunks_verified']} chunks "
+                     f"verified, registered peak {r['registered_peak'] / MiB:.0f} MiB of "
+                     f"{r['registered_bound'] / MiB:.0f}){'; ' + note[0] if note else ''}")
+    if rep.fresh and not any(r.get("error") for r in rep.fresh):
+        rep.note(f"CHECK fresh-process loads: every tensor equal in all {len(rep.fresh)} rows")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -262,7 +398,13 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=330.0, help="hard limit for the whole run (default 330)")
     ap.add_argument("--keep", action="store_true", help="keep the pack file")
     ap.add_argument("--dry-cpu", action="store_true", help="no GPU: host copy engine instead of CUDA")
+    ap.add_argument("--no-fresh", action="store_true", help="skip the fresh-process cold/restart/cached rows")
+    ap.add_argument("--child", choices=FRESH_PATHS, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=FRESH_MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--file", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        return C.child_main(lambda: child_load(args))
     args.size = C.parse_nbytes(args.size)
     t_start = time.monotonic()
     left = lambda: args.deadline_s - (time.monotonic() - t_start)  # noqa: E731
@@ -367,6 +509,10 @@ def main(argv=None) -> int:
             rep.note("ceiling disk: skipped (not enough time left)")
         disk_bps = rep.ceilings.get("disk", (0.0, ""))[0]
 
+        # 4. fresh-process rows: ring, mapped and default paths, cold / restart / cached
+        if not args.no_fresh:
+            run_fresh(rep, path, digest(ref), args, left)
+
         ring_mod.release_pinned_memory()
         ring_mod.reset_pinned_peak()
         variants = [(b, "default", None) for b in backends]
@@ -375,7 +521,7 @@ def main(argv=None) -> int:
             variants.append(("threads", f"threads{nthreads}", {"FLASHPACK_THREADS": str(nthreads)}))
         variants.append((backends[0], "no-verify", {"FLASHPACK_VERIFY": "0"}))
 
-        # 4. loads: warm, then cold
+        # 5. loads in this process: warm, then cold
         for cache in ("warm", "cold"):
             for backend, variant, env in variants:
                 if cache == "cold" and variant == "no-verify":
@@ -420,7 +566,7 @@ def main(argv=None) -> int:
         if rep.rows and not rep.failures:
             rep.note("CHECK bit-compare: every tensor equal in every run")
 
-        # 5. C24
+        # 6. C24
         if device_ok and left() > 30:
             wm = flashpack.read_weight_map(path)
             plan_n = flashpack.plan.make_plan(wm, None, extent_nbytes=cfg.extent_nbytes, verify=cfg.verify).buffer_nbytes

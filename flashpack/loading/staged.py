@@ -6,15 +6,19 @@ machine without a GPU)."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..format import WeightMap
 from ..io import open_reader
+from ..io.base import notice_once
 from ..plan import LoadPlan, round_up
 from ..settings import Settings, settings
 from ..staging.ring import Pinner, Sink, StagingRing
-from ..staging.scheduler import cut_pieces, default_hash_threads, min_slot_nbytes, run_staged
-from ..staging.sinks import CudaPinner, CudaSink
+from ..staging.mapped import MIN_RESIDENT_FRACTION, FileMapping, Registrar, run_mapped, window_bound
+from ..staging.scheduler import Piece, cut_pieces, default_hash_threads, min_slot_nbytes, run_staged
+from ..staging.sinks import CudaPinner, CudaRegistrar, CudaSink
 from .common import LoadStats
 
 #: Copy streams per CUDA load.
@@ -43,7 +47,7 @@ def ring_shape(plan: LoadPlan, wm: WeightMap, cfg: Settings, slot_nbytes: int | 
 def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: str | None, verify: bool,
                         stats: LoadStats, cfg: Settings | None = None, slot_nbytes: int | None = None,
                         num_slots: int | None = None, pinner: Pinner | None = None,
-                        hash_threads: int | None = None) -> StagingRing | None:
+                        hash_threads: int | None = None, pieces: Sequence[Piece] | None = None) -> StagingRing | None:
     """Run one staged load of ``plan`` into ``sink`` (the sink owns the destination).
 
     Args:
@@ -53,6 +57,8 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
         slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``/``FLASHPACK_NUM_SLOTS``).
         pinner: pins the ring (``None``: pageable slots).
         hash_threads: threads verifying the chunks of one slot (default: half the cores, at most 8).
+        pieces: only these pieces of the plan (cut with the same ring shape; :func:`load_payload_mapped`
+            passes the ones its windows did not copy); default every piece.
 
     Returns:
         The (closed) ring, for inspection; ``None`` when the plan holds no bytes (nothing is allocated
@@ -65,7 +71,11 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
     if plan.buffer_nbytes == 0 or not plan.regions:
         return None
     cfg = cfg or settings()
-    slot, want, pieces = ring_shape(plan, wm, cfg, slot_nbytes, num_slots, verify)
+    slot, want, every = ring_shape(plan, wm, cfg, slot_nbytes, num_slots, verify)
+    pieces = every if pieces is None else list(pieces)
+    if not pieces:
+        return None
+    want = min(want, len(pieces))
     verify = verify and bool(plan.chunks)
     threads = default_hash_threads() if hash_threads is None else hash_threads
     ring = StagingRing(want, slot, pinner=pinner, cap_nbytes=cfg.pinned_cap_nbytes)
@@ -82,10 +92,79 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
     return ring
 
 
+def load_payload_mapped(wm: WeightMap, plan: LoadPlan, sink: Sink, registrar: Registrar, *, backend: str | None,
+                        verify: bool, stats: LoadStats, cfg: Settings | None = None, slot_nbytes: int | None = None,
+                        num_slots: int | None = None, pinner: Pinner | None = None, hash_threads: int | None = None,
+                        mapped: str = "auto") -> str:
+    """Load ``plan`` into ``sink`` from registered page-cache windows when the file is cached, else (and for
+    whatever a refusal leaves) through the staging ring (:func:`load_payload_staged`).
+
+    Args:
+        sink: a :class:`~flashpack.staging.ring.Sink` that also has ``copy_from``
+            (:class:`~flashpack.staging.mapped.WindowSink`); drained here, closed by the caller.
+        registrar: registers windows with the device (:class:`flashpack.staging.sinks.CudaRegistrar`).
+        mapped: ``"auto"``: windows when at least :data:`~flashpack.staging.mapped.MIN_RESIDENT_FRACTION` of
+            the plan's pages are in the page cache (mincore(2)) and no reader ``backend`` was named;
+            ``"on"``: windows whatever the cache holds (``madvise(MADV_POPULATE_READ)`` reads the rest);
+            ``"off"``: the ring only. Windows are ring slots (``FLASHPACK_SLOT_NBYTES``), at most
+            ``FLASHPACK_NUM_SLOTS`` registered at once (fewer under ``FLASHPACK_PINNED_CAP_NBYTES``).
+        Others: as for :func:`load_payload_staged`.
+
+    Returns:
+        Which path carried the bytes: ``"mapped"``, ``"ring"``, ``"mapped+ring"`` (a refusal midway), or
+        ``"none"`` (an empty plan). ``stats.backend`` is ``"mapped"`` when no reader ran.
+
+    Raises:
+        As :func:`flashpack.load`, and as :func:`flashpack.staging.mapped.run_mapped`: ``ReadError`` when a
+        window cannot be populated (the file was truncated meanwhile: never SIGBUS) or ``ESTALE`` when the
+        file changed during the load; ``ValueError`` for an unknown ``mapped``. A refusal (no mmap, Linux <
+        5.14, ``cudaHostRegister`` refused) is no error: one WARNING per process (io.base.notice_once) says
+        why, and the ring loads the rest.
+    """
+    if mapped not in ("auto", "on", "off"):
+        raise ValueError(f"mapped must be 'auto', 'on' or 'off', got {mapped!r}")
+    if plan.buffer_nbytes == 0 or not plan.regions:
+        return "none"
+    cfg = cfg or settings()
+    left: list[Piece] | None = None
+    why = None
+    copied = 0
+    if mapped == "on" or (mapped == "auto" and backend in (None, "auto")):
+        slot, want, pieces = ring_shape(plan, wm, cfg, slot_nbytes, num_slots, verify)
+        mapping = FileMapping.open(wm)
+        if isinstance(mapping, str):
+            why = mapping
+        else:
+            with mapping:
+                if mapped == "on" or mapping.resident_fraction(plan) >= MIN_RESIDENT_FRACTION:
+                    threads = default_hash_threads() if hash_threads is None else hash_threads
+                    run = run_mapped(mapping, plan, pieces, sink, registrar, verify=verify and bool(plan.chunks),
+                                     max_windows=window_bound(want, slot, cfg.pinned_cap_nbytes), hash_threads=threads)
+                    stats.chunks_verified += run.verified
+                    stats.bytes_read += run.nbytes
+                    stats.bytes_buffered += run.nbytes
+                    left, why, copied = run.left, run.refused, run.nbytes
+                    if not left:
+                        stats.backend = "mapped"
+                        return "mapped"
+    if why is not None:
+        notice_once("staged-mapped-refused", f"flashpack: copying {wm.path} to the device straight from the page cache "
+                                             f"was refused ({why}); staging it through the pinned ring instead")
+    load_payload_staged(wm, plan, sink, backend=backend, verify=verify, stats=stats, cfg=cfg,
+                        slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=pinner, hash_threads=hash_threads,
+                        pieces=left)
+    if copied:
+        stats.backend = "mapped+" + stats.backend
+        return "mapped+ring"
+    return "ring"
+
+
 def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, backend: str | None, verify: bool,
                       stats: LoadStats, cfg: Settings, slot_nbytes: int | None = None, num_slots: int | None = None,
-                      num_streams: int = NUM_STREAMS) -> torch.Tensor:
-    """Read a plan's regions into one new CUDA allocation through a pinned staging ring.
+                      num_streams: int = NUM_STREAMS, mapped: str = "auto") -> torch.Tensor:
+    """Read a plan's regions into one new CUDA allocation: from the page cache through read-only registered
+    windows of a file mapping when the file is cached, else through a pinned staging ring
+    (:func:`load_payload_mapped`).
 
     Args:
         wm, plan: the weight map and its plan.
@@ -93,6 +172,7 @@ def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, ba
         backend, verify, stats, cfg: as for :func:`load_payload_staged`.
         slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``, ``FLASHPACK_NUM_SLOTS``).
         num_streams: copy streams.
+        mapped: ``"auto"`` (default), ``"on"`` or ``"off"``: see :func:`load_payload_mapped`.
 
     Returns:
         A uint8 tensor of ``plan.buffer_nbytes`` bytes on ``device``, allocated on the caller's current
@@ -118,11 +198,12 @@ def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, ba
         ready.record(caller)  # after the allocation: recycled memory is free of pending writers (C24)
         sink = CudaSink(dest, ready=ready, caller_stream=caller, num_streams=num_streams)
         try:
-            load_payload_staged(wm, plan, sink, backend=backend, verify=verify, stats=stats, cfg=cfg,
-                                slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=CudaPinner())
+            load_payload_mapped(wm, plan, sink, CudaRegistrar(device), backend=backend, verify=verify, stats=stats,
+                                cfg=cfg, slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=CudaPinner(),
+                                mapped=mapped)
         finally:
             sink.close()
     return dest
 
 
-__all__ = ["NUM_STREAMS", "load_payload_cuda", "load_payload_staged", "ring_shape"]
+__all__ = ["NUM_STREAMS", "load_payload_cuda", "load_payload_mapped", "load_payload_staged", "ring_shape"]

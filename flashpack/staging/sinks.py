@@ -1,5 +1,6 @@
-"""Where staging-slot bytes go on a GPU: :class:`CudaSink` (a small pool of CUDA streams and events) and
-:class:`CudaPinner` (``cudaHostRegister`` for the ring's slots). The sink implements the
+"""Where staging-slot bytes go on a GPU: :class:`CudaSink` (a small pool of CUDA streams and events),
+:class:`CudaPinner` (``cudaHostRegister`` for the ring's slots) and :class:`CudaRegistrar` (read-only
+``cudaHostRegister`` for page-cache windows of a file mapping, :mod:`flashpack.staging.mapped`). The sink implements the
 :class:`flashpack.staging.ring.Sink` protocol: ``copy(slot, nbytes, dest_offset) -> fence``, ``drain()``,
 ``close()``; a fence has ``done()`` and ``wait()``. A host stand-in for tests is
 :class:`flashpack.testing.HostCopySink`.
@@ -11,6 +12,7 @@ import ctypes
 
 import torch
 
+from .mapped import Window, host_tensor_at
 from .ring import Slot
 
 # --------------------------------------------------------------------------- CUDA
@@ -57,6 +59,59 @@ class CudaPinner:
 
     def unregister(self, tensor: torch.Tensor) -> None:
         rc = int(torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr()))
+        if rc != 0:
+            _clear_cuda_error()
+
+
+#: ``cudaHostRegister`` flags (CUDA runtime API, "Memory Management": cudaHostRegister): portable (the memory is
+#: page-locked for every CUDA context) and read-only (the device only reads it: the flag a ``PROT_READ`` file
+#: mapping needs; CUDA >= 11.1, on devices with ``cudaDevAttrHostRegisterReadOnlySupported``).
+HOST_REGISTER_PORTABLE = 0x1
+HOST_REGISTER_READ_ONLY = 0x8
+
+
+class CudaRegistrar:
+    """Registers page-cache windows of a read-only file mapping (:mod:`flashpack.staging.mapped`) with
+    ``cudaHostRegister(ptr, nbytes, cudaHostRegisterPortable | cudaHostRegisterReadOnly)`` so the copy engine
+    reads them directly (DMA; no CPU copy), and unregisters them with ``cudaHostUnregister``.
+
+    Registration pins the window's pages (the driver faults them in first: a page beyond the end of the
+    file makes it fail, it never raises SIGBUS). A refusal (CUDA < 11.1 or a device without read-only
+    registration: ``cudaErrorInvalidValue``/``cudaErrorNotSupported``; RLIMIT_MEMLOCK; a file system whose
+    pages cannot be pinned) is returned as its reason, never raised, and the runtime's last error is
+    cleared. Calls run with ``device`` current, so a worker thread creates no context on another device.
+
+    Args:
+        device: the CUDA device the copies go to.
+    """
+
+    name = "cuda-readonly"
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+
+    def register(self, window: Window) -> str | None:
+        n = window.piece.nbytes
+        try:
+            cudart = torch.cuda.cudart()
+            with torch.cuda.device(self.device):
+                rc = int(cudart.cudaHostRegister(window.address, n, HOST_REGISTER_PORTABLE | HOST_REGISTER_READ_ONLY))
+        except Exception as e:  # noqa: BLE001 - no cudart bindings: stage through the ring
+            return f"cudaHostRegister is unavailable ({type(e).__name__}: {e})"
+        if rc != 0:
+            _clear_cuda_error()
+            try:
+                text = cudart.cudaGetErrorString(cudart.cudaError(rc))
+            except Exception:  # noqa: BLE001
+                text = "see cudaError_t"
+            return f"cudaHostRegister(cudaHostRegisterPortable | cudaHostRegisterReadOnly) returned {rc}: {text}"
+        window.tensor = host_tensor_at(window.address, n)
+        return None
+
+    def unregister(self, window: Window) -> None:
+        window.tensor = None
+        with torch.cuda.device(self.device):
+            rc = int(torch.cuda.cudart().cudaHostUnregister(window.address))
         if rc != 0:
             _clear_cuda_error()
 
@@ -118,6 +173,18 @@ class CudaSink:
         self.copies += 1
         return CudaFence(ev)
 
+    def copy_from(self, src: torch.Tensor, dest_offset: int) -> CudaFence:
+        """Start copying a host uint8 tensor (a registered window: DMA, the CPU reads nothing) to
+        ``dest[dest_offset:]`` on the next stream; returns its fence (an event recorded after it)."""
+        s = self.streams[self._next]
+        self._next = (self._next + 1) % len(self.streams)
+        with torch.cuda.stream(s):
+            self.dest[dest_offset:dest_offset + src.numel()].copy_(src, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(s)
+        self.copies += 1
+        return CudaFence(ev)
+
     def drain(self) -> None:
         for s in self.streams:
             s.synchronize()
@@ -137,4 +204,4 @@ class CudaSink:
         self.close()
 
 
-__all__ = ["CudaFence", "CudaPinner", "CudaSink"]
+__all__ = ["CudaFence", "CudaPinner", "CudaRegistrar", "CudaSink", "HOST_REGISTER_PORTABLE", "HOST_REGISTER_READ_ONLY"]
