@@ -45,9 +45,14 @@ def default_destination(path: str) -> str:
 
 
 def _atomic_write(dst: str, write) -> int:
-    """Call ``write(tmp_path)`` on a temporary file next to ``dst``, then atomically replace ``dst``."""
+    """Call ``write(tmp_path)`` on a temporary file next to ``dst``, then atomically replace ``dst``. The file's
+    mode follows the umask (0644 under umask 022), like a pack's: writers such as ``safetensors.save_file`` replace
+    the temporary file with a 0600 one, so the mode is set again after ``write``."""
     with atomic_path(dst) as tmp:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
     return os.path.getsize(dst)
 
 
