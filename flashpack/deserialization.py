@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from .errors import FlashPackError
-from .format import WeightMap, verify_chunk
+from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, verify_chunk
 from .io import Extent, open_reader, read_all
 from .loading.common import LoadStats, aligned_empty, assemble, parse_device, prepare
 from .loading.distributed import group_for, load_distributed
@@ -162,4 +162,166 @@ def verify(path: str | os.PathLike, *, backend: str | None = None, buffer_nbytes
     return report
 
 
-__all__ = ["LoadStats", "VerifyReport", "load", "read_weight_map", "verify"]
+# --------------------------------------------------------------------------- fal's names
+
+
+def ignore_filter(ignore_names: Iterable[str] | None = None, ignore_prefixes: Iterable[str] | None = None,
+                  ignore_suffixes: Iterable[str] | None = None):
+    """fal's ``ignore_*`` rule as a predicate: ``key -> True`` when ``key`` equals one of ``ignore_names``,
+    starts with one of ``ignore_prefixes`` or ends with one of ``ignore_suffixes`` (a lone string counts as a
+    one-element list)."""
+    def tup(v) -> tuple[str, ...]:
+        return () if v is None else (v,) if isinstance(v, str) else tuple(v)
+
+    names, prefixes, suffixes = set(tup(ignore_names)), tup(ignore_prefixes), tup(ignore_suffixes)
+    if not (names or prefixes or suffixes):
+        return lambda key: False
+    return lambda key: key in names or key.startswith(prefixes) or key.endswith(suffixes)
+
+
+def fal_metadata(wm: WeightMap) -> dict[str, Any]:
+    """The weight map in the schema of fal's ``flashpack_v4`` footer (what fal's ``get_flashpack_file_metadata``
+    returns), for any file this library reads.
+
+    Returns:
+        ``{"format": "flashpack_v4", "align_bytes", "total_payload_bytes", "total_elems", "macroblocks":
+        [{dtype, offset_bytes, length_bytes, length_elems}], "index": [{name, shape, offset, length,
+        macroblock}]}``. ``dtype`` is a torch name (``"bfloat16"``); ``offset_bytes`` is absolute in the file
+        (bytes); ``offset``/``length`` count elements inside the macroblock, as in fal's files;
+        ``total_payload_bytes`` is the end of the last block (bytes). Aliases appear as index entries at their
+        target's place. ``align_bytes`` is this format's tensor alignment (64) for this library's files (0 for fal's;
+        :func:`get_flashpack_file_metadata` returns fal's footer as stored). User metadata, if any, is under ``"metadata"``.
+    """
+    blocks = {b.dtype: i for i, b in enumerate(wm.blocks)}
+    macroblocks = [{"dtype": DTYPE_NAMES[b.dtype], "offset_bytes": b.offset, "length_bytes": b.nbytes,
+                    "length_elems": b.nbytes // DTYPE_ITEMSIZE[b.dtype]} for b in wm.blocks]
+    index = []
+    for key in wm.keys():
+        t = wm.tensors[wm.aliases.get(key, key)]
+        item = DTYPE_ITEMSIZE[t.dtype]
+        mb = blocks.get(t.dtype)
+        offset = 0 if mb is None or t.nbytes == 0 else (t.offset - wm.blocks[mb].offset) // item
+        index.append({"name": key, "shape": list(t.shape), "offset": offset, "length": t.nbytes // item,
+                      "macroblock": 0 if mb is None else mb})
+    doc: dict[str, Any] = {
+        "format": "flashpack_v4",
+        "align_bytes": TENSOR_ALIGN if wm.source == "flashpack" else 0,
+        "total_payload_bytes": max((b.offset + b.nbytes for b in wm.blocks), default=0),
+        "total_elems": sum(m["length_elems"] for m in macroblocks),
+        "macroblocks": macroblocks,
+        "index": index,
+    }
+    if wm.metadata:
+        doc["metadata"] = dict(wm.metadata)
+    return doc
+
+
+def get_flashpack_file_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """fal's name: the footer of a fal file as stored (``flashpack_v3``/``v4``), or :func:`fal_metadata` of
+    this library's file. Reads only the weight map.
+
+    Raises:
+        NotAFlashPackError, FormatError (both ``ValueError``, as fal raises ``ValueError``); ``OSError``.
+    """
+    wm = read_weight_map(path)
+    if wm.source.startswith("fal-"):
+        import json
+
+        with open(wm.path, "rb") as f:
+            f.seek(wm.index_offset)
+            return json.loads(f.read(wm.index_nbytes - 16).decode("utf-8"))
+    return fal_metadata(wm)
+
+
+def is_flashpack_file(path: str | os.PathLike) -> bool:
+    """fal's name: ``True`` when ``path`` is a readable flashpack file (this library's or fal's) whose weight map
+    passes validation; ``False`` for anything else (no exception, as in fal)."""
+    try:
+        read_weight_map(path)
+    except (OSError, ValueError, FlashPackError):
+        return False
+    return True
+
+
+def read_flashpack_file(path: str | os.PathLike, device: str | torch.device = "cpu", chunk_bytes: int | None = None,
+                        num_streams: int | None = None, silent: bool = True,
+                        metadata: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """fal's low-level read, here :func:`load` plus :func:`get_flashpack_file_metadata`.
+
+    Args:
+        path, device: as for :func:`load`.
+        chunk_bytes, num_streams, silent: fal's knobs; accepted and ignored.
+        metadata: ignored (the weight map is read and validated from the file).
+
+    Returns:
+        ``(state_dict, meta)``: unlike fal, the first item is the ``dict[str, Tensor]`` :func:`load` returns
+        (not fal's ``FlashTensorStorage``); :func:`iterate_from_flash_tensor` accepts it with ``meta``.
+    """
+    wm = read_weight_map(path)
+    return load(wm, device=device), get_flashpack_file_metadata(wm.path)
+
+
+def read_flashpack_file_distributed(path: str | os.PathLike, device: str | torch.device = "cuda", src: int = 0,
+                                    chunk_bytes: int | None = None, num_streams: int | None = None,
+                                    silent: bool = True, metadata: dict[str, Any] | None = None,
+                                    sharded: bool = False, shard_strategy: str | None = None,
+                                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """fal's distributed read over the initialised default ``torch.distributed`` group: rank ``src`` reads the
+    file and broadcasts it (``sharded=False``), or every rank reads about 1/world_size and the ranks exchange
+    the bytes (``sharded=True``). Every rank returns the whole state_dict on ``device``.
+
+    Args:
+        chunk_bytes, num_streams, silent, metadata: accepted and ignored; ``shard_strategy`` is validated
+            (``"contiguous"``, ``"windows"`` or ``None``) and otherwise ignored.
+
+    Returns:
+        ``(state_dict, meta)`` as :func:`read_flashpack_file`; ``meta`` only where the file was read (``src``
+        unsharded), ``{}`` elsewhere.
+
+    Raises:
+        FlashPackError: torch.distributed is not initialised. ValueError: a bad ``shard_strategy``.
+    """
+    if shard_strategy not in (None, "contiguous", "windows"):
+        raise ValueError(f"shard_strategy must be 'contiguous', 'windows' or None, got {shard_strategy!r}")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise FlashPackError(f"{os.fspath(path)}: read_flashpack_file_distributed needs torch.distributed to be "
+                             f"initialised first (torch.distributed.init_process_group)")
+    reads = sharded or dist.get_rank() == src
+    sd = load(path, device=device, process_group="default", src_rank=None if sharded else src)
+    return sd, (get_flashpack_file_metadata(path) if reads else {})
+
+
+def iterate_from_flash_tensor(flash_tensor, metadata: dict[str, Any] | None = None,
+                              ignore_names: Iterable[str] | None = None, ignore_prefixes: Iterable[str] | None = None,
+                              ignore_suffixes: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """fal's iterator: ``(key, tensor)`` pairs of what :func:`read_flashpack_file` returned, skipping ignored
+    keys (rule of :func:`ignore_filter`). ``metadata`` is accepted for fal's signature; the keys come from the
+    state_dict."""
+    ignored = ignore_filter(ignore_names, ignore_prefixes, ignore_suffixes)
+    for key, tensor in flash_tensor.items():
+        if not ignored(key):
+            yield key, tensor
+
+
+def revert_from_file(path: str | os.PathLike, silent: bool = True) -> dict[str, torch.Tensor]:
+    """fal's name: the whole state_dict of ``path`` on the CPU, every tensor in its own memory (no views, no
+    shared storage: ready for ``safetensors.torch.save_file``), checksums verified.
+
+    Raises:
+        Everything :func:`load` raises.
+    """
+    sd = load(path, verify=True)
+    out: dict[str, torch.Tensor] = {}
+    for k, t in sd.items():
+        c = torch.empty(t.shape, dtype=t.dtype)
+        if t.numel():
+            c.reshape(-1).view(torch.uint8).copy_(t.reshape(-1).view(torch.uint8))
+        out[k] = c
+    return out
+
+
+__all__ = ["LoadStats", "VerifyReport", "fal_metadata", "get_flashpack_file_metadata", "ignore_filter",
+           "is_flashpack_file", "iterate_from_flash_tensor", "load", "read_flashpack_file",
+           "read_flashpack_file_distributed", "read_weight_map", "revert_from_file", "verify"]

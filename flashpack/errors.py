@@ -107,6 +107,11 @@ class ModelNotFoundError(FlashPackError, FileNotFoundError):
     and what to do next."""
 
 
+class HubPushError(FlashPackError, OSError):
+    """Pushing a saved folder to the Hugging Face Hub failed (network, permissions, quota); the message names
+    the folder, the repo and the step, the hub's error is chained; the folder itself is intact."""
+
+
 class UsageError(FlashPackError, ValueError):
     """Unusable input or arguments (the command line exits with status 2). The message names the file
     or argument and what to do."""

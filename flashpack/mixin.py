@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import threading
 import warnings
@@ -13,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from .deserialization import load, read_weight_map
+from .deserialization import ignore_filter, load, read_weight_map
 from .errors import ModelMismatchError
 from .format import WeightMap, torch_dtype
 from .serialization import pack_to_file
@@ -60,7 +61,14 @@ def _default_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap, device=None, *, strict: bool = True,
+def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap, device=None,
+                     strict: bool | None = None, strict_params: bool = True, strict_buffers: bool = False,
+                     keep_flash_ref_on_model: bool = False, silent: bool = True, num_streams: int | None = None,
+                     chunk_bytes: int | None = None, ignore_names: Iterable[str] | None = None,
+                     ignore_prefixes: Iterable[str] | None = None, ignore_suffixes: Iterable[str] | None = None,
+                     use_distributed_loading: bool = False, distributed_sharded: bool = False,
+                     distributed_shard_strategy: str | None = None, rank: int | None = None,
+                     local_rank: int | None = None, world_size: int | None = None, coerce_dtype: bool = False, *,
                      backend: str | None = None, verify: bool | None = None, mmap: bool = False,
                      process_group=None, keys: Iterable[str] | None = None):
     """Load a flashpack file and assign its tensors into ``model`` as zero-copy views.
@@ -75,8 +83,30 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
         path: the file, or its :class:`~flashpack.format.WeightMap` from :func:`flashpack.read_weight_map`
             (read once and reused).
         device: where the weights go; default: the device of the model's first non-meta tensor, else CPU.
-        strict: raise when keys are missing or unexpected; with ``False`` warn instead, naming anything
-            left on the meta device.
+        strict: ``True``: raise when parameters or persistent buffers are missing or keys are unexpected;
+            ``False``: warn instead, naming anything left on the meta device. ``None`` (default, fal's rule):
+            ``strict_params`` decides for parameters, ``strict_buffers`` for buffers, and unexpected keys raise
+            when either is true.
+        strict_params: with ``strict=None``, raise on missing parameters (default ``True``).
+        strict_buffers: with ``strict=None``, raise on missing persistent buffers (default ``False``: a
+            missing buffer keeps the value the model's ``__init__`` gave it).
+        keep_flash_ref_on_model: also set ``model._flash_shared_storage`` (the loaded state_dict) and
+            ``model._flash_shared_storage_meta`` (the :class:`~flashpack.format.WeightMap`), as fal does.
+        silent: ``False`` prints one summary line on stdout (keys assigned, elements, ignored and missing).
+        num_streams, chunk_bytes: fal's performance knobs; accepted and ignored (this reader sizes its
+            queue and staging from the ``FLASHPACK_*`` settings, see :mod:`flashpack.settings`).
+        ignore_names, ignore_prefixes, ignore_suffixes: keys equal to / starting with / ending with one of
+            these are neither loaded from the file nor counted as missing in the model.
+        use_distributed_loading: load through ``torch.distributed`` (``process_group="default"``), first
+            initialising the default group from ``rank``/``local_rank``/``world_size`` (or the ``RANK``,
+            ``LOCAL_RANK``, ``WORLD_SIZE`` variables) when it is not yet initialised and the world is > 1.
+        distributed_sharded: with distributed loading, every rank reads about 1/world_size of the file
+            (``True``) or rank 0 reads it all and broadcasts (``False``, fal's default).
+        distributed_shard_strategy: fal's ``"contiguous"`` or ``"windows"``; accepted, the division is this
+            library's own (validated, otherwise ignored).
+        rank, local_rank, world_size: for ``use_distributed_loading`` (see above).
+        coerce_dtype: on a dtype difference, cast the file's tensor to the model's dtype (a copy) instead of
+            raising.
         backend, verify, mmap, process_group: as for :func:`load`.
         keys: assign only these keys (the rest count as missing).
 
@@ -85,41 +115,64 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
 
     Raises:
         ModelMismatchError (``ValueError``): a shape or dtype differs (naming the key and both values),
-            tied names hold different values in the file, or (``strict``) keys are missing/unexpected.
+            tied names hold different values in the file, or (strict) keys are missing/unexpected.
             Checked before the model is changed: on error the model is untouched.
+        ValueError: ``distributed_shard_strategy`` is not ``"contiguous"``, ``"windows"`` or ``None``.
         Everything :func:`load` raises.
     """
+    if distributed_shard_strategy not in (None, "contiguous", "windows"):
+        raise ValueError(f"distributed_shard_strategy must be 'contiguous', 'windows' or None, "
+                         f"got {distributed_shard_strategy!r}")
     wm = path if isinstance(path, WeightMap) else read_weight_map(path)
     path = wm.path
     dev = torch.device(device) if device is not None else _default_device(model)
     groups, kinds = model_targets(model)
+    ignored = ignore_filter(ignore_names, ignore_prefixes, ignore_suffixes)
+    src_rank = None
+    if use_distributed_loading:
+        process_group = process_group if process_group is not None else _init_distributed(rank, local_rank,
+                                                                                            world_size)
+        src_rank = None if distributed_sharded or process_group is None else 0
 
-    file_keys = set(wm.keys())
-    unexpected = [k for k in wm.keys() if k not in kinds]
+    file_keys = {k for k in wm.keys() if not ignored(k)}
+    unexpected = [k for k in wm.keys() if k not in kinds and k in file_keys]
     if keys is not None:  # only these are assigned: every other model key counts as missing
         keys = list(dict.fromkeys([keys] if isinstance(keys, str) else keys))
         file_keys &= set(keys)
-    missing = [k for k in kinds if k not in file_keys]
+    missing = [k for k in kinds if k not in file_keys and not ignored(k)]
     # A tie whose names are partly in the file is not missing: the stored name fills all (case C03a).
     tied_ok = {k for names in groups.values() if any(n in file_keys for n in names) for k in names}
     missing = [k for k in missing if k not in tied_ok]
-    if strict and (missing or unexpected):
+    strict_p = strict_params if strict is None else strict
+    strict_b = strict_buffers if strict is None else strict
+    strict_u = (strict_params or strict_buffers) if strict is None else strict
+    fatal_missing = [k for k in missing if (strict_p if kinds[k][0] == "param" else strict_b)]
+    if fatal_missing or (strict_u and unexpected):
         raise ModelMismatchError(
-            f"{path} does not match {type(model).__name__}: missing keys {missing[:20]}"
-            f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
+            f"{path} does not match {type(model).__name__}: missing keys {fatal_missing[:20]}"
+            f"{' ...' if len(fatal_missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
             f"{' ...' if len(unexpected) > 20 else ''}; pass strict=False to load what matches"
+            + ("" if strict is not None else " (strict=None: missing buffers are allowed unless strict_buffers=True)")
         )
+    coerce: set[str] = set()
     for k in (set(kinds) & file_keys):
         t, (_, cur) = wm.tensors[wm.aliases.get(k, k)], kinds[k]
         if tuple(cur.shape) != t.shape:
             raise ModelMismatchError(f"{path}: key {k!r}: shape {list(t.shape)} in the file, {list(cur.shape)} in the model")
         fdt = torch_dtype(t.dtype, key=k, path=path)
         if fdt != cur.dtype:
+            if coerce_dtype:
+                coerce.add(k)
+                continue
             raise ModelMismatchError(f"{path}: key {k!r}: dtype {fdt} in the file, {cur.dtype} in the model; "
-                                     f"build the model with the file's dtype or repack with target_dtype")
+                                     f"build the model with the file's dtype, repack with target_dtype, "
+                                     f"or pass coerce_dtype=True to cast while loading")
     load_keys = [k for k in wm.keys() if k in kinds and k in file_keys]
     # The weight map checked above is the one loaded: a file replaced in between is detected, not mixed in.
-    sd = load(wm, device=dev, backend=backend, keys=load_keys, verify=verify, mmap=mmap, process_group=process_group)
+    sd = load(wm, device=dev, backend=backend, keys=load_keys, verify=verify, mmap=mmap, process_group=process_group,
+              src_rank=src_rank)
+    for k in coerce:  # coerce_dtype: one cast copy per differing key
+        sd[k] = sd[k].to(kinds[k][1].dtype)
 
     sources = []  # check every tie before changing the model: on error it stays untouched
     for names in groups.values():
@@ -157,14 +210,45 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
                 b = mod._buffers.get(bname)
                 if b is not None and b.device.type != "meta" and b.device != dev:
                     mod._buffers[bname] = b.to(dev)
-    if not strict and (missing or unexpected):
-        still_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
-        warnings.warn(
-            f"{path}: loaded with strict=False: missing keys {missing[:20]}, unexpected keys {unexpected[:20]}"
-            + (f"; still on the meta device (no data): {still_meta[:20]}" if still_meta else ""),
-            stacklevel=2,
-        )
+    if keep_flash_ref_on_model:
+        model._flash_shared_storage = sd
+        model._flash_shared_storage_meta = wm
+    still_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"] \
+        if (missing or unexpected) else []
+    if missing or unexpected:
+        if strict is False or unexpected or still_meta:
+            warnings.warn(
+                f"{path}: loaded {'with strict=False' if strict is False else 'leniently'}: missing keys "
+                f"{missing[:20]}, unexpected keys {unexpected[:20]}"
+                + (f"; still on the meta device (no data): {still_meta[:20]}" if still_meta else ""),
+                stacklevel=2,
+            )
+    if not silent:
+        n_elems = sum(t.numel() for t in sd.values())
+        print(f"flashpack: assigned {len(sd)} keys ({n_elems} elements) from {path} to {type(model).__name__} on "
+              f"{dev}; {len(missing)} missing, {len(unexpected)} unexpected, "
+              f"{len(wm.keys()) - len([k for k in wm.keys() if not ignored(k)])} ignored")
     return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def _init_distributed(rank: int | None, local_rank: int | None, world_size: int | None):
+    """fal's ``use_distributed_loading``: the default process group, initialised from the arguments or the
+    ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` variables when it is not yet; ``None`` (a plain load) for a world of 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return "default"
+    rank = rank if rank is not None else int(os.environ.get("RANK", 0))
+    local_rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", rank))
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1:
+        return None
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size)
+    else:
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size)
+    return "default"
 
 
 @contextlib.contextmanager
@@ -210,28 +294,82 @@ class FlashPackMixin:
         class MyModule(nn.Module, FlashPackMixin): ...
         MyModule(4).save_flashpack("model.flashpack")
         m = MyModule.from_flashpack("model.flashpack", 4)
+
+    Class attributes (fal's): ``flashpack_init_method`` (name of a classmethod that builds the module instead of
+    ``cls(...)``), ``flashpack_ignore_names`` / ``_prefixes`` / ``_suffixes`` (default ``ignore_*`` filters) and
+    ``flashpack_coerce_dtype`` (default ``coerce_dtype``).
     """
 
-    def save_flashpack(self, path: str | os.PathLike, target_dtype: torch.dtype | None = None, *,
-                       metadata: dict[str, str] | None = None) -> int:
-        """Write this module's state_dict with :func:`flashpack.pack_to_file` (atomic). Returns the file size in bytes."""
-        return pack_to_file(self, path, target_dtype, metadata=metadata)
+    flashpack_init_method: str | None = None
+    flashpack_ignore_names: list[str] | None = None
+    flashpack_ignore_prefixes: list[str] | None = None
+    flashpack_ignore_suffixes: list[str] | None = None
+    flashpack_coerce_dtype: bool = False
+
+    def save_flashpack(self, destination_path: str | os.PathLike, target_dtype: torch.dtype | None = None,
+                       name_order: list[str] | None = None, align_bytes: int | None = None, silent: bool = True,
+                       num_workers: int | None = None, *, metadata: dict[str, str] | None = None) -> int:
+        """Write this module's state_dict with :func:`flashpack.pack_to_file` (atomic; arguments as there).
+
+        Returns:
+            The file size in bytes.
+        """
+        return pack_to_file(self, destination_path, target_dtype, name_order, align_bytes, silent, num_workers,
+                            metadata=metadata)
 
     @classmethod
-    def from_flashpack(cls, path: str | os.PathLike, *init_args, device="cpu", strict: bool = True,
-                       backend: str | None = None, verify: bool | None = None, mmap: bool = False,
+    def from_flashpack(cls, path: str | os.PathLike, *init_args, device="cpu", silent: bool = True,
+                       strict: bool | None = None, strict_params: bool = True, strict_buffers: bool = False,
+                       keep_flash_ref_on_model: bool = False, ignore_names: list[str] | None = None,
+                       ignore_prefixes: list[str] | None = None, ignore_suffixes: list[str] | None = None,
+                       num_streams: int | None = None, chunk_bytes: int | None = None,
+                       use_distributed_loading: bool = False, distributed_sharded: bool = False,
+                       distributed_shard_strategy: str | None = None, rank: int | None = None,
+                       local_rank: int | None = None, world_size: int | None = None, coerce_dtype: bool = False,
+                       init_fn=None, backend: str | None = None, verify: bool | None = None, mmap: bool = False,
                        process_group=None, **init_kwargs):
-        """Build ``cls(*init_args, **init_kwargs)`` with meta parameters, fill it from ``path`` with
+        """Build the module with meta parameters (real buffers), fill it from ``path`` with
         :func:`flashpack.assign_from_file`, and return it in eval mode on ``device``.
+
+        Args:
+            path: the pack.
+            *init_args, **init_kwargs: for the constructor: ``init_fn``, else the classmethod named by
+                ``flashpack_init_method``, else ``cls``. Keywords the constructor does not take (and it has no
+                ``**kwargs``) are dropped with a warning naming them, as fal drops them; ``rank``,
+                ``local_rank`` and ``world_size`` are also passed to a constructor that takes them.
+            device: where the weights go (``None`` means CPU, fal's default).
+            init_fn: a callable that builds the module (fal's).
+            Everything else: as for :func:`flashpack.assign_from_file`; the ``ignore_*`` and ``coerce_dtype``
+            defaults come from the class attributes.
 
         Raises:
             Everything :func:`flashpack.assign_from_file` raises; no partially loaded module is returned.
         """
+        if init_fn is None:
+            init_fn = getattr(cls, cls.flashpack_init_method) if cls.flashpack_init_method else cls
+        try:
+            params = inspect.signature(init_fn).parameters
+        except (TypeError, ValueError):
+            params = None
+        if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            dropped = sorted(k for k in init_kwargs if k not in params)
+            if dropped:
+                warnings.warn(f"{cls.__name__}.from_flashpack: {getattr(init_fn, '__qualname__', init_fn)} takes no "
+                              f"keyword(s) {dropped}; dropped", stacklevel=2)
+            init_kwargs = {k: v for k, v in init_kwargs.items() if k in params}
+            for name, value in (("rank", rank), ("local_rank", local_rank), ("world_size", world_size)):
+                if name in params and name not in init_kwargs:
+                    init_kwargs[name] = value
         with init_empty_weights():
-            module = cls(*init_args, **init_kwargs)
-        assign_from_file(module, path, device=device, strict=strict, backend=backend, verify=verify, mmap=mmap,
+            module = init_fn(*init_args, **init_kwargs)
+        assign_from_file(module, path, "cpu" if device is None else device, strict, strict_params, strict_buffers,
+                         keep_flash_ref_on_model, silent, num_streams, chunk_bytes,
+                         ignore_names or cls.flashpack_ignore_names, ignore_prefixes or cls.flashpack_ignore_prefixes,
+                         ignore_suffixes or cls.flashpack_ignore_suffixes, use_distributed_loading,
+                         distributed_sharded, distributed_shard_strategy, rank, local_rank, world_size,
+                         coerce_dtype or cls.flashpack_coerce_dtype, backend=backend, verify=verify, mmap=mmap,
                          process_group=process_group)
         return module.eval()
 
 
-__all__ = ["FlashPackMixin", "assign_from_file", "init_empty_weights", "model_targets"]
+__all__ = ["FlashPackMixin", "assign_from_file", "ignore_filter", "init_empty_weights", "model_targets"]

@@ -212,8 +212,10 @@ def _write_all(fd: int, data) -> None:
         mv = mv[n:]
 
 
-def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, target_dtype: torch.dtype | None = None, *,
-                 metadata: Mapping[str, str] | None = None, chunk_nbytes: int = CHUNK_NBYTES) -> int:
+def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, target_dtype: torch.dtype | None = None,
+                 name_order: list[str] | None = None, align_bytes: int | None = None, silent: bool = True,
+                 num_workers: int | None = None, *, metadata: Mapping[str, str] | None = None,
+                 chunk_nbytes: int = CHUNK_NBYTES) -> int:
     """Write a module's state_dict, or a state_dict, to ``destination_path`` as a flashpack file.
 
     The argument names are those of fal's flashpack (diffusers passes them by keyword).
@@ -228,6 +230,12 @@ def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, targe
             mode follows the umask.
         target_dtype: cast floating-point tensors (including float8) to this dtype; integer, bool and
             complex tensors keep theirs. Also accepted as the third positional argument.
+        name_order: fal's key selection and order: only these keys are written, in this order (keys not in the
+            state_dict are skipped; a tied key whose target is left out is stored as its own tensor).
+        align_bytes: fal's tensor alignment in bytes; accepted and ignored (this format aligns blocks to 4096
+            and tensors to 64 bytes). Must be >= 0.
+        silent: ``False`` prints one summary line on stdout.
+        num_workers: fal's writer thread count; accepted and ignored (the writer streams one piece at a time).
         metadata: free-form ``str -> str`` pairs stored in the weight map.
         chunk_nbytes: checksum chunk size in bytes (a multiple of 4096).
 
@@ -254,7 +262,13 @@ def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, targe
     meta = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise TypeError("metadata must map str to str")
+    if align_bytes is not None and align_bytes < 0:
+        raise ValueError(f"align_bytes must be >= 0, got {align_bytes}")
     state_dict = state_dict_of(state_dict_or_model)
+    if name_order is not None:
+        state_dict = {k: state_dict[k] for k in dict.fromkeys(name_order) if k in state_dict}
+        if not state_dict:
+            raise ValueError(f"{path}: name_order names none of the state_dict's keys; nothing to pack")
     planned, blocks, aliases = _plan(state_dict, target_dtype, path)
 
     with atomic_path(path) as tmp, open(tmp, "r+b", buffering=0) as f:
@@ -289,4 +303,7 @@ def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, targe
         file_nbytes = pos + len(index)
         # The header goes in last: a crash before this leaves no valid-looking file (I1 fails).
         os.pwrite(fd, encode_header(file_nbytes, pos, len(index), xxhash.xxh3_64_intdigest(index)), 0)
+    if not silent:
+        print(f"flashpack: packed {len(state_dict)} keys ({len(aliases)} aliases, {len(blocks)} blocks) into {path}: "
+              f"{file_nbytes} bytes")
     return file_nbytes

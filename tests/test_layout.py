@@ -33,6 +33,7 @@ STAGES = {
     "flashpack.mixin": 10,
     "flashpack.testing": 11,
     "flashpack.tools": 12,
+    "flashpack.commands": 13,  # fal's module: wraps tools.convert and tools.revert, so one stage above tools
     "flashpack.integrations": 12,
     "flashpack.__main__": 13,
     "flashpack": 14,

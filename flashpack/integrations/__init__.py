@@ -13,4 +13,14 @@ What both mixins share is in :mod:`flashpack.integrations._shared`.
 from ..errors import UnsupportedDeviceMapError
 from ._shared import parse_device_map
 
-__all__ = ["UnsupportedDeviceMapError", "parse_device_map"]
+
+
+def patch_integrations() -> None:
+    """fal's name. fal patches transformers' and diffusers' auto classes so they can load FlashPack folders; here
+    nothing needs patching (the mixins and :class:`~flashpack.integrations.diffusers.FlashPackDiffusionPipeline`
+    work on their own, and fal-written pipeline folders load without it), so this does nothing. Kept so code
+    written for fal runs unchanged."""
+    return None
+
+
+__all__ = ["UnsupportedDeviceMapError", "parse_device_map", "patch_integrations"]

@@ -140,8 +140,37 @@ def match_file_dtypes(model: torch.nn.Module, wm: WeightMap) -> None:
             (model.get_submodule(mod_path) if mod_path else model)._parameters[leaf] = new
 
 
+#: fal's loading keywords of ``from_pretrained_flashpack`` that go to :func:`flashpack.assign_from_file` as they are.
+FAL_LOAD_KEYWORDS = ("silent", "strict", "strict_params", "strict_buffers", "keep_flash_ref_on_model", "num_streams",
+                     "chunk_bytes", "ignore_names", "ignore_prefixes", "ignore_suffixes", "use_distributed_loading",
+                     "distributed_sharded", "distributed_shard_strategy", "rank", "local_rank", "world_size",
+                     "coerce_dtype")
+#: fal's Hub keywords accepted and ignored (deprecated in huggingface_hub): ``proxies``, ``local_dir_use_symlinks``.
+FAL_IGNORED_HUB_KEYWORDS = ("proxies", "local_dir_use_symlinks")
+
+
+def split_fal_options(kwargs: dict) -> tuple[dict, dict]:
+    """Take fal's loading keywords out of ``kwargs`` (changed in place): returns ``(assign_options, hub_options)``.
+    ``strict`` defaults to ``True`` here (a model built from its config must be filled completely); the Hub options
+    are ``force_download`` and ``local_dir`` (passed to ``snapshot_download``)."""
+    assign = {k: kwargs.pop(k) for k in FAL_LOAD_KEYWORDS if k in kwargs}
+    if assign.get("strict") is None:
+        assign["strict"] = True
+    for k in FAL_IGNORED_HUB_KEYWORDS:
+        kwargs.pop(k, None)
+    hub = {k: kwargs.pop(k) for k in ("force_download", "local_dir") if k in kwargs}
+    return assign, hub
+
+
+def resolve_device(device, device_map, owner: str) -> torch.device:
+    """fal's positional ``device`` or ``device_map`` (not both, unless they agree), as one device."""
+    if device is not None and device_map is not None and parse_device_map(device) != parse_device_map(device_map):
+        raise ValueError(f"{owner}: device={device!r} and device_map={device_map!r} disagree; pass one of them")
+    return parse_device_map(device if device is not None else device_map)
+
+
 def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path: str, device: torch.device,
-               *, tie: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+               *, tie: Callable[[torch.nn.Module], None] | None = None, assign: dict | None = None) -> torch.nn.Module:
     """Build a model with meta parameters, fill it from ``pack_path`` and return it ready (eval mode).
 
     Args:
@@ -150,6 +179,8 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
         pack_path: the pack.
         device: where the weights go.
         tie: re-ties the model's shared weights the library's way (called before and after the fill).
+        assign: keywords for :func:`flashpack.assign_from_file` (fal's, from :func:`split_fal_options`);
+            default ``strict=True``.
 
     Raises:
         ModelMismatchError: the pack does not fit the model, or something was left on the meta device.
@@ -160,11 +191,11 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
     if tie is not None:
         tie(model)
     match_file_dtypes(model, wm)
-    assign_from_file(model, wm, device=device, strict=True)
+    assign_from_file(model, wm, device=device, **({"strict": True} | dict(assign or {})))
     if tie is not None:
         tie(model)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
-    if left:
+    if left and (assign or {}).get("strict", True) is not False:
         raise ModelMismatchError(f"{pack_path}: still on the meta device after loading (no data in the pack): "
                                  f"{left[:20]}{' ...' if len(left) > 20 else ''}")
     return model.eval()
@@ -183,7 +214,7 @@ def base_library_class(obj_or_cls, libraries: tuple[str, ...] = ("transformers",
 def save_model_folder(model: torch.nn.Module, save_directory: str | os.PathLike, *,
                       write_configs: Callable[[str], None], variant: str | None, target_dtype: torch.dtype | None,
                       push_to_hub: bool, repo_id: str | None, token, private: bool | None,
-                      commit_message: str | None) -> str:
+                      commit_message: str | None, create_pr: bool = False) -> str:
     """Write ``save_directory/<config files>`` and ``save_directory/model[.<variant>].flashpack``.
 
     The folder is created if needed. Config files are first written by ``write_configs(tmp)`` into a hidden
@@ -209,7 +240,8 @@ def save_model_folder(model: torch.nn.Module, save_directory: str | os.PathLike,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if push_to_hub:
-        push_folder(folder, repo_id=repo_id, token=token, private=private, commit_message=commit_message)
+        push_folder(folder, repo_id=repo_id, token=token, private=private, commit_message=commit_message,
+                    create_pr=create_pr)
     return pack_path
 
 

@@ -31,14 +31,18 @@ diffusers is imported only when a method runs; nothing in diffusers is patched.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import torch
 
 from ._shared import base_library_class, default_dtype, find_pack, load_model, parse_device_map, save_model_folder
+from ._shared import resolve_device, split_fal_options
 from ..atomic import atomic_path
 from ..mixin import init_empty_weights
 from .hub import pack_name, push_folder, resolve_folder, sub_patterns
@@ -64,7 +68,9 @@ class FlashPackDiffusersModelMixin:
     def save_pretrained_flashpack(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
                                   repo_id: str | None = None, token: str | bool | None = None,
                                   private: bool | None = None, commit_message: str | None = None,
-                                  variant: str | None = None, target_dtype: torch.dtype | None = None) -> str:
+                                  variant: str | None = None, target_dtype: torch.dtype | None = None,
+                                  is_main_process: bool = True, create_pr: bool = False, align_bytes: int | None = None,
+                                  silent: bool = True, num_workers: int | None = None) -> str | None:
         """Write ``config.json`` and ``model[.<variant>].flashpack`` into ``save_directory`` (created if missing).
 
         Args and atomicity as for
@@ -73,6 +79,8 @@ class FlashPackDiffusersModelMixin:
         Returns:
             The pack's path.
         """
+        if not is_main_process:  # fal's and the libraries' rule: only the main process writes
+            return None
         model = self
 
         def write_configs(tmp: str) -> None:
@@ -81,15 +89,19 @@ class FlashPackDiffusersModelMixin:
             config.pop("_name_or_path", None)
             _write_json_atomic(os.path.join(tmp, CONFIG_NAME), config)
 
-        return save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
+        path = save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
                                  target_dtype=target_dtype, push_to_hub=push_to_hub, repo_id=repo_id, token=token,
-                                 private=private, commit_message=commit_message)
+                                 private=private, commit_message=commit_message, create_pr=create_pr)
+        if not silent:
+            print(f"flashpack: saved {type(self).__name__} to {path}")
+        return path
 
     @classmethod
-    def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, *, device_map=None,
+    def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, device=None, *, device_map=None,
                                   subfolder: str | None = None, variant: str | None = None,
                                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                                   local_files_only: bool = False, token: str | bool | None = None,
+                                  torch_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
                                   **config_overrides):
         """Build the model from ``config.json`` on the meta device and fill it from its pack.
 
@@ -97,7 +109,15 @@ class FlashPackDiffusersModelMixin:
             name_or_path: a local folder, or a Hub repo id (only ``config.json`` and the pack are downloaded).
             device_map: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or a dict putting the
                 whole model on one device.
-            subfolder, variant, revision, cache_dir, local_files_only, token: as for ``from_pretrained``.
+            device: fal's second positional argument: the same as ``device_map`` (pass one, or both equal).
+            subfolder, variant, revision, cache_dir, local_files_only, token: as for ``from_pretrained``;
+                fal's ``force_download`` and ``local_dir`` go to ``snapshot_download``, ``proxies`` and
+                ``local_dir_use_symlinks`` are accepted and ignored (deprecated in huggingface_hub).
+            torch_dtype, dtype: convert the loaded model to this dtype (``model.to(dtype)``); default: the pack's.
+            silent, strict, strict_params, strict_buffers, keep_flash_ref_on_model, num_streams, chunk_bytes,
+                ignore_names, ignore_prefixes, ignore_suffixes, use_distributed_loading, distributed_sharded,
+                distributed_shard_strategy, rank, local_rank, world_size, coerce_dtype: fal's keywords, passed to
+                :func:`flashpack.assign_from_file` (``strict`` defaults to ``True`` here).
             **config_overrides: config values to change, as for ``from_config``.
 
         Returns:
@@ -107,9 +127,11 @@ class FlashPackDiffusersModelMixin:
             As :meth:`flashpack.integrations.transformers.FlashPackTransformersModelMixin.from_pretrained_flashpack`.
         """
 
-        device = parse_device_map(device_map)
+        assign, hub_extra = split_fal_options(config_overrides)
+        device = resolve_device(device, device_map, f"{cls.__name__}.from_pretrained_flashpack")
+        want_dtype = dtype if dtype is not None else torch_dtype
         name = pack_name(variant)
-        folder = resolve_folder(name_or_path, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, name]),
+        folder = resolve_folder(name_or_path, **hub_extra, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, name]),
                                 subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                                 local_files_only=local_files_only, token=token)
         pack = find_pack(folder, name)
@@ -123,8 +145,10 @@ class FlashPackDiffusersModelMixin:
                 raise TypeError(f"{cls.__name__}.from_pretrained_flashpack: unknown config overrides {unknown}")
             return model
 
-        model = load_model(build, pack, device)
+        model = load_model(build, pack, device, assign=assign)
         model.register_to_config(_name_or_path=os.fspath(name_or_path))
+        if want_dtype is not None and model.dtype != want_dtype:
+            model = model.to(dtype=want_dtype)
         return model
 
 
@@ -146,15 +170,95 @@ def _variant_files(folder: str, variant: str | None) -> bool:
         f.endswith(_WEIGHT_SUFFIXES) and (f".{variant}." in f or f".{variant}-" in f) for f in os.listdir(folder))
 
 
+_HUB_KEYWORDS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "use_safetensors",
+                 "low_cpu_mem_usage")
+
+
+def stored_library_class(entry) -> type | None:
+    """The class a ``model_index.json`` entry names: ``["diffusers", "AutoencoderKL"]`` -> ``AutoencoderKL``. fal's
+    flashpack records its own classes as ``["defs", "FlashPackUNet2DConditionModel"]``; such an entry maps to the
+    library class of the name without ``FlashPack`` (``UNet2DConditionModel`` in diffusers or transformers), or
+    ``None`` when there is none."""
+    import importlib
+
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], str):
+        return None
+    library, name = entry
+    candidates = [library] if library in ("diffusers", "transformers") else []
+    if library not in ("diffusers", "transformers"):
+        name = name.removeprefix("FlashPack")
+        candidates = ["diffusers", "transformers"]
+    for lib in candidates:
+        try:
+            klass = getattr(importlib.import_module(lib), name, None)
+        except ImportError:
+            continue
+        if isinstance(klass, type):
+            return klass
+    return None
+
+
+def annotated_components(cls, index: dict) -> dict[str, type]:
+    """Component name -> the FlashPack-enabled class ``cls.__init__`` annotates for it, for every component whose
+    ``model_index.json`` entry names a library class that annotated class subclasses (or a fal ``["defs", ...]``
+    entry)."""
+    types = cls._get_signature_types()
+    out = {}
+    for name, entry in index.items():
+        klass = _flashpack_class(types.get(name, ()))
+        if klass is None or not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[0] is None:
+            continue
+        stored = stored_library_class(entry)
+        if entry[0] not in ("diffusers", "transformers") or (stored is not None and issubclass(klass, stored)):
+            out[name] = klass
+    return out
+
+
+def fal_entries(index: dict) -> dict[str, list]:
+    """``model_index.json`` entries fal's flashpack wrote as ``["defs", "<its class>"]``, mapped to the library
+    class they stand for (``["diffusers", "UNet2DConditionModel"]``); entries with no such class are left out."""
+    out = {}
+    for name, entry in index.items():
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] not in (None, "diffusers", "transformers") \
+                and isinstance(entry[1], str) and not name.startswith("_"):
+            stored = stored_library_class(entry)
+            if stored is not None:
+                out[name] = [stored.__module__.split(".")[0], stored.__name__]
+    return out
+
+
+@contextlib.contextmanager
+def _index_rewritten(folder: str, entries: dict[str, list]):
+    """A temporary folder of symlinks to ``folder``'s contents whose ``model_index.json`` has ``entries`` replaced
+    (fal's ``["defs", ...]`` entries -> library classes, which diffusers can check); removed afterwards (the
+    loaded weights do not depend on it)."""
+    shadow = tempfile.mkdtemp(prefix=".flashpack-index-")
+    try:
+        for name in os.listdir(folder):
+            if name != MODEL_INDEX_NAME:
+                os.symlink(os.path.join(os.path.abspath(folder), name), os.path.join(shadow, name))
+        with open(os.path.join(folder, MODEL_INDEX_NAME), encoding="utf-8") as f:
+            index = json.load(f)
+        index.update(entries)
+        with open(os.path.join(shadow, MODEL_INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump(index, f)
+        yield shadow
+    finally:
+        shutil.rmtree(shadow, ignore_errors=True)
+
+
 class FlashPackDiffusionPipeline:
     """Adds :meth:`save_pretrained_flashpack` and :meth:`from_pretrained_flashpack` to a diffusers pipeline class
     whose ``__init__`` annotates FlashPack-enabled component classes (see the module docstring). Put it first:
     ``class X(FlashPackDiffusionPipeline, StableDiffusionXLPipeline): ...``."""
 
-    def save_pretrained_flashpack(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
-                                  repo_id: str | None = None, token: str | bool | None = None,
-                                  private: bool | None = None, commit_message: str | None = None,
-                                  variant: str | None = None) -> str:
+    def save_pretrained_flashpack(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                                  variant: str | None = None, max_shard_size=None, push_to_hub: bool = False,
+                                  commit_message: str | None = None, create_pr: bool = False,
+                                  token: str | bool | None = None, repo_id: str | None = None,
+                                  private: bool | None = None, is_main_process: bool = True,
+                                  align_bytes: int | None = None, silent: bool = True, num_workers: int | None = None,
+                                  target_dtype=None) -> str | None:
         """Write ``model_index.json`` and every component into its subfolder: FlashPack-enabled models as config +
         pack (``save_pretrained_flashpack``), everything else with its own ``save_pretrained`` (safetensors).
 
@@ -163,10 +267,19 @@ class FlashPackDiffusionPipeline:
             push_to_hub, repo_id, token, private, commit_message: upload the folder with ``huggingface_hub.HfApi``
                 (``repo_id`` defaults to the folder's name).
             variant: ``model.<variant>.flashpack`` for packs, the library's variant naming for the rest.
+            safe_serialization, max_shard_size: for the components saved the ordinary way.
+            create_pr: push as a pull request. is_main_process: ``False`` writes nothing, returns ``None``.
+            target_dtype: a ``torch.dtype`` for every pack, or ``{component name: dtype}``.
+            align_bytes, num_workers: fal's writer knobs; accepted and ignored. silent: ``False`` prints the
+                report below on stdout as well.
 
         Returns:
-            The folder's path. ``model_index.json`` is written last, atomically.
+            The folder's path. ``model_index.json`` is written last, atomically. Which components were packed
+            and which were saved the ordinary way is logged (INFO), with a WARNING naming model components that
+            were not packed (their class is not FlashPack-enabled).
         """
+        if not is_main_process:
+            return None
         folder = os.fspath(save_directory)
         if os.path.isfile(folder):
             raise NotADirectoryError(f"{folder} is a file; save_directory must be a folder")
@@ -176,6 +289,9 @@ class FlashPackDiffusionPipeline:
         for k in ("_name_or_path", "_module"):
             index.pop(k, None)
         index["_class_name"] = base_library_class(self, ("diffusers",)).__name__
+        packed: list[str] = []
+        plain: list[str] = []
+        plain_models: list[str] = []
         for name in expected:
             entry = index.get(name)
             component = getattr(self, name, None)
@@ -183,30 +299,82 @@ class FlashPackDiffusionPipeline:
                 continue
             sub = os.path.join(folder, name)
             if hasattr(component, "save_pretrained_flashpack"):
-                component.save_pretrained_flashpack(sub, variant=variant)
+                dt = target_dtype.get(name) if isinstance(target_dtype, dict) else target_dtype
+                component.save_pretrained_flashpack(sub, variant=variant, target_dtype=dt)
+                packed.append(name)
                 base = base_library_class(component)
                 index[name] = [base.__module__.split(".")[0], base.__name__]
             elif hasattr(component, "save_pretrained"):
                 params = inspect.signature(component.save_pretrained).parameters
                 kwargs = {}
                 if "safe_serialization" in params:
-                    kwargs["safe_serialization"] = True
+                    kwargs["safe_serialization"] = safe_serialization
+                if max_shard_size is not None and "max_shard_size" in params:
+                    kwargs["max_shard_size"] = max_shard_size
                 if "variant" in params:
                     kwargs["variant"] = variant
                 if "save_peft_format" in params:
                     kwargs["save_peft_format"] = False
                 component.save_pretrained(sub, **kwargs)
+                (plain_models if isinstance(component, torch.nn.Module) else plain).append(name)
             else:
                 logger.warning("%s: component %r (%s) has no save_pretrained; not saved", folder, name,
                                type(component).__name__)
                 index[name] = [None, None]
         _write_json_atomic(os.path.join(folder, MODEL_INDEX_NAME), index)
+        report = (f"{folder}: packed {packed or 'nothing'} as FlashPack; saved {plain + plain_models or 'nothing'} "
+                  f"the ordinary way")
+        logger.info("%s", report)
+        if plain_models:
+            logger.warning("%s: model component(s) %s were saved as ordinary weights, not packed: annotate them in "
+                           "%s.__init__ with FlashPack-enabled classes to pack them", folder, plain_models,
+                           type(self).__name__)
+        if not silent:
+            print(f"flashpack: {report}")
         if push_to_hub:
-            push_folder(folder, repo_id=repo_id, token=token, private=private, commit_message=commit_message)
+            push_folder(folder, repo_id=repo_id, token=token, private=private, commit_message=commit_message,
+                        create_pr=create_pr)
         return folder
 
     @classmethod
-    def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, *, device_map=None,
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, except that every component ``__init__`` annotates with a FlashPack-enabled
+        class (one that subclasses the class ``model_index.json`` records, or a fal ``["defs", ...]`` entry) is built
+        as that class, so the pipeline's ``save_pretrained_flashpack`` packs it. Components passed in ``kwargs`` are
+        used as given. Hub and dtype keywords (``variant``, ``torch_dtype``/``dtype``, ``revision``,
+        ``cache_dir``, ``token``, ``local_files_only``, ...) reach those components' own ``from_pretrained``.
+
+        Raises:
+            Whatever diffusers' and the components' ``from_pretrained`` raise.
+        """
+        hub = {k: kwargs[k] for k in _HUB_KEYWORDS if k in kwargs}
+        index = cls.load_config(pretrained_model_name_or_path, **{k: v for k, v in hub.items() if k in (
+            "revision", "cache_dir", "token", "local_files_only", "force_download")})
+        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+        for name, klass in annotated_components(cls, index).items():
+            if name in kwargs:
+                continue
+            extra = dict(hub)
+            local = os.path.join(os.fspath(pretrained_model_name_or_path), name)
+            if kwargs.get("variant") is not None and (not os.path.isdir(local) or _variant_files(local, kwargs["variant"])):
+                extra["variant"] = kwargs["variant"]
+            if dtype is not None:
+                extra[_dtype_kwarg(klass)] = dtype
+            kwargs[name] = klass.from_pretrained(pretrained_model_name_or_path, subfolder=name, **extra)
+        fixed = fal_entries(index)
+        if not fixed:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            folder = cls.download(folder, **{k: v for k, v in hub.items() if k in (
+                "revision", "cache_dir", "token", "local_files_only", "force_download")})
+        with _index_rewritten(folder, fixed) as shadow:
+            pipe = super().from_pretrained(shadow, **kwargs)
+        pipe.register_to_config(_name_or_path=os.fspath(pretrained_model_name_or_path), **fixed)
+        return pipe
+
+    @classmethod
+    def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, device=None, *, device_map=None,
                                   variant: str | None = None, torch_dtype: torch.dtype | None = None,
                                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                                   local_files_only: bool = False, token: str | bool | None = None, **kwargs):
@@ -221,7 +389,13 @@ class FlashPackDiffusionPipeline:
             variant: pack ``model.<variant>.flashpack``; ordinary components use the library's variant rules.
             torch_dtype: dtype for ordinary components; FlashPack components keep the pack's dtypes unless this
                 differs, in which case they are converted after loading.
+            device: fal's second positional argument: the same as ``device_map``.
             revision, cache_dir, local_files_only, token: for the Hub.
+            num_streams, chunk_bytes, ignore_names, ignore_prefixes, ignore_suffixes, silent, strict,
+                use_distributed_loading, distributed_sharded, distributed_shard_strategy, rank, local_rank,
+                world_size, coerce_dtype: fal's keywords, passed to every pack's load
+                (:func:`flashpack.assign_from_file`).
+            dtype: the same as ``torch_dtype``.
             **kwargs: passed to ``from_pretrained`` (e.g. ``scheduler=`` to replace a component).
 
         Returns:
@@ -231,7 +405,10 @@ class FlashPackDiffusionPipeline:
             A FlashPack-enabled component whose folder has no pack but ordinary weights is loaded with the
             annotated class's ordinary ``from_pretrained`` (case C36).
         """
-        device = parse_device_map(device_map)
+        device = resolve_device(device, device_map, f"{cls.__name__}.from_pretrained_flashpack")
+        if torch_dtype is None:
+            torch_dtype = kwargs.pop("dtype", None)
+        assign, _ = split_fal_options(kwargs)
         pname = pack_name(variant)
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         patterns = PIPELINE_FILE_PATTERNS + [f"*/{pname}"]
@@ -256,7 +433,7 @@ class FlashPackDiffusionPipeline:
             klass = _flashpack_class(types.get(name, ()))
             has_pack = os.path.isfile(os.path.join(sub, pname))
             if klass is not None and has_pack:
-                comp = klass.from_pretrained_flashpack(sub, device_map=device, variant=variant)
+                comp = klass.from_pretrained_flashpack(sub, device_map=device, variant=variant, **assign)
                 if torch_dtype is not None and comp.dtype != torch_dtype:
                     comp = comp.to(dtype=torch_dtype)
                 components[name] = comp

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 
-from ..errors import ModelNotFoundError
+from ..errors import HubPushError, ModelNotFoundError
 
 #: File name of a model's pack inside its folder (no variant).
 PACK_NAME = "model.flashpack"
@@ -51,7 +51,8 @@ def looks_local(name_or_path: str) -> bool:
 
 def resolve_folder(name_or_path: str | os.PathLike, *, allow_patterns: list[str], subfolder: str | None = None,
                    revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                   local_files_only: bool = False, token: str | bool | None = None) -> str:
+                   local_files_only: bool = False, token: str | bool | None = None, force_download: bool = False,
+                   local_dir: str | os.PathLike | None = None) -> str:
     """The local folder holding a model: ``name_or_path`` itself when it is a folder, else a snapshot of the Hub
     repo ``name_or_path`` limited to ``allow_patterns``; then ``subfolder`` inside it.
 
@@ -59,8 +60,8 @@ def resolve_folder(name_or_path: str | os.PathLike, *, allow_patterns: list[str]
         name_or_path: a local folder, or a Hub repo id (``"org/name"``).
         allow_patterns: file patterns relative to the repo root (``subfolder`` already included by the caller),
             passed to ``snapshot_download`` so only the config and pack files are fetched.
-        subfolder, revision, cache_dir, local_files_only, token: as for ``snapshot_download``; ``revision``,
-            ``cache_dir`` and ``token`` are ignored for a local folder.
+        subfolder, revision, cache_dir, local_files_only, token, force_download, local_dir: as for
+            ``snapshot_download``; ignored for a local folder.
 
     Returns:
         The absolute path of the folder (``subfolder`` applied).
@@ -83,21 +84,35 @@ def resolve_folder(name_or_path: str | os.PathLike, *, allow_patterns: list[str]
             folder = huggingface_hub.snapshot_download(
                 name, revision=revision, cache_dir=None if cache_dir is None else os.fspath(cache_dir),
                 local_files_only=local_files_only, token=token, allow_patterns=allow_patterns,
-                library_name="flashpack",
+                library_name="flashpack", **({"force_download": True} if force_download else {}),
+                **({"local_dir": os.fspath(local_dir)} if local_dir is not None else {}),
             )
         except LocalEntryNotFoundError as e:
             where = os.fspath(cache_dir) if cache_dir is not None else "the default Hugging Face cache"
+            offline = local_files_only or _env_offline()
+            why = ("downloading is disabled (" + ("local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1")
+                   + "); run once with network access to cache it") if offline else \
+                f"and the Hub could not be reached ({_cause(e)}); check the network or HF_ENDPOINT"
             raise ModelNotFoundError(
                 f"{name}: not found in {where}"
-                f"{f' at revision {revision!r}' if revision else ''}, and downloading is disabled "
-                f"(local_files_only=True or HF_HUB_OFFLINE=1); run once with network access to cache it, "
-                f"or pass a local folder"
+                f"{f' at revision {revision!r}' if revision else ''}, {why}, or pass a local folder"
             ) from e
     if subfolder:
         folder = os.path.join(folder, subfolder)
         if not os.path.isdir(folder):
             raise ModelNotFoundError(f"{name}: no subfolder {subfolder!r} ({folder} does not exist)")
     return folder
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost cause of a hub error, one line (``ConnectError: [Errno 111] Connection refused``)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
 def sub_patterns(subfolder: str | None, names: list[str]) -> list[str]:
@@ -109,26 +124,37 @@ def sub_patterns(subfolder: str | None, names: list[str]) -> list[str]:
 
 
 def push_folder(save_directory: str | os.PathLike, *, repo_id: str | None = None, token: str | bool | None = None,
-                private: bool | None = None, commit_message: str | None = None) -> str:
+                private: bool | None = None, commit_message: str | None = None, create_pr: bool = False) -> str:
     """Create the Hub repo (``exist_ok``) and upload the whole folder in one commit with ``huggingface_hub.HfApi``.
 
     Args:
         save_directory: the folder just written.
         repo_id: ``"org/name"`` or ``"name"`` (the token's namespace); default :func:`default_repo_id`.
-        token, private, commit_message: passed to ``create_repo`` / ``upload_folder``.
+        token, private, commit_message, create_pr: passed to ``create_repo`` / ``upload_folder``.
 
     Returns:
         The full repo id the hub answered with.
+
+    Raises:
+        HubPushError (``OSError``): creating the repo or uploading failed, naming the folder and the repo, with
+            the hub's error chained.
     """
     import huggingface_hub
 
     repo_id = repo_id or default_repo_id(save_directory)
     api = huggingface_hub.HfApi(token=token)
-    url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-    full_id = getattr(url, "repo_id", None) or repo_id
-    api.upload_folder(repo_id=full_id, folder_path=os.fspath(save_directory), token=token,
-                      commit_message=commit_message or "Upload FlashPack weights with flashpack")
+    step, full_id = "creating the repo", repo_id
+    try:
+        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        full_id = getattr(url, "repo_id", None) or repo_id
+        step = "uploading"
+        api.upload_folder(repo_id=full_id, folder_path=os.fspath(save_directory), token=token,
+                          commit_message=commit_message or "Upload FlashPack weights with flashpack",
+                          **({"create_pr": True} if create_pr else {}))
+    except Exception as e:  # noqa: BLE001 - any hub or network error gets the folder, repo and step
+        raise HubPushError(f"{os.fspath(save_directory)}: while pushing to the Hub repo {full_id!r} ({step}): "
+                           f"{_cause(e)}; the folder is saved locally, push it again later") from e
     return full_id
 
 
-__all__ = ["ModelNotFoundError", "PACK_NAME", "default_repo_id", "pack_name", "push_folder", "resolve_folder"]
+__all__ = ["HubPushError", "ModelNotFoundError", "PACK_NAME", "default_repo_id", "pack_name", "push_folder", "resolve_folder"]

@@ -28,6 +28,7 @@ import os
 import torch
 
 from ._shared import base_library_class, find_pack, load_model, parse_device_map, save_model_folder
+from ._shared import resolve_device, split_fal_options
 from ..mixin import init_empty_weights
 from .hub import pack_name, resolve_folder, sub_patterns
 
@@ -42,7 +43,9 @@ class FlashPackTransformersModelMixin:
     def save_pretrained_flashpack(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
                                   repo_id: str | None = None, token: str | bool | None = None,
                                   private: bool | None = None, commit_message: str | None = None,
-                                  variant: str | None = None, target_dtype: torch.dtype | None = None) -> str:
+                                  variant: str | None = None, target_dtype: torch.dtype | None = None,
+                                  is_main_process: bool = True, create_pr: bool = False, align_bytes: int | None = None,
+                                  silent: bool = True, num_workers: int | None = None) -> str | None:
         """Write ``config.json`` (+ ``generation_config.json``) and ``model[.<variant>].flashpack``.
 
         Args:
@@ -52,6 +55,9 @@ class FlashPackTransformersModelMixin:
             token, private, commit_message: for the Hub.
             variant: pack name ``model.<variant>.flashpack`` (e.g. ``"fp16"``).
             target_dtype: cast floating weights to this dtype in the pack (the config's ``dtype`` follows).
+            is_main_process: ``False`` writes nothing and returns ``None`` (distributed saves).
+            create_pr: push as a pull request.
+            align_bytes, num_workers: fal's writer knobs; accepted and ignored. silent: ``False`` prints the path.
 
         Returns:
             The pack's path.
@@ -60,6 +66,8 @@ class FlashPackTransformersModelMixin:
             Atomic: config files are written to a hidden temporary folder and renamed in; the pack is written
             to a temporary file and renamed over a stale pack of the same variant. Nothing temporary remains.
         """
+        if not is_main_process:  # fal's and the libraries' rule: only the main process writes
+            return None
         model = self
 
         def write_configs(tmp: str) -> None:
@@ -72,15 +80,19 @@ class FlashPackTransformersModelMixin:
             if model.can_generate() and getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(tmp)
 
-        return save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
+        path = save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
                                  target_dtype=target_dtype, push_to_hub=push_to_hub, repo_id=repo_id, token=token,
-                                 private=private, commit_message=commit_message)
+                                 private=private, commit_message=commit_message, create_pr=create_pr)
+        if not silent:
+            print(f"flashpack: saved {type(self).__name__} to {path}")
+        return path
 
     @classmethod
-    def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, *, device_map=None,
+    def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, device=None, *, device_map=None,
                                   subfolder: str | None = None, variant: str | None = None,
                                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                                   local_files_only: bool = False, token: str | bool | None = None,
+                                  torch_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
                                   **config_overrides):
         """Build the model from its config on the meta device and fill it from its pack.
 
@@ -89,7 +101,15 @@ class FlashPackTransformersModelMixin:
                 the pack are downloaded, with ``snapshot_download``).
             device_map: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or a dict putting the
                 whole model on one device.
-            subfolder, variant, revision, cache_dir, local_files_only, token: as for ``from_pretrained``.
+            device: fal's second positional argument: the same as ``device_map`` (pass one, or both equal).
+            subfolder, variant, revision, cache_dir, local_files_only, token: as for ``from_pretrained``;
+                fal's ``force_download`` and ``local_dir`` go to ``snapshot_download``, ``proxies`` and
+                ``local_dir_use_symlinks`` are accepted and ignored (deprecated in huggingface_hub).
+            torch_dtype, dtype: convert the loaded model to this dtype (``model.to(dtype)``); default: the pack's.
+            silent, strict, strict_params, strict_buffers, keep_flash_ref_on_model, num_streams, chunk_bytes,
+                ignore_names, ignore_prefixes, ignore_suffixes, use_distributed_loading, distributed_sharded,
+                distributed_shard_strategy, rank, local_rank, world_size, coerce_dtype: fal's keywords, passed to
+                :func:`flashpack.assign_from_file` (``strict`` defaults to ``True`` here).
             **config_overrides: config attributes to change (``num_hidden_layers=2``, ``attn_implementation=``).
 
         Returns:
@@ -105,9 +125,11 @@ class FlashPackTransformersModelMixin:
         from transformers import AutoConfig, GenerationConfig
 
 
-        device = parse_device_map(device_map)
+        assign, hub_extra = split_fal_options(config_overrides)
+        device = resolve_device(device, device_map, f"{cls.__name__}.from_pretrained_flashpack")
+        want_dtype = dtype if dtype is not None else torch_dtype
         name = pack_name(variant)
-        folder = resolve_folder(name_or_path, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, GENERATION_CONFIG_NAME, name]),
+        folder = resolve_folder(name_or_path, **hub_extra, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, GENERATION_CONFIG_NAME, name]),
                                 subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                                 local_files_only=local_files_only, token=token)
 
@@ -127,11 +149,13 @@ class FlashPackTransformersModelMixin:
             with init_empty_weights(), _no_init_weights():
                 return cls._from_config(config, **kwargs)
 
-        model = load_model(build, pack, device, tie=lambda m: m.tie_weights())
+        model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign)
         _init_unloaded_buffers(model)
         if model.can_generate() and os.path.isfile(os.path.join(folder, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.config._name_or_path = os.fspath(name_or_path)
+        if want_dtype is not None and model.dtype != want_dtype:
+            model = model.to(dtype=want_dtype)
         return model
 
 

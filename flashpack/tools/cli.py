@@ -1,9 +1,9 @@
 """flashpack: convert checkpoints to .flashpack files, inspect, revert and verify them.
 
 Usage:
-  flashpack convert <src> [<dst>] [--subfolder=<name>] [--variant=<v>] [--dtype=<dtype>] [--use-diffusers | --use-transformers] [--force] [--quiet]
-  flashpack metadata <path> [--show-index] [--json]
-  flashpack revert <path> [<dst>] [--force] [--quiet]
+  flashpack convert <src> [<dst>] [--subfolder=<name>] [--variant=<v>] [--dtype=<dtype>] [--ignore-names=<key>...] [--ignore-prefixes=<prefix>...] [--ignore-suffixes=<suffix>...] [--use-diffusers | --use-transformers] [--force] [--quiet] [--verbose]
+  flashpack metadata <path> [--show-index] [--json] [--format=<schema>]
+  flashpack revert <path> [<dst>] [--format=<format>] [--force] [--quiet] [--verbose]
   flashpack verify <path>
   flashpack <command> --help
   flashpack (-h | --help)
@@ -23,14 +23,21 @@ Options:
   --use-diffusers     Look for diffusers weight files (diffusion_pytorch_model.*).
   --use-transformers  Look for transformers weight files (model.*, pytorch_model.*) and restore the
                       tied weights the model class declares (builds it from config.json on the meta device).
+  --ignore-names=<key>         Leave out this key (repeat the flag for more).
+  --ignore-prefixes=<prefix>   Leave out keys starting with this (repeatable).
+  --ignore-suffixes=<suffix>   Leave out keys ending with this (repeatable).
+  --format=<format>   revert: safetensors, torch or fal (fal's flashpack 0.4 layout); metadata --json:
+                      flashpack (default, a superset of fal's fields) or fal (fal's schema exactly).
   --force             Replace an existing destination.
   --quiet             No progress bar.
-  --show-index        One line per tensor: key, dtype, shape, offset, nbytes.
-  --json              The same as JSON on stdout.
+  -v --verbose        Accepted for fal's CLI (output is the same).
+  -i --show-index     One line per tensor: key, dtype, shape, offset, nbytes.
+  -j --json           The same as JSON on stdout.
   -h --help           Show this text.
   --version           Show the version.
 
-Exit status: 0 success, 1 a damaged or failed file, 2 a usage error or unusable input.
+Exit status: 0 success (also when the reader of stdout closes it early, as `head` does), 1 a damaged or
+failed file, 2 a usage error or unusable input.
 Set FLASHPACK_DEBUG=1 to see tracebacks.
 """
 
@@ -45,7 +52,8 @@ import traceback
 
 COMMAND_HELP = {
     "convert": """Usage: flashpack convert <src> [<dst>] [--subfolder=<name>] [--variant=<v>] [--dtype=<dtype>]
-                         [--use-diffusers | --use-transformers] [--force] [--quiet]
+                         [--ignore-names=<key>...] [--ignore-prefixes=<prefix>...] [--ignore-suffixes=<suffix>...]
+                         [--use-diffusers | --use-transformers] [--force] [--quiet] [-v]
 
 Convert a checkpoint into one .flashpack file, streaming one source file at a time.
 
@@ -64,20 +72,31 @@ Options:
   --dtype=<dtype>     Cast floating-point tensors only (float16, bfloat16, float32...).
   --use-diffusers     Look for diffusion_pytorch_model.* files.
   --use-transformers  Look for model.* / pytorch_model.* files and restore tied weights from config.json.
+  --ignore-names=<key>        Leave out this key; repeat the flag for more (fal's filter).
+  --ignore-prefixes=<prefix>  Leave out keys starting with <prefix> (repeatable).
+  --ignore-suffixes=<suffix>  Leave out keys ending with <suffix> (repeatable).
   --force             Replace an existing destination.
   --quiet             No progress bar (also off when stderr is not a terminal).
+  -v --verbose        Accepted for fal's CLI; changes nothing.
 """,
-    "metadata": """Usage: flashpack metadata <path> [--show-index] [--json]
+    "metadata": """Usage: flashpack metadata <path> [-i | --show-index] [-j | --json] [--format=<schema>]
 
 Print the format version, byte order, dtype blocks with byte ranges, tensor count, total bytes,
 aliases, user metadata and checksum kind of a .flashpack file (or a fal flashpack file). Reads only
 the header and the weight map, whatever the file size.
 
 Options:
-  --show-index  One line per tensor: key, dtype, shape, offset, nbytes.
-  --json        The same as JSON on stdout.
+  -i --show-index    One line per tensor: key, dtype, shape, offset, nbytes.
+  -j --json          The same as JSON on stdout: this library's fields (path, source, format_version,
+                     byte_order, file_nbytes, tensors, aliases, payload_nbytes, checksum, blocks, metadata)
+                     plus fal's (format, align_bytes, total_payload_bytes, total_elems, macroblocks); with
+                     --show-index, index entries carry both {key, dtype, shape, offset, nbytes} and fal's
+                     {name, length, macroblock, offset_elems} (offset is bytes in the file here, elements
+                     in the block in fal's schema).
+  --format=<schema>  With --json: flashpack (default, the superset above) or fal (exactly fal's
+                     get_flashpack_file_metadata schema, index offsets in elements).
 """,
-    "revert": """Usage: flashpack revert <path> [<dst>] [--force] [--quiet]
+    "revert": """Usage: flashpack revert <path> [<dst>] [--format=<format>] [--force] [--quiet] [-v]
 
 Write the tensors of a .flashpack file as .safetensors (default) or .pt (<dst> ending in .pt, .pth
 or .bin), exactly: dtypes, shapes, user metadata (as safetensors metadata). Aliases are written as
@@ -85,9 +104,14 @@ copies and recorded in the metadata (metadata[alias] = target, as safetensors.to
 Default <dst>: the source name with .safetensors (model.flashpack -> model.safetensors). Never the
 source; an existing file only with --force; written atomically.
 
+--format fal writes fal's flashpack 0.4 single-file layout instead (default <dst>: model.fal.flashpack),
+which fal's flashpack 0.4.5 loads bit-exactly: a way back to fal's library. Aliases become copies.
+
 Options:
-  --force  Replace an existing destination.
-  --quiet  No progress bar (also off when stderr is not a terminal).
+  --format=<format>  safetensors, torch or fal; default: from <dst>'s suffix (.pt/.pth/.bin: torch).
+  --force            Replace an existing destination.
+  --quiet            No progress bar (also off when stderr is not a terminal).
+  -v --verbose       Accepted for fal's CLI; changes nothing.
 """,
     "verify": """Usage: flashpack verify <path>
 
@@ -132,13 +156,32 @@ def cmd_convert(args: dict) -> int:
     framework = "diffusers" if args["--use-diffusers"] else "transformers" if args["--use-transformers"] else None
     r = convert(args["<src>"], args["<dst>"], subfolder=args["--subfolder"], variant=args["--variant"],
                 dtype=args["--dtype"], framework=framework, force=args["--force"],
-                progress=_progress(args["--quiet"]))
+                progress=_progress(args["--quiet"]), ignore=_ignore_from_args(args))
     for note in r.notes:
         print(f"flashpack: note: {note}", file=sys.stderr)
     gibps = r.payload_nbytes / max(r.seconds, 1e-9) / (1 << 30)
     print(f"{r.dst}: {r.tensors} tensors, {r.aliases} aliases, {_fmt_nbytes(r.file_nbytes)} "
           f"from {len(r.source.files)} file(s) of {r.source.description} in {r.seconds:.3f} s ({gibps:.2f} GiB/s)")
     return EXIT_OK
+
+
+def _ignore_from_args(args: dict):
+    """fal's ``--ignore-names/--ignore-prefixes/--ignore-suffixes`` as a predicate, or ``None`` without them."""
+    from ..deserialization import ignore_filter
+
+    names, prefixes, suffixes = (args.get(f"--ignore-{k}") or [] for k in ("names", "prefixes", "suffixes"))
+    return ignore_filter(names, prefixes, suffixes) if (names or prefixes or suffixes) else None
+
+
+def fal_fields(wm, *, show_index: bool) -> dict:
+    """fal's ``metadata --json`` fields (``flashpack.deserialization.fal_metadata``; fal's footer as stored for
+    fal's files); ``index`` only with ``show_index``, as fal prints it."""
+    from ..deserialization import fal_metadata, get_flashpack_file_metadata
+
+    doc = get_flashpack_file_metadata(wm.path) if wm.source.startswith("fal-") else fal_metadata(wm)
+    if not show_index:
+        doc.pop("index", None)
+    return doc
 
 
 def metadata_dict(wm) -> dict:
@@ -168,10 +211,24 @@ def cmd_metadata(args: dict) -> int:
     index = [{"key": t.key, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
              for t in wm.tensors.values()]
     if args["--json"]:
+        schema = args.get("--format") or "flashpack"
+        if schema not in ("flashpack", "fal"):
+            raise ValueError(f"--format={schema}: metadata --json takes --format=flashpack or --format=fal")
+        fal = fal_fields(wm, show_index=args["--show-index"])
+        if schema == "fal":
+            print(json.dumps(fal, indent=2, ensure_ascii=False))
+            return EXIT_OK
         if args["--show-index"]:
+            for mine, theirs in zip(index, fal.pop("index")):
+                mine.update(name=theirs["name"], length=theirs["length"], macroblock=theirs.get("macroblock", 0),
+                            offset_elems=theirs["offset"])
             doc["index"] = index
+        for k, v in fal.items():
+            doc.setdefault(k, v)
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return EXIT_OK
+    if args.get("--format"):
+        raise ValueError(f"--format={args['--format']}: metadata takes --format only with --json")
     ck = doc["checksum"]
     lines = [
         f"file:         {wm.path}",
@@ -200,7 +257,10 @@ def cmd_metadata(args: dict) -> int:
 def cmd_revert(args: dict) -> int:
     from .revert import revert
 
-    r = revert(args["<path>"], args["<dst>"], force=args["--force"], progress=_progress(args["--quiet"]))
+    fmt = args.get("--format")
+    if fmt not in (None, "safetensors", "torch", "fal"):
+        raise ValueError(f"--format={fmt}: revert writes --format=safetensors, torch or fal")
+    r = revert(args["<path>"], args["<dst>"], force=args["--force"], progress=_progress(args["--quiet"]), format=fmt)
     for note in r.notes:
         print(f"flashpack: note: {note}", file=sys.stderr)
     print(f"{r.dst}: {r.format}, {r.tensors} tensors, {r.aliases} aliases (written as copies), "
@@ -259,6 +319,52 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
+#: per command: option -> whether it takes a value (the usage above, fal's short flags included)
+_OPTIONS = {
+    "convert": {"--subfolder": True, "--variant": True, "--dtype": True, "--ignore-names": True,
+                "--ignore-prefixes": True, "--ignore-suffixes": True, "--use-diffusers": False,
+                "--use-transformers": False, "--force": False, "--quiet": False, "--verbose": False, "-v": False},
+    "metadata": {"--show-index": False, "-i": False, "--json": False, "-j": False, "--format": True},
+    "revert": {"--format": True, "--force": False, "--quiet": False, "--verbose": False, "-v": False},
+    "verify": {},
+}
+
+
+def bad_argument(cmd: str | None, args: list[str]) -> str:
+    """What is wrong with a command line docopt refused, naming the flag: an unknown option, a value missing
+    or given to a flag that takes none, or a wrong number of paths."""
+    if cmd is None:
+        return "bad arguments"
+    known = _OPTIONS[cmd]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-") and a != "-":
+            name, eq, _ = a.partition("=")
+            if name not in known:
+                return f"unknown option {name!r} for `flashpack {cmd}`"
+            if known[name] and not eq:
+                if i + 1 >= len(args) or args[i + 1].startswith("-"):
+                    return f"option {name} needs a value ({name}=<value>)"
+                i += 1
+            elif not known[name] and eq:
+                return f"option {name} takes no value"
+        i += 1
+    if "--use-diffusers" in args and "--use-transformers" in args:
+        return "options --use-diffusers and --use-transformers exclude each other"
+    return "wrong number of paths or a repeated option"
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``flashpack metadata ... | head``): point stdout at /dev/null so the
+    interpreter's final flush cannot fail again, and exit 0 without a message, as ``head`` expects."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 damaged or failed file, 2 usage error)."""
     from docopt import DocoptExit, docopt
@@ -285,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     except DocoptExit as e:
         cmd = argv[0] if argv and argv[0] in COMMANDS else None
         usage = COMMAND_HELP[cmd].split("\n\n", 1)[0] if cmd else str(e).strip() or "usage: flashpack --help"
-        print(f"{usage}\nflashpack: error: bad arguments; see `flashpack {cmd + ' ' if cmd else ''}--help`",
-              file=sys.stderr)
+        print(f"{usage}\nflashpack: error: {bad_argument(cmd, argv[1:] if cmd else argv)}; "
+              f"see `flashpack {cmd + ' ' if cmd else ''}--help`", file=sys.stderr)
         return EXIT_USAGE
     cmd = next((c for c in COMMANDS if args.get(c)), None)
     if cmd is None:
@@ -294,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return COMMANDS[cmd](args)
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except KeyboardInterrupt:
         print("flashpack: interrupted; nothing was written over", file=sys.stderr)
         return 130

@@ -518,7 +518,8 @@ def check_destination(dst: str, sources: list[str], force: bool) -> None:
 
 
 def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, variant: str | None = None,
-            dtype=None, framework: str | None = None, force: bool = False, progress: bool = False) -> ConvertResult:
+            dtype=None, framework: str | None = None, force: bool = False, progress: bool = False,
+            ignore=None) -> ConvertResult:
     """Convert a checkpoint (file, folder, shards or Hub repo) into one ``.flashpack`` file.
 
     Args:
@@ -528,6 +529,8 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
         dtype: a floating ``torch.dtype`` (or its name): cast floating tensors only.
         force: replace an existing ``dst``.
         progress: show a tqdm bar on stderr.
+        ignore: ``key -> bool``; keys for which it is true are left out (fal's ``--ignore-*`` filters, see
+            :func:`flashpack.deserialization.ignore_filter`).
 
     Returns:
         A :class:`ConvertResult`.
@@ -559,6 +562,10 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
             _, note = _transformers_ties(source.folder, lazy)
             if note:
                 notes.append(note)
+        if ignore is not None:
+            lazy = {k: v for k, v in lazy.items() if not ignore(k)}
+            if not lazy:
+                raise UsageError(f"{src}: every tensor matches the --ignore-* filters; nothing to convert")
         seen: set[int] = set()
         stored = [t for t in lazy.values() if not (id(t) in seen or seen.add(id(t)))]
         bar.reset(total=sum(t.numel() * t.dtype.itemsize for t in stored))

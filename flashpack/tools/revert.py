@@ -7,6 +7,9 @@ records removed duplicates (``metadata[alias] = target``): ``safetensors.torch.l
 key, and ``flashpack convert`` turns the record back into an alias. A ``.pt`` destination keeps aliases
 as shared tensors (``torch.save``) but has no place for metadata.
 
+``format="fal"`` (``flashpack revert --format fal``) writes fal's flashpack 0.4 single-file layout instead
+(:func:`write_fal`), so a team can roll back to fal's flashpack or run a mixed fleet over one cache.
+
 The destination is written atomically (a temporary file in its folder, fsync, ``os.replace``) and is
 never the source (case C32).
 """
@@ -25,7 +28,7 @@ from .convert import TORCH_SUFFIXES, UsageError, check_destination
 @dataclass
 class RevertResult:
     dst: str
-    format: str  # "safetensors" or "torch"
+    format: str  # "safetensors", "torch" or "fal"
     tensors: int
     aliases: int
     file_nbytes: int
@@ -42,13 +45,19 @@ def default_destination(path: str) -> str:
 
 
 def _atomic_write(dst: str, write) -> int:
-    """Call ``write(tmp_path)`` on a temporary file next to ``dst``, then atomically replace ``dst``."""
+    """Call ``write(tmp_path)`` on a temporary file next to ``dst``, then atomically replace ``dst``. The file's
+    mode follows the umask (0644 under umask 022), like a pack's: writers such as ``safetensors.save_file`` replace
+    the temporary file with a 0600 one, so the mode is set again after ``write``."""
     with atomic_path(dst) as tmp:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
     return os.path.getsize(dst)
 
 
-def revert(path: str, dst: str | None = None, *, force: bool = False, progress: bool = False) -> RevertResult:
+def revert(path: str, dst: str | None = None, *, force: bool = False, progress: bool = False,
+           format: str | None = None) -> RevertResult:
     """Write the tensors of a flashpack file (or a fal flashpack file) as safetensors or ``.pt``.
 
     Args:
@@ -57,6 +66,9 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
             Default: :func:`default_destination`.
         force: replace an existing ``dst``.
         progress: a tqdm bar on stderr.
+        format: ``"safetensors"``, ``"torch"`` or ``"fal"`` (fal's flashpack 0.4 layout, :func:`write_fal`);
+            default: from ``dst``'s suffix (``.pt``/``.pth``/``.bin`` -> torch, else safetensors). With
+            ``"fal"`` the default ``dst`` is ``<name>.fal.flashpack``.
 
     Raises:
         NotAFlashPackError: ``path`` is not a flashpack file. FormatError: it is damaged (checksums are
@@ -66,9 +78,14 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
 
     path = os.path.abspath(os.path.expanduser(path))
     wm = read_weight_map(path)
-    dst = os.path.abspath(os.path.expanduser(dst)) if dst else default_destination(path)
+    if format not in (None, "safetensors", "torch", "fal"):
+        raise UsageError(f"{path}: unknown revert format {format!r}; use safetensors, torch or fal")
+    if dst:
+        dst = os.path.abspath(os.path.expanduser(dst))
+    else:
+        dst = fal_destination(path) if format == "fal" else default_destination(path)
     check_destination(dst, [path], force)
-    fmt = "torch" if dst.lower().endswith(TORCH_SUFFIXES) else "safetensors"
+    fmt = format or ("torch" if dst.lower().endswith(TORCH_SUFFIXES) else "safetensors")
 
     from tqdm import tqdm
 
@@ -90,6 +107,9 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
             out = {k: own[wm.aliases.get(k, k)] for k in sd}
             del sd
             nbytes = _atomic_write(dst, lambda tmp: torch.save(out, tmp))
+        elif fmt == "fal":
+            nbytes, fal_notes = write_fal(wm, sd, dst)
+            notes += fal_notes
         else:
             nbytes = _write_safetensors(wm, sd, dst, path)
         bar.update(wm.payload_nbytes)
@@ -127,3 +147,98 @@ def _write_safetensors(wm, sd: dict, dst: str, path: str) -> int:
     if wm.aliases and "format" not in metadata:
         metadata["format"] = "pt"  # transformers refuses safetensors metadata without a format
     return _atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata=metadata or None))
+
+
+# --------------------------------------------------------------------------- fal's format (a way back)
+
+#: fal's default alignment (bytes) for blocks and for tensors inside a block.
+FAL_ALIGN_BYTES = 128
+#: The dtypes fal's flashpack 0.4 can read (torch names); others (sub-byte, float4, bits*) have no place there.
+FAL_DTYPES = frozenset({"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16",
+                        "bfloat16", "float32", "float64", "complex32", "complex64", "complex128", "float8_e4m3fn",
+                        "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"})
+
+
+def fal_destination(path: str) -> str:
+    """``model.flashpack`` -> ``model.fal.flashpack`` (never the source)."""
+    root, ext = os.path.splitext(path)
+    return (root if ext else path) + ".fal.flashpack"
+
+
+def write_fal(wm, sd: dict, dst: str) -> tuple[int, list[str]]:
+    """Write ``sd`` (loaded from ``wm``) to ``dst`` in fal's flashpack v4 layout, atomically.
+
+    Layout (what fal 0.4.5 reads): the payload from byte 0, one block ("macroblock") per dtype in order of the
+    dtype's first key, each block and each tensor inside it starting on a 128-byte boundary (zero padding);
+    then the UTF-8 JSON footer ``{"format": "flashpack_v4", "align_bytes": 128, "total_payload_bytes",
+    "total_elems", "macroblocks": [{dtype, offset_bytes, length_bytes, length_elems}], "index": [{name, shape,
+    offset, length, macroblock}]}`` (offsets and lengths of the index in elements inside the block), the
+    footer's length as a little-endian u64, and ``FLASHPK\0``. User metadata goes under ``"metadata"`` (fal
+    ignores it; this library reads it back). Bytes are copied as they are: the round trip is bit-exact.
+
+    Returns:
+        ``(file size in bytes, notes)``: notes say what fal's layout cannot keep (aliases become copies;
+        0-dim tensors come back from fal's reader with shape ``[1]``).
+
+    Raises:
+        UsageError: a dtype fal cannot hold (names the key and the dtype).
+    """
+    import json
+    import math
+
+    import torch
+
+    from ..format import DTYPE_ITEMSIZE, DTYPE_NAMES
+
+    bad = [(k, t.dtype) for k, t in wm.tensors.items() if DTYPE_NAMES[t.dtype] not in FAL_DTYPES]
+    if bad:
+        raise UsageError(f"{wm.path}: key {bad[0][0]!r} has dtype {DTYPE_NAMES[bad[0][1]]}, which fal's flashpack "
+                         f"cannot hold ({len(bad)} such key(s)); revert to .pt instead")
+    keys = list(sd)
+    order: dict[str, list[str]] = {}
+    for k in keys:
+        order.setdefault(wm.tensors[wm.aliases.get(k, k)].dtype, []).append(k)
+    macroblocks, index, cursor = [], [], 0
+    placed: list[tuple[int, object]] = []  # (absolute offset, tensor)
+    for mb, (dt, names) in enumerate(order.items()):
+        item = DTYPE_ITEMSIZE[dt]
+        cursor += -cursor % math.lcm(FAL_ALIGN_BYTES, item)
+        start, elems = cursor, 0
+        align_elems = FAL_ALIGN_BYTES // math.gcd(FAL_ALIGN_BYTES, item)
+        for k in names:
+            t = sd[k]
+            elems += -elems % align_elems
+            index.append({"name": k, "shape": list(t.shape), "offset": elems, "length": t.numel(), "macroblock": mb})
+            placed.append((start + elems * item, t))
+            elems += t.numel()
+        macroblocks.append({"dtype": DTYPE_NAMES[dt], "offset_bytes": start, "length_bytes": elems * item,
+                            "length_elems": elems})
+        cursor = start + elems * item
+    footer = {"format": "flashpack_v4", "align_bytes": FAL_ALIGN_BYTES, "total_payload_bytes": cursor,
+              "total_elems": sum(m["length_elems"] for m in macroblocks), "macroblocks": macroblocks, "index": index}
+    if wm.metadata:
+        footer["metadata"] = dict(wm.metadata)
+    blob = json.dumps(footer, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.truncate(cursor)
+            for off, t in placed:
+                if t.numel():
+                    f.seek(off)
+                    f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            f.seek(cursor)
+            f.write(blob)
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(b"FLASHPK\0")
+
+    nbytes = _atomic_write(dst, write)
+    notes = []
+    if wm.aliases:
+        notes.append(f"{dst}: fal's format has no aliases: {len(wm.aliases)} alias(es) written as copies "
+                     f"(e.g. {next(iter(wm.aliases))!r})")
+    scalars = [k for k in keys if sd[k].dim() == 0]
+    if scalars:
+        notes.append(f"{dst}: {len(scalars)} 0-dim tensor(s) (e.g. {scalars[0]!r}) come back with shape [1] from "
+                     f"fal's reader (this library reads them back as 0-dim)")
+    return nbytes, notes
