@@ -284,6 +284,10 @@ def exit_status(e: BaseException) -> int:
 
 
 def _one_line(e: BaseException) -> str:
+    from ..errors import WriteError
+
+    if isinstance(e, WriteError):  # its message names the destination already
+        return " ".join(str(e.strerror).split())
     if isinstance(e, OSError) and e.filename is not None and not str(e).startswith(str(e.filename)):
         what = {FileNotFoundError: "no such file or folder", IsADirectoryError: "is a folder, not a file",
                 NotADirectoryError: "a part of the path is not a folder",
