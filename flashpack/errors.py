@@ -80,6 +80,25 @@ class ReadError(FlashPackError, OSError):
         OSError.__init__(self, err, message, None if filename is None else os.fspath(filename))
 
 
+class NotARegularFileError(FlashPackError, OSError):
+    """The path names a FIFO, socket, character or block device (anything but a regular file or a folder).
+
+    Raised before any byte is read, so a FIFO without a writer cannot hang a load. ``errno`` is ``EINVAL``,
+    ``filename`` the path; the message says what kind of file it is.
+    """
+
+    def __init__(self, message: str, filename: str | os.PathLike):
+        OSError.__init__(self, _errno.EINVAL, message, os.fspath(filename))
+
+
+class WriteError(FlashPackError, OSError):
+    """Writing a destination failed (``ENOSPC``, ``EDQUOT``, ``EFBIG``, ``EIO``...). ``errno`` is kept,
+    ``filename`` is the destination; the old destination, if any, is intact."""
+
+    def __init__(self, err: int, message: str, filename: str | os.PathLike):
+        OSError.__init__(self, err, message, os.fspath(filename))
+
+
 class BackendUnavailableError(FlashPackError, RuntimeError):
     """A reader backend that was asked for by name cannot run here; the message says why and how to fix it."""
 

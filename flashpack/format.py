@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -42,8 +43,16 @@ CHECKSUM_ALGORITHM = "xxh3_64"
 MAX_CHUNK_NBYTES = 1024 * 1024 * 1024
 #: Dimensions must fit torch's int64 sizes.
 MAX_DIM = 2**63 - 1
-#: Largest weight map a reader accepts (a 100,000-tensor model needs about 10 MiB).
+#: Largest weight map a reader accepts (a 100,000-tensor model needs about 10 MiB); also the largest
+#: fal flashpack footer. Checked against the header before a byte of the weight map is read.
 MAX_INDEX_NBYTES = 256 * 1024 * 1024
+#: Bound on every product of dimensions (0 counted as 1): torch's strides and storage sizes are int64,
+#: so a shape past it cannot be built even with zero elements.
+MAX_SHAPE_PRODUCT = 2**63 - 1
+#: Longest integer literal accepted in a weight map or fal footer (2**64 has 20 digits).
+_MAX_INT_DIGITS = 20
+#: Checksums are 16 lowercase hex digits, nothing else (no sign, prefix, space or underscore).
+_HEX16 = re.compile(r"[0-9a-f]{16}")
 
 # magic, version, header_nbytes, file_nbytes, index_offset, index_nbytes, index_xxh3_64, header_xxh3_64
 _HEADER = struct.Struct("<8sIIQQQQQ")
@@ -235,13 +244,15 @@ def decode_header(data: bytes, path: str, actual_nbytes: int) -> Header:
     """Check invariants I1-I5 on the first bytes of a file.
 
     Args:
-        data: at least the first 56 bytes of the file (fewer means the file is too short).
+        data: at least the first 56 bytes of the file (fewer means the file is too short); when it holds
+            the whole 4096-byte header, its reserved bytes 56-4095 are checked to be zero (I3).
         path: for messages.
         actual_nbytes: the file's size now (``os.fstat``).
 
     Raises:
         NotAFlashPackError (I1), HeaderError (I2, I3), UnsupportedVersionError (I4),
-        TruncatedFileError / TrailingBytesError (I5).
+        TruncatedFileError / TrailingBytesError (I5), WeightMapError (I6: ``index_nbytes`` over
+        :data:`MAX_INDEX_NBYTES`, raised before the weight map is read).
     """
     if data[:8] == MAGIC and len(data) < _HEADER.size:
         raise TruncatedFileError(
@@ -276,6 +287,15 @@ def decode_header(data: bytes, path: str, actual_nbytes: int) -> Header:
             f"should end (the header says {file_nbytes} bytes, the file has {actual_nbytes}); "
             f"the file was appended to or damaged"
         )
+    if len(data) >= HEADER_NBYTES:
+        reserved = bytes(data[_HEADER.size:HEADER_NBYTES])
+        if reserved.count(0) != len(reserved):
+            first = _HEADER.size + next(i for i, b in enumerate(reserved) if b)
+            raise HeaderError(f"{path}: reserved header byte {first} is not zero (bytes [{_HEADER.size}, "
+                              f"{HEADER_NBYTES}) must be zero); the file is damaged")
+    if index_nbytes > MAX_INDEX_NBYTES:
+        raise WeightMapError(f"{path}: weight map of {index_nbytes} bytes at byte {index_offset} exceeds the "
+                             f"{MAX_INDEX_NBYTES}-byte limit; the file is damaged or hostile (nothing was read)")
     return Header(version, header_nbytes, file_nbytes, index_offset, index_nbytes, index_digest)
 
 
@@ -307,6 +327,55 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+class _JSONLimit(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _JSONLimit(f"an integer of {len(text.lstrip('-'))} digits (at most {_MAX_INT_DIGITS} are accepted)")
+    return int(text)
+
+
+def _parse_constant(text: str):
+    raise _JSONLimit(f"{text} is not JSON (NaN and Infinity are not accepted)")
+
+
+def load_json(data: bytes | bytearray | memoryview, path: str, what: str, offset: int) -> Any:
+    """Parse untrusted UTF-8 JSON (a weight map, a fal footer, a shard index).
+
+    Integers longer than 20 digits, ``NaN``/``Infinity`` and nesting deeper than the interpreter's
+    recursion limit are refused (they would raise ``ValueError``, ``OverflowError`` or ``RecursionError``
+    deeper down). Callers check the strings they keep with :func:`check_text`.
+
+    Raises:
+        WeightMapError naming ``path``, ``what`` and the byte ``offset`` where the JSON starts.
+    """
+    try:
+        text = bytes(data).decode("utf-8")
+        doc = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+    except RecursionError:
+        raise WeightMapError(f"{path}: {what} at byte {offset} is nested too deeply to be parsed "
+                             f"(more than about {sys.getrecursionlimit()} levels); the file is damaged or hostile") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError and _JSONLimit are ValueErrors
+        raise WeightMapError(f"{path}: {what} at byte {offset} is not UTF-8 JSON: {e}") from None
+    return doc
+
+
+def check_text(s: str, path: str, what: str) -> str:
+    """Refuse a string that is not valid Unicode text (a lone surrogate such as ``"\\ud800"`` comes out
+    of JSON escapes but cannot be encoded as UTF-8, printed or written back).
+
+    Raises:
+        WeightMapError naming ``path`` and ``what`` (with the string escaped).
+    """
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WeightMapError(f"{path}: {what} {ascii(s)} is not valid UTF-8 text (it holds a lone surrogate)") from None
+    return s
+
+
 def decode_weight_map(header: Header, index: bytes, path: str) -> WeightMap:
     """Parse and validate the weight map of a flashpack file (invariants I6-I14).
 
@@ -319,10 +388,7 @@ def decode_weight_map(header: Header, index: bytes, path: str) -> WeightMap:
         raise WeightMapError(
             f"{path}: weight map checksum mismatch (bytes [{header.index_offset}, {header.file_nbytes})); the file is damaged"
         )
-    try:
-        doc = json.loads(index.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightMapError(f"{path}: weight map at byte {header.index_offset} is not UTF-8 JSON: {e}") from None
+    doc = load_json(index, path, "weight map", header.index_offset)
 
     def need(obj: Any, name: str, kind: type | tuple, where: str) -> Any:
         if not isinstance(obj, dict) or name not in obj:
@@ -342,6 +408,9 @@ def decode_weight_map(header: Header, index: bytes, path: str) -> WeightMap:
     metadata = need(doc, "metadata", dict, "root")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise WeightMapError(f"{path}: weight map metadata must map strings to strings")
+    for k, v in metadata.items():
+        check_text(k, path, "metadata key")
+        check_text(v, path, f"metadata[{ascii(k)}] value")
     ck = need(doc, "checksum", dict, "root")
     algorithm = need(ck, "algorithm", str, "checksum")
     chunk_nbytes = need(ck, "chunk_nbytes", int, "checksum")
@@ -360,16 +429,15 @@ def decode_weight_map(header: Header, index: bytes, path: str) -> WeightMap:
         sums = need(b, "checksums", list, where)
         if len(sums) != max(1, math.ceil(nb / chunk_nbytes)):
             raise WeightMapError(f"{path}: {where} ({dt}) has {len(sums)} checksums, expected {math.ceil(nb / chunk_nbytes)}")
-        try:
-            digests = tuple(int(s, 16) for s in sums if isinstance(s, str) and len(s) == 16)
-        except ValueError:
-            digests = ()
-        if len(digests) != len(sums):
-            raise WeightMapError(f"{path}: {where} ({dt}) has a checksum that is not 16 hex digits")
+        bad = next((j for j, s in enumerate(sums) if not (isinstance(s, str) and _HEX16.fullmatch(s))), None)
+        if bad is not None:
+            raise WeightMapError(f"{path}: {where} ({dt}) checksums[{bad}] = {sums[bad]!r} is not 16 hex digits (lowercase, nothing else)")
+        digests = tuple(int(s, 16) for s in sums)
         blocks.append(BlockInfo(dt, off, nb, digests))
 
     tensors: dict[str, TensorInfo] = {}
     for key, t in need(doc, "tensors", dict, "root").items():
+        check_text(key, path, "key")
         where = f"tensors[{key!r}]"
         shape = need(t, "shape", list, where)
         if not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
@@ -379,6 +447,7 @@ def decode_weight_map(header: Header, index: bytes, path: str) -> WeightMap:
                                   need(t, "offset", int, where), need(t, "nbytes", int, where))
     aliases = need(doc, "aliases", dict, "root")
     for a, target in aliases.items():
+        check_text(a, path, "alias")
         if not isinstance(target, str) or target not in tensors:
             raise WeightMapError(f"{path}: alias {a!r} points to {target!r}, which is not a stored tensor")
         if a in tensors:
@@ -394,7 +463,8 @@ def decode_weight_map(header: Header, index: bytes, path: str) -> WeightMap:
 
 def validate_layout(wm: WeightMap, *, block_align: int, tensor_align: int) -> None:
     """Check invariants I8-I12: every block and tensor lies inside the payload region, aligned, without
-    overlaps, with ``nbytes == prod(shape) * itemsize`` for a known dtype.
+    overlaps, with ``nbytes == prod(shape) * itemsize`` for a known dtype, and a shape torch can build
+    (the product of its dimensions, 0 counted as 1, at most :data:`MAX_SHAPE_PRODUCT`: I10).
 
     Raises:
         LayoutError, DtypeError.
@@ -424,6 +494,9 @@ def validate_layout(wm: WeightMap, *, block_align: int, tensor_align: int) -> No
                 f"{path}: key {key!r}: nbytes {t.nbytes} does not match shape {list(t.shape)} x "
                 f"{DTYPE_ITEMSIZE[t.dtype]} bytes ({t.dtype}) = {expect}"
             )
+        if math.prod(max(d, 1) for d in t.shape) > MAX_SHAPE_PRODUCT:
+            raise LayoutError(f"{path}: key {key!r}: shape {list(t.shape)} cannot be built: the product of its "
+                              f"dimensions (0 counted as 1) exceeds 2**63 - 1, so its strides overflow int64")
         if t.nbytes == 0:
             if t.offset < 0 or t.offset > end:
                 raise LayoutError(f"{path}: key {key!r}: offset {t.offset} out of range")
@@ -473,65 +546,111 @@ def decode_fal_footer(footer: bytes, path: str, file_nbytes: int, footer_offset:
 
     Offsets and lengths in its ``index`` are element counts within a block ("macroblock"); they are
     turned into absolute byte ranges here and validated like this format's own (I8-I12, with fal's
-    alignment). Such files carry no checksums.
+    alignment). Such files carry no checksums. Every count must be a JSON integer (not ``1.5``, ``"0"``,
+    ``true`` or ``null``); ``metadata`` must be an object (or absent/``null``).
 
     Raises:
-        WeightMapError, DtypeError, LayoutError.
+        WeightMapError (bad JSON, a missing or ill-typed field), UnsupportedVersionError (an unknown
+        ``format``), DtypeError, LayoutError; each names the file and the field.
     """
-    try:
-        doc = json.loads(footer.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightMapError(f"{path}: fal flashpack footer at byte {footer_offset} is not UTF-8 JSON: {e}") from None
+    doc = load_json(footer, path, "fal flashpack footer", footer_offset)
     if not isinstance(doc, dict):
-        raise WeightMapError(f"{path}: fal flashpack footer is not a JSON object")
+        raise WeightMapError(f"{path}: fal flashpack footer is not a JSON object (at byte {footer_offset})")
     fmt = doc.get("format")
 
-    def dname(v: Any) -> str:
-        attr = str(v).removeprefix("torch.")
+    def dname(v: Any, where: str) -> str:
+        if not isinstance(v, str):
+            raise WeightMapError(f"{path}: fal flashpack footer is missing or has a malformed field: "
+                                 f"{where} must be a dtype name string, got {type(v).__name__}")
+        attr = v.removeprefix("torch.")
         if attr not in _FAL_TORCH_NAMES:
-            raise DtypeError(f"{path}: fal flashpack dtype {v!r} is unknown")
+            raise DtypeError(f"{path}: fal flashpack dtype {v!r} is unknown ({where})")
         return _FAL_TORCH_NAMES[attr]
 
-    try:
-        if fmt == "flashpack_v3":
-            dt = dname(doc["target_dtype"])
-            raw_blocks = [(dt, 0, int(doc["total_elems"]) * DTYPE_ITEMSIZE[dt])]
-        elif fmt == "flashpack_v4":
-            raw_blocks = []
-            for mb in doc["macroblocks"]:
-                dt = dname(mb["dtype"])
-                raw_blocks.append((dt, int(mb["offset_bytes"]), int(mb["length_bytes"])))
-                if int(mb.get("length_elems", mb["length_bytes"] // DTYPE_ITEMSIZE[dt])) * DTYPE_ITEMSIZE[dt] != int(mb["length_bytes"]):
-                    raise LayoutError(f"{path}: fal macroblock {len(raw_blocks) - 1}: length_elems and length_bytes disagree")
-        else:
-            raise UnsupportedVersionError(f"{path}: fal flashpack footer format {fmt!r} is not supported (flashpack_v3, flashpack_v4)")
-        tensors: dict[str, TensorInfo] = {}
-        for rec in doc["index"]:
-            name = rec["name"]
-            if not isinstance(name, str) or name in tensors:
-                raise LayoutError(f"{path}: fal flashpack index name {name!r} is not a string or appears twice")
-            mbi = int(rec.get("macroblock", 0))
-            if not 0 <= mbi < len(raw_blocks):
-                raise LayoutError(f"{path}: key {name!r}: macroblock {mbi} does not exist")
-            dt, boff, _ = raw_blocks[mbi]
-            item = DTYPE_ITEMSIZE[dt]
-            shape = tuple(int(d) for d in rec["shape"])
-            if any(not 0 <= d <= MAX_DIM for d in shape):
-                raise LayoutError(f"{path}: key {name!r}: negative dimension in shape {list(shape)}")
-            length = int(rec["length"])
-            if length != math.prod(shape):
-                raise LayoutError(f"{path}: key {name!r}: length {length} does not match shape {list(shape)}")
-            tensors[name] = TensorInfo(name, dt, shape, boff + int(rec["offset"]) * item if length else 0, length * item)
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, (LayoutError, DtypeError, WeightMapError, UnsupportedVersionError)):
-            raise
-        raise WeightMapError(f"{path}: fal flashpack footer is missing or has a malformed field: {e!r}") from None
+    def field(obj: Any, name: str, where: str, *, default: Any = None) -> Any:
+        if not isinstance(obj, dict):
+            raise WeightMapError(f"{path}: fal flashpack footer is missing or has a malformed field: "
+                                 f"{where} is not an object")
+        if name not in obj:
+            if default is not None:
+                return default
+            raise WeightMapError(f"{path}: fal flashpack footer is missing or has a malformed field: "
+                                 f"KeyError({name!r}) ({where} lacks it)")
+        return obj[name]
+
+    def integer(obj: Any, name: str, where: str, *, default: int | None = None) -> int:
+        v = field(obj, name, where, default=default)
+        if not _is_int(v):
+            raise WeightMapError(f"{path}: fal flashpack footer is missing or has a malformed field: "
+                                 f"{where}.{name} = {v!r} is not a JSON integer")
+        return v
+
+    def array(obj: Any, name: str, where: str) -> list:
+        v = field(obj, name, where)
+        if not isinstance(v, list):
+            raise WeightMapError(f"{path}: fal flashpack footer is missing or has a malformed field: "
+                                 f"{where}.{name} is not a list ({type(v).__name__})")
+        return v
+
+    if fmt == "flashpack_v3":
+        dt = dname(field(doc, "target_dtype", "root"), "target_dtype")
+        total = integer(doc, "total_elems", "root")
+        if total < 0:
+            raise LayoutError(f"{path}: fal flashpack total_elems {total} is negative")
+        raw_blocks = [(dt, 0, total * DTYPE_ITEMSIZE[dt])]
+    elif fmt == "flashpack_v4":
+        raw_blocks = []
+        for i, mb in enumerate(array(doc, "macroblocks", "root")):
+            where = f"macroblocks[{i}]"
+            dt = dname(field(mb, "dtype", where), f"{where}.dtype")
+            nb = integer(mb, "length_bytes", where)
+            if nb < 0:
+                raise LayoutError(f"{path}: fal macroblock {i}: negative length_bytes {nb}")
+            raw_blocks.append((dt, integer(mb, "offset_bytes", where), nb))
+            if integer(mb, "length_elems", where, default=nb // DTYPE_ITEMSIZE[dt]) * DTYPE_ITEMSIZE[dt] != nb:
+                raise LayoutError(f"{path}: fal macroblock {i}: length_elems and length_bytes disagree")
+    else:
+        raise UnsupportedVersionError(f"{path}: fal flashpack footer format {fmt!r} is not supported (flashpack_v3, flashpack_v4)")
+    tensors: dict[str, TensorInfo] = {}
+    for i, rec in enumerate(array(doc, "index", "root")):
+        where = f"index[{i}]"
+        name = field(rec, "name", where)
+        if not isinstance(name, str) or name in tensors:
+            raise LayoutError(f"{path}: fal flashpack {where} name {name!r} is not a string or appears twice")
+        check_text(name, path, "key")
+        where = f"index[{i}] ({name!r})"
+        mbi = integer(rec, "macroblock", where, default=0)
+        if not 0 <= mbi < len(raw_blocks):
+            raise LayoutError(f"{path}: key {name!r}: macroblock {mbi} does not exist")
+        dt, boff, _ = raw_blocks[mbi]
+        item = DTYPE_ITEMSIZE[dt]
+        dims = array(rec, "shape", where)
+        if not all(_is_int(d) for d in dims):
+            raise WeightMapError(f"{path}: fal flashpack footer is missing or has a malformed field: key {name!r}: "
+                                 f"shape {dims!r} must be a list of JSON integers")
+        if not all(0 <= d <= MAX_DIM for d in dims):
+            raise LayoutError(f"{path}: key {name!r}: negative dimension in shape {dims} (or one over 2**63 - 1)")
+        shape = tuple(dims)
+        length = integer(rec, "length", where)
+        if length != math.prod(shape):
+            raise LayoutError(f"{path}: key {name!r}: length {length} does not match shape {list(shape)}")
+        offset = integer(rec, "offset", where)
+        tensors[name] = TensorInfo(name, dt, shape, boff + offset * item if length else 0, length * item)
+
+    metadata = doc.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise WeightMapError(f"{path}: fal flashpack footer: metadata is a {type(metadata).__name__}, not an object")
+    meta: dict[str, str] = {}
+    for k, v in metadata.items():
+        check_text(k, path, "metadata key")
+        meta[k] = check_text(v if isinstance(v, str) else str(v), path, f"metadata[{ascii(k)}] value")
 
     # fal's blocks are 128-byte aligned, not page-aligned; empty ones hold nothing to read.
     blocks = [BlockInfo(dt, off, nb, None) for dt, off, nb in raw_blocks if nb > 0]
-    metadata = doc.get("metadata") or {}
     wm = WeightMap(path=path, file_nbytes=file_nbytes, source=f"fal-{fmt.replace('_', '-')}", version=0,
-                   byte_order=sys.byteorder, metadata={str(k): str(v) for k, v in metadata.items()},
+                   byte_order=sys.byteorder, metadata=meta,
                    tensors=tensors, aliases={}, blocks=blocks, checksum_algorithm=None,
                    index_offset=footer_offset, index_nbytes=file_nbytes - footer_offset, payload_start=0)
     validate_layout(wm, block_align=1, tensor_align=1)

@@ -245,7 +245,9 @@ def pack_to_file(state_dict_or_model, destination_path: str | os.PathLike, targe
     Raises:
         TypeError: keys or values of the wrong type; metadata that is not ``str -> str``.
         FlashPackError: a meta, sparse or quantized tensor, or a dtype the format cannot hold.
-        OSError: the destination cannot be written.
+        OSError: the destination cannot be written; WriteError (an ``OSError`` and ``FlashPackError``) when
+            a write, fsync or rename fails with ``ENOSPC``, ``EDQUOT``, ``EFBIG``, ``EIO`` or ``EROFS``: the
+            message names the destination, which keeps its old content.
 
     Notes:
         Blocks start on 4096-byte boundaries, tensors on 64-byte boundaries inside their block; all bytes

@@ -47,6 +47,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -123,6 +124,41 @@ names the first bad block, chunk or key), 2 when it is not a flashpack file.
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
 
+#: Characters never printed raw: C0 controls and DEL, C1 controls (U+0080-U+009F; U+009B is a CSI), the
+#: bidi embeddings, overrides, isolates and marks (U+202E reorders what the reader sees), other invisible
+#: format characters, line/paragraph separators, and lone surrogates (undecodable bytes of a path).
+_UNSAFE_OTHER = r"\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff"
+_UNSAFE = re.compile(rf"[\x00-\x1f{_UNSAFE_OTHER}]")
+
+
+#: The same set less C0 controls, which ``json.dumps`` already escapes inside strings (and whose ``\\n``
+#: outside strings is the output's own layout).
+_UNSAFE_JSON = re.compile(rf"[{_UNSAFE_OTHER}]")
+
+
+def _escape_char(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every control, C1, bidi and other invisible format character written as an escape
+    (``\\x1b``, ``\\u202e``): what the CLI prints of a file's keys, metadata and paths cannot drive the
+    terminal or reorder what the user reads."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def safe_json(doc) -> str:
+    """``json.dumps`` (non-ASCII text kept readable) with the characters :func:`safe_text` escapes written
+    as ``\\uXXXX`` escapes: they can only occur inside JSON strings, where the escape decodes to the
+    same text, so the output parses to the same document."""
+    text = json.dumps(doc, indent=2, ensure_ascii=False)
+    return _UNSAFE_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _print(*lines: str, file=None) -> None:
+    print("\n".join(safe_text(line) for line in lines), file=file)
+
 
 def _debug() -> bool:
     from ..settings import settings
@@ -158,9 +194,9 @@ def cmd_convert(args: dict) -> int:
                 dtype=args["--dtype"], framework=framework, force=args["--force"],
                 progress=_progress(args["--quiet"]), ignore=_ignore_from_args(args))
     for note in r.notes:
-        print(f"flashpack: note: {note}", file=sys.stderr)
+        _print(f"flashpack: note: {note}", file=sys.stderr)
     gibps = r.payload_nbytes / max(r.seconds, 1e-9) / (1 << 30)
-    print(f"{r.dst}: {r.tensors} tensors, {r.aliases} aliases, {_fmt_nbytes(r.file_nbytes)} "
+    _print(f"{r.dst}: {r.tensors} tensors, {r.aliases} aliases, {_fmt_nbytes(r.file_nbytes)} "
           f"from {len(r.source.files)} file(s) of {r.source.description} in {r.seconds:.3f} s ({gibps:.2f} GiB/s)")
     return EXIT_OK
 
@@ -216,7 +252,7 @@ def cmd_metadata(args: dict) -> int:
             raise ValueError(f"--format={schema}: metadata --json takes --format=flashpack or --format=fal")
         fal = fal_fields(wm, show_index=args["--show-index"])
         if schema == "fal":
-            print(json.dumps(fal, indent=2, ensure_ascii=False))
+            print(safe_json(fal))
             return EXIT_OK
         if args["--show-index"]:
             for mine, theirs in zip(index, fal.pop("index")):
@@ -225,7 +261,7 @@ def cmd_metadata(args: dict) -> int:
             doc["index"] = index
         for k, v in fal.items():
             doc.setdefault(k, v)
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        print(safe_json(doc))
         return EXIT_OK
     if args.get("--format"):
         raise ValueError(f"--format={args['--format']}: metadata takes --format only with --json")
@@ -250,7 +286,7 @@ def cmd_metadata(args: dict) -> int:
     if args["--show-index"]:
         lines.append("index:        key  dtype  shape  offset  nbytes")
         lines += [f"  {t['key']}  {t['dtype']}  {tuple(t['shape'])}  {t['offset']}  {t['nbytes']}" for t in index]
-    print("\n".join(lines))
+    _print(*lines)
     return EXIT_OK
 
 
@@ -262,8 +298,8 @@ def cmd_revert(args: dict) -> int:
         raise ValueError(f"--format={fmt}: revert writes --format=safetensors, torch or fal")
     r = revert(args["<path>"], args["<dst>"], force=args["--force"], progress=_progress(args["--quiet"]), format=fmt)
     for note in r.notes:
-        print(f"flashpack: note: {note}", file=sys.stderr)
-    print(f"{r.dst}: {r.format}, {r.tensors} tensors, {r.aliases} aliases (written as copies), "
+        _print(f"flashpack: note: {note}", file=sys.stderr)
+    _print(f"{r.dst}: {r.format}, {r.tensors} tensors, {r.aliases} aliases (written as copies), "
           f"{_fmt_nbytes(r.file_nbytes)} in {r.seconds:.2f} s")
     return EXIT_OK
 
@@ -272,14 +308,14 @@ def cmd_verify(args: dict) -> int:
     from ..deserialization import verify
 
     r = verify(args["<path>"])
-    print(f"{r.path}: header, weight map and layout OK ({r.source}; {r.tensors} tensors, {r.aliases} aliases, "
+    _print(f"{r.path}: header, weight map and layout OK ({r.source}; {r.tensors} tensors, {r.aliases} aliases, "
           f"{r.blocks} blocks, {_fmt_nbytes(r.file_nbytes)})")
     if r.checksum_algorithm is None:
-        print(f"{r.path}: no checksums in this file (fal flashpack format): payload bytes not verified")
+        _print(f"{r.path}: no checksums in this file (fal flashpack format): payload bytes not verified")
     else:
-        print(f"{r.path}: {r.chunks_verified} {r.checksum_algorithm} chunk checksums OK "
+        _print(f"{r.path}: {r.chunks_verified} {r.checksum_algorithm} chunk checksums OK "
               f"({_fmt_nbytes(r.bytes_verified)} verified)")
-    print(f"{r.path}: sound")
+    _print(f"{r.path}: sound")
     return EXIT_OK
 
 
@@ -292,9 +328,9 @@ COMMANDS = {"convert": cmd_convert, "metadata": cmd_metadata, "revert": cmd_reve
 def exit_status(e: BaseException) -> int:
     """2 for unusable input (not a flashpack file, missing path, bad argument), 1 for a damaged or
     failed file (a broken invariant, a checksum, a failed read or write)."""
-    from ..errors import FlashPackError, FormatError, NotAFlashPackError
+    from ..errors import FlashPackError, FormatError, NotAFlashPackError, NotARegularFileError
 
-    if isinstance(e, (NotAFlashPackError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+    if isinstance(e, (NotAFlashPackError, NotARegularFileError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return EXIT_USAGE
     if isinstance(e, FormatError):
         return EXIT_DAMAGED
@@ -308,6 +344,10 @@ def exit_status(e: BaseException) -> int:
 
 
 def _one_line(e: BaseException) -> str:
+    from ..errors import WriteError
+
+    if isinstance(e, WriteError):  # its message names the destination already
+        return " ".join(str(e.strerror).split())
     if isinstance(e, OSError) and e.filename is not None and not str(e).startswith(str(e.filename)):
         what = {FileNotFoundError: "no such file or folder", IsADirectoryError: "is a folder, not a file",
                 NotADirectoryError: "a part of the path is not a folder",
@@ -408,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every error becomes one line and an exit status
         if _debug():
             traceback.print_exc()
-        print(f"flashpack {cmd}: error: {_one_line(e)}", file=sys.stderr)
+        _print(f"flashpack {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return exit_status(e)
 
 

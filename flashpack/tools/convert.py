@@ -12,7 +12,6 @@ torch, safetensors and huggingface_hub are imported inside the functions that ne
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -150,18 +149,98 @@ def select_weight_files(names: list[str], variant: str | None, framework: str | 
                      f"{' ...' if len(weights) > 8 else ''}; check --variant/--subfolder or pass a weight file")
 
 
-def _read_index(folder: str, index: str) -> list[str]:
-    path = os.path.join(folder, index)
+#: Largest shard index read (a 100,000-tensor model's index is a few MiB).
+MAX_SHARD_INDEX_NBYTES = 64 * 1024 * 1024
+
+
+class UnsafeShardPathError(UsageError):
+    """A shard index (``*.index.json``) or a model folder names a weight file outside the model folder:
+    an absolute path, a ``..`` component, or a symlink that resolves elsewhere. The message names the
+    index, the entry and why."""
+
+
+def _allowed_roots(folder: str) -> list[str]:
+    """The model folder, plus, for a Hugging Face cache snapshot (``models--org--name/snapshots/<rev>``),
+    the repo's ``blobs`` folder that the snapshot's symlinks point into."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    parts = real.split(os.sep)
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--", "spaces--")):
+            roots.append(os.path.join(os.sep.join(parts[:i]), "blobs"))
+            break
+    return roots
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_weight_file(folder: str, name: str, where: str) -> str:
+    """Check that ``name`` (from a shard index or the folder listing) is a regular file inside ``folder``.
+
+    Returns:
+        The path to read (``folder/name``).
+
+    Raises:
+        UnsafeShardPathError: ``name`` is not a string, is absolute, has a ``..`` component or a NUL,
+            or resolves (through symlinks) outside the folder (a Hub cache snapshot may point into its
+            repo's ``blobs`` folder). UsageError: the file is missing or not a regular file.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnsafeShardPathError(f"{where}: shard file {name!r} is not a file name")
+    parts = name.replace("\\", "/").split("/")
+    why = ("is an absolute path" if name.startswith(("/", "\\")) or os.path.isabs(name) else
+           "has a '..' component" if ".." in parts else
+           "holds a NUL character" if "\0" in name else None)
+    if why:
+        raise UnsafeShardPathError(f"{where}: shard file {name!r} {why}; shard files must lie inside the model "
+                                   f"folder {folder}; fix or delete the index")
+    path = os.path.join(folder, name)
+    real = os.path.realpath(path)
+    if not any(_inside(real, r) for r in _allowed_roots(folder)):
+        raise UnsafeShardPathError(f"{where}: shard file {name!r} resolves to {real}, outside the model folder "
+                                   f"{folder} (a symlink out of it); refusing to read it")
     try:
-        with open(path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        files = list(dict.fromkeys(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"{path}: not a usable shard index ({type(e).__name__}: {e}); "
-                         f"it must be JSON with a 'weight_map' of key -> shard file") from None
-    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise UsageError(f"{path} names shard(s) that are not there: {missing[:5]}; download them or fix the index")
+        st = os.stat(real)
+    except OSError:
+        raise UsageError(f"{where} names shard(s) that are not there: {[name]}; download them or fix the index") from None
+    from ..source import check_regular
+
+    check_regular(st, path)
+    return path
+
+
+def _read_index(folder: str, index: str) -> list[str]:
+    from ..format import load_json
+    from ..source import open_regular
+
+    path = os.path.join(folder, index)
+    fix = "it must be JSON with a 'weight_map' of key -> shard file"
+    fd, st = open_regular(path)
+    try:
+        if st.st_size > MAX_SHARD_INDEX_NBYTES:
+            raise UsageError(f"{path}: shard index of {st.st_size} bytes exceeds the {MAX_SHARD_INDEX_NBYTES}-byte limit")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_SHARD_INDEX_NBYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        doc = load_json(data, path, "shard index", 0)
+    except ValueError as e:
+        raise UsageError(f"{e}; {fix}") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UsageError(f"{path}: not a usable shard index (no 'weight_map' object); {fix}")
+    if not weight_map:
+        raise UsageError(f"{path}: not a usable shard index: its 'weight_map' is empty; {fix}")
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise UsageError(f"{path}: not a usable shard index: weight_map[{key!r}] is {name!r}, not a file name; {fix}")
+    files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+        key = next(k for k, v in weight_map.items() if v == name)
+        check_weight_file(folder, name, f"{path}: weight_map[{key!r}]")
     return sorted(files)
 
 
@@ -196,6 +275,9 @@ def _folder_source(folder: str, variant: str | None, framework: str | None, desc
     index, files = select_weight_files(names, variant, framework, folder)
     if index is not None:
         files = _read_index(folder, index)
+    else:
+        for name in files:
+            check_weight_file(folder, name, folder)
     kind = "safetensors" if files[0].endswith(".safetensors") else "torch"
     stem = DEFAULT_PACK_STEM if variant is None else f"{DEFAULT_PACK_STEM}.{variant}"
     return Source(description, [os.path.join(folder, f) for f in files], kind, folder,
@@ -226,6 +308,9 @@ def resolve_source(src: str, *, subfolder: str | None = None, variant: str | Non
             return _folder_source(folder, variant, framework, folder)
         if subfolder:
             raise UsageError(f"{path} is a file; --subfolder applies to model folders and Hub repos only")
+        from ..source import check_regular
+
+        check_regular(os.stat(path), path)  # a FIFO would hang the open below
         kind = _kind_of_file(path)
         stem, _ = os.path.splitext(path)
         return Source(path, [path], kind, None, None, stem + ".flashpack")
@@ -331,9 +416,12 @@ def torch_state_dict(path: str, *, mmap: bool = True) -> dict:
         first = (str(e).strip().splitlines() or [""])[0]
         raise UsageError(f"{path}: torch.load(weights_only=True) refused it ({first}); only state_dicts of tensors "
                          f"are converted: re-save it with torch.save(model.state_dict(), ...)") from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise UsageError(f"{path}: not a readable PyTorch checkpoint ({first}); check that the file is complete") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - torch's loader lets KeyError, IndexError, struct.error... through
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first}); "
+                         f"check that the file is complete") from None
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for k in ("state_dict", "model", "module"):
             if isinstance(obj.get(k), dict):
@@ -412,9 +500,25 @@ def _plan_torch(files: list[str], loaded: Callable[[int], None]):
     return lazy, {}, opened
 
 
-def _alias_from_metadata(lazy: dict, metadata: dict[str, str]) -> int:
-    """Turn safetensors alias records (``save_model`` writes ``metadata[removed] = kept``; ``flashpack
-    revert`` also writes both copies) into aliases; those records leave the user metadata."""
+#: A parameter path as ``nn.Module.state_dict`` writes it: dotted identifiers (``layers.0.attn.weight``).
+_PARAM_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+")
+
+
+def _looks_like_removed_tie(k: str, v: str) -> bool:
+    """Whether ``metadata[k] = v`` can only be a ``save_model`` record of a removed tied tensor ``k``: both
+    are dotted parameter paths and name the same kind of parameter (``lm_head.weight`` ->
+    ``embed.weight``), which ordinary metadata (``description: weight``) never is."""
+    return bool(_PARAM_PATH.fullmatch(k) and _PARAM_PATH.fullmatch(v)) and k.rsplit(".", 1)[1] == v.rsplit(".", 1)[1]
+
+
+def _alias_from_metadata(lazy: dict, metadata: dict[str, str], notes: list[str] | None = None) -> int:
+    """Turn safetensors alias records into aliases; those records leave the user metadata, every other
+    entry stays metadata.
+
+    Two kinds of record are recognised: ``save_model``'s ``metadata[removed] = kept`` where ``removed`` is
+    absent from the file's tensors and both names are parameter paths of the same kind
+    (:func:`_looks_like_removed_tie`); and ``flashpack revert``'s, where both keys are stored with the same
+    shape, dtype and bytes. A note is appended to ``notes`` for every alias recovered."""
     import torch
 
     n = 0
@@ -422,6 +526,8 @@ def _alias_from_metadata(lazy: dict, metadata: dict[str, str]) -> int:
         if k == v or v not in lazy or lazy[v].numel() == 0:
             continue
         if k not in lazy:
+            if not _looks_like_removed_tie(k, v):
+                continue
             lazy[k] = lazy[v]
         else:
             a, b = lazy[k], lazy[v]
@@ -431,6 +537,10 @@ def _alias_from_metadata(lazy: dict, metadata: dict[str, str]) -> int:
             lazy[k] = b
         del metadata[k]
         n += 1
+        if notes is not None:
+            notes.append(f"key {k!r} restored as an alias of {v!r} from the safetensors metadata record "
+                         f"{k!r}: {v!r} (written by safetensors' save_model or flashpack revert); "
+                         f"the record is not kept as metadata")
     return n
 
 
@@ -557,7 +667,7 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
     notes: list[str] = []
     try:
         if metadata:
-            _alias_from_metadata(lazy, metadata)
+            _alias_from_metadata(lazy, metadata, notes)
         if framework == "transformers":
             _, note = _transformers_ties(source.folder, lazy)
             if note:

@@ -36,6 +36,11 @@ class RevertResult:
     notes: list[str] = field(default_factory=list)
 
 
+#: Sub-byte integer dtypes: torch.save refuses them ("dtype torch.uint4 is not recognized") and
+#: safetensors has no name for them, so revert refuses them up front for either destination.
+SUB_BYTE_INTS = frozenset({*(f"U{n}" for n in range(1, 8)), *(f"I{n}" for n in range(1, 8))})
+
+
 def default_destination(path: str) -> str:
     """``model.flashpack`` -> ``model.safetensors``; ``model.pack`` -> ``model.safetensors``; a source
     already named ``*.safetensors`` -> ``*.safetensors.safetensors`` (never the source itself)."""
@@ -72,7 +77,10 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
 
     Raises:
         NotAFlashPackError: ``path`` is not a flashpack file. FormatError: it is damaged (checksums are
-        verified while reading). UsageError: bad destination, or a dtype safetensors cannot hold.
+        verified while reading). NotARegularFileError: ``path`` is a FIFO, socket or device. UsageError:
+        bad destination, a dtype safetensors cannot hold (safetensors destination), or a sub-byte integer
+        dtype (``U1``-``U7``, ``I1``-``I7``), which neither safetensors nor ``torch.save`` can store.
+        WriteError: the destination could not be written (``ENOSPC``...), naming it.
     """
     from ..deserialization import load, read_weight_map
 
@@ -86,6 +94,12 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
         dst = fal_destination(path) if format == "fal" else default_destination(path)
     check_destination(dst, [path], force)
     fmt = format or ("torch" if dst.lower().endswith(TORCH_SUFFIXES) else "safetensors")
+    sub_byte = sorted({t.dtype for t in wm.tensors.values()} & SUB_BYTE_INTS)
+    if sub_byte:
+        key = next(k for k, t in wm.tensors.items() if t.dtype in SUB_BYTE_INTS)
+        raise UsageError(f"{path}: dtype(s) {sub_byte} (e.g. key {key!r}) cannot be reverted: neither safetensors "
+                         f"nor torch.save (.pt) can store sub-byte integer dtypes; load the file with "
+                         f"flashpack.load instead")
 
     from tqdm import tqdm
 
