@@ -39,7 +39,7 @@ from flashpack.tools import cli
 from flashpack.tools.convert import UnsafeShardPathError, UsageError, convert
 from flashpack.tools.revert import revert
 
-from conftest import read_parts, rewrite_weight_map
+from _helpers import read_parts, rewrite_weight_map
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAL_MAGIC = b"FLASHPK\x00"
