@@ -2,7 +2,8 @@
 
 Public API (names kept from fal's flashpack): :func:`pack_to_file`, :func:`load`,
 :func:`assign_from_file`, :class:`FlashPackMixin`; plus :func:`verify`, :func:`read_weight_map`,
-:func:`backends`. The file format is specified in docs/FORMAT.md.
+:func:`backends`; lazy reads: :func:`safe_open` (the surface of ``safetensors.safe_open``, with row
+slices) and :func:`iter_tensors` (a bounded-memory stream). The file format is specified in docs/FORMAT.md.
 
 Names are imported on first use (a module-level ``__getattr__``, PEP 562), so ``import flashpack``
 and ``flashpack --help`` do not pay for importing torch; ``from flashpack import load`` works as usual.
@@ -24,6 +25,8 @@ _LAZY: dict[str, str] = {
     "FlashPackMixin": ".mixin",
     "assign_from_file": ".mixin",
     "init_empty_weights": ".mixin",
+    "iter_tensors": ".lazy",
+    "safe_open": ".lazy",
     "pack_to_file": ".serialization",
 }
 
@@ -56,5 +59,6 @@ if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
         ReadError,
     )
     from .io import backends
+    from .lazy import iter_tensors, safe_open
     from .mixin import FlashPackMixin, assign_from_file, init_empty_weights
     from .serialization import pack_to_file
