@@ -151,7 +151,6 @@ class _File:
             raise
 
     def _reader(self) -> Reader:
-        check_same_file(self.wm, self.fd)  # a rewrite in place since the handle was opened
         if self.reader is None:
             self.reader = open_reader(self.wm.path, self.backend, expect=self.wm.file_id, cfg=self.cfg)
         return self.reader
@@ -181,10 +180,16 @@ class _File:
         With ``verify`` and a file that has checksums, the chunks overlapping the ranges are read whole, in
         batches of at most ``window_nbytes`` into a scratch buffer, verified, and the ranges copied out; else
         exactly the ranges are read, straight into ``out``.
+
+        Raises:
+            ReadError (``ESTALE``): the file was replaced or rewritten since its weight map was read (checked
+            on the descriptor held since the handle opened, before every read, cached bytes included).
+            ChecksumMismatchError; ReadError.
         """
         ranges = [r for r in ranges if r[1] > 0]
         if not ranges:
             return
+        check_same_file(self.wm, self.fd)  # rewritten in place since the handle was opened: ESTALE
         if not verify or not self.chunks:
             exts = [e for off, n, dst in ranges for e in self.cut(off, n, out[dst:dst + n])]
             self._read(exts)
@@ -256,8 +261,9 @@ def _normalize(index: Any, shape: tuple[int, ...]) -> list[Any]:
     made non-negative, slice bounds made ints.
 
     Raises:
-        IndexError: an index of another type, two ellipses, too many indices, an int out of range.
-        ValueError: a slice step of zero or below (as safetensors: "step must be greater than zero").
+        IndexError: an index of another type (a float, a bool, a list), two ellipses, too many indices, an int
+            out of range. TypeError: a string. ValueError: a slice step of zero or below (as safetensors:
+            "step must be greater than zero").
     """
     items = list(index) if isinstance(index, tuple) else [index]
     out: list[Any] = []
@@ -274,6 +280,8 @@ def _normalize(index: Any, shape: tuple[int, ...]) -> list[Any]:
             if parts[2] is not None and parts[2] < 0:
                 raise ValueError("step must be greater than zero")
             out.append(slice(*parts))
+        elif isinstance(it, (str, bytes)):
+            raise TypeError(f"a tensor cannot be indexed by a string ({it!r})")  # safetensors: TypeError too
         elif isinstance(it, bool):
             raise _index_error_type(it)
         else:
@@ -348,6 +356,16 @@ class LazySlice:
 
     def __repr__(self) -> str:
         return f"LazySlice({self._key!r}, shape={list(self._info.shape)}, dtype={self._info.dtype})"
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    """Whether ``t`` has the strides of a fresh contiguous tensor of its shape (``is_contiguous`` ignores
+    the stride of a size-1 dimension; ``view(torch.uint8)`` does not)."""
+    expect, acc = [], 1
+    for n in reversed(t.shape):
+        expect.append(acc)
+        acc *= n
+    return t.stride() == tuple(reversed(expect))
 
 
 def _row_plan(t: TensorInfo, item0: Any) -> tuple[list[int], Any]:
@@ -543,7 +561,8 @@ class safe_open:  # noqa: N801 - safetensors' name, so that code written for it 
                 rows, new0 = _row_plan(t, items[k0])
                 part = self._read_rows(f, t, dt, rows)
                 result = part[tuple(items[:k0] + [new0] + items[k0 + 1:])]
-        result = result.contiguous()
+        if not _row_major(result):  # a cut, or a size-1 dimension with a stride left over from the cut
+            result = result.clone(memory_format=torch.contiguous_format)
         if self._device.type != "cpu":
             result = result.to(self._device)
         return self._convert(result)
