@@ -19,7 +19,6 @@ sharded pack will be several (one function call in :func:`open_sources`), and no
 from __future__ import annotations
 
 import bisect
-import math
 import operator
 import os
 import threading
@@ -28,7 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, WeightMapError
 from .format import Chunk, TensorInfo, WeightMap, torch_dtype, verify_chunk
 from .io import Extent, Reader, open_reader, read_all
 from .loading.common import LoadStats, parse_device
@@ -70,20 +69,20 @@ class Sources:
         """Build the key -> file map from the files' weight maps (plus cross-file ``aliases``).
 
         Raises:
-            WeightMapError-like ``ValueError``: a key stored in two files or an alias to a key no file stores.
+            WeightMapError (a ``ValueError``): a key stored in two files, or an alias to a key no file stores.
         """
         key_source: dict[str, int] = {}
         all_aliases: dict[str, str] = {}
         for i, (_, wm) in enumerate(files):
             for k in wm.tensors:
                 if k in key_source:
-                    raise ValueError(f"{path}: key {k!r} is stored in two files ({files[key_source[k]][0]} and {wm.path})")
+                    raise WeightMapError(f"{path}: key {k!r} is stored in two files ({files[key_source[k]][0]} and {wm.path})")
                 key_source[k] = i
             all_aliases.update(wm.aliases)
         all_aliases.update(aliases or {})
         for a, t in all_aliases.items():
             if t not in key_source:
-                raise ValueError(f"{path}: alias {a!r} points to {t!r}, which no file of the pack stores")
+                raise WeightMapError(f"{path}: alias {a!r} points to {t!r}, which no file of the pack stores")
             key_source.setdefault(a, key_source[t])
         return cls(path, files, key_source, all_aliases)
 
