@@ -2,7 +2,8 @@
 
 Public API (names kept from fal's flashpack): :func:`pack_to_file`, :func:`load`,
 :func:`assign_from_file`, :class:`FlashPackMixin`; plus :func:`verify`, :func:`read_weight_map`,
-:func:`backends`. The file format is specified in docs/FORMAT.md.
+:func:`backends`; lazy reads: :func:`safe_open` (the surface of ``safetensors.safe_open``, with row
+slices) and :func:`iter_tensors` (a bounded-memory stream). The file format is specified in docs/FORMAT.md.
 
 fal's public names are here too: :func:`is_flashpack_file`, :func:`get_flashpack_file_metadata`,
 :func:`read_flashpack_file_distributed`, :func:`patch_integrations`, ``version``/``version_tuple``/``commit_id``.
@@ -36,6 +37,8 @@ _LAZY: dict[str, str] = {
     "FlashPackMixin": ".mixin",
     "assign_from_file": ".mixin",
     "init_empty_weights": ".mixin",
+    "iter_tensors": ".lazy",
+    "safe_open": ".lazy",
     "pack_to_file": ".serialization",
     "patch_integrations": ".integrations",
 }
@@ -75,5 +78,6 @@ if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
         ReadError,
     )
     from .io import backends
+    from .lazy import iter_tensors, safe_open
     from .mixin import FlashPackMixin, assign_from_file, init_empty_weights
     from .serialization import pack_to_file

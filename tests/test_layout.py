@@ -30,6 +30,7 @@ STAGES = {
     "flashpack.loading": 8,
     "flashpack.serialization": 9,
     "flashpack.deserialization": 9,
+    "flashpack.lazy": 9,
     "flashpack.mixin": 10,
     "flashpack.testing": 11,
     "flashpack.tools": 12,

@@ -39,6 +39,7 @@ SMOKE = {
     "bench_convert.py": "--size 4M --dir {d} --tensor 1M --runs 1",
     "bench_hf.py": "--models synthetic --size 4M --runs 1 --workdir {d} --json {d}/smoke.json",
     "bench_dist.py": "--world-size 2 --size 4M --dir {d} --no-baseline --runs 1",
+    "bench_lazy.py": "--size 4M --dir {d} --runs 1",
 }
 
 
@@ -74,7 +75,10 @@ def test_perf_script_smoke(script, tmp_path):
         assert re.search(r"^result world=2 .* ok=True$", proc.stdout, re.M), proc.stdout
     elif script == "gpu_check.py":
         assert "correctness: ALL PASSED" in text and "bit-compare: every tensor equal" in text
-    if script in ("gpu_check.py", "bench_convert.py"):
+    elif script == "bench_lazy.py":
+        assert re.search(r"^\| `[^|]*\| off \| (\d+) \| (\d+) \| \2 \| 0\.1", text, re.M), text[-3000:]  # rows only
+        assert re.search(r"measured growth .*: within", text), text[-3000:]
+    if script in ("gpu_check.py", "bench_convert.py", "bench_lazy.py"):
         assert not os.listdir(d), os.listdir(d)  # their files are removed afterwards
 
 
