@@ -171,7 +171,7 @@ def test_revert_to_pt_of_sub_byte_dtypes_is_a_usage_error_naming_the_dtype(tmp_p
     flashpack.pack_to_file(sd, path)
     assert main(["revert", str(path), str(tmp_path / "s.pt"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "uint1" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "['U1']" in err and "key 'u1'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["s.flashpack"]  # no partial or temporary file
 
 

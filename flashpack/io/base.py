@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import threading
@@ -63,6 +64,12 @@ def buffer_address(mv: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(mv))
 
 
+def _blocking(fd: int) -> int:
+    """Clear ``O_NONBLOCK`` on ``fd`` (fcntl(2)); returns ``fd``."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
 class FileHandles:
     """A buffered descriptor, an O_DIRECT one where allowed, and the direct/buffered policy.
 
@@ -77,14 +84,17 @@ class FileHandles:
 
     def __init__(self, path: str | os.PathLike, direct: str = "auto"):
         self.path = os.fspath(path)
-        self.fd = _open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO swapped in under the path cannot hang open(2) (the identity check then refuses
+        # it); cleared again at once, since io_uring returns EAGAIN for O_NONBLOCK files instead of waiting.
+        self.fd = _blocking(_open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY))
         self.direct_fd = -1
         try:
             self.file_nbytes = os.fstat(self.fd).st_size
             self._resident = None
             if direct != "off":
                 try:
-                    self.direct_fd = _open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                    self.direct_fd = _blocking(_open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT
+                                                     | os.O_NONBLOCK | os.O_NOCTTY))
                 except OSError as e:
                     if e.errno not in DIRECT_REFUSED:
                         raise

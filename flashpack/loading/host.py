@@ -4,15 +4,17 @@ mapping of the file (:func:`mmap_payload`)."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import torch
 
+from ..errors import ReadError, short_read_error
 from ..format import WeightMap, verify_chunk
 from ..io import Extent, open_reader, read_all
 from ..plan import LoadPlan, Region
 from ..settings import Settings
-from ..source import check_same_file
+from ..source import check_same_file, open_regular
 from .common import LoadStats
 
 
@@ -116,15 +118,20 @@ def mmap_payload(wm: WeightMap, plan: LoadPlan, verify: bool, stats: LoadStats) 
         ``(whole file as a CPU uint8 tensor, the plan with every region at its file offset)``.
 
     Raises:
-        ReadError (``ESTALE``): the file changed since its weight map was read. ChecksumMismatchError.
+        ReadError (``ESTALE``): the file changed since its weight map was read; (``EIO`` and others) a chunk
+        could not be read while verifying. ChecksumMismatchError. NotARegularFileError.
 
     Notes:
-        If the file is truncated, or a page cannot be read (EIO), while the mapping is alive, touching
-        that page raises SIGBUS and kills the process (mmap(2)).
+        With ``verify``, every checksum chunk is read with ``pread(2)`` into a scratch buffer and checked
+        before the mapping is handed out, so a damaged or unreadable file (EIO) is a named error, not a
+        SIGBUS. Pages are still mapped lazily afterwards: if the file is truncated, or a page becomes
+        unreadable, while the mapping is alive, touching that page raises SIGBUS and kills the process (mmap(2)).
     """
-    fd = os.open(wm.path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, _ = open_regular(wm.path)
     try:
         check_same_file(wm, fd)
+        if verify:
+            stats.chunks_verified += _verify_by_pread(wm, plan, fd)
         # map the very file just checked (its /proc/self/fd link), not whatever the path names by now
         storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=False, nbytes=wm.file_nbytes)
     finally:
@@ -133,12 +140,30 @@ def mmap_payload(wm: WeightMap, plan: LoadPlan, verify: bool, stats: LoadStats) 
     rebased = LoadPlan(tuple(Region(r.file_offset, r.nbytes, r.file_offset) for r in plan.regions), (), plan.chunks,
                        plan.chunk_extent_counts, wm.file_nbytes)
     stats.backend = "mmap"
-    if verify:
-        mv = memoryview(whole.numpy()).cast("B")
-        for c in plan.chunks:
-            verify_chunk(wm, c, mv[c.offset:c.offset + c.nbytes])
-            stats.chunks_verified += 1
     return whole, rebased
+
+
+def _verify_by_pread(wm: WeightMap, plan: LoadPlan, fd: int) -> int:
+    """Read each of the plan's checksum chunks with preadv(2) into one scratch buffer and verify it; returns
+    the number verified. Raises ReadError naming file and offset (a read error, or a short read)."""
+    if not plan.chunks:
+        return 0
+    scratch = memoryview(bytearray(max(c.nbytes for c in plan.chunks)))
+    for c in plan.chunks:
+        done = 0
+        while done < c.nbytes:
+            try:
+                n = os.preadv(fd, [scratch[done:c.nbytes]], c.offset + done)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                raise ReadError(e.errno or errno.EIO, f"read of {c.nbytes - done} bytes at byte offset "
+                                                      f"{c.offset + done} failed: {e.strerror}", wm.path) from e
+            if n == 0:
+                raise short_read_error(wm.path, c.offset, c.nbytes, done)
+            done += n
+        verify_chunk(wm, c, scratch[:c.nbytes])
+    return len(plan.chunks)
 
 
 __all__ = ["mmap_payload", "read_into"]

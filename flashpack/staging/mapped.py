@@ -43,7 +43,7 @@ from ..format import WeightMap, verify_chunk
 from ..io import pagecache
 from ..plan import LoadPlan
 from ..settings import PAGE_NBYTES
-from ..source import check_same_file
+from ..source import check_same_file, open_regular
 from .ring import Fence
 from .scheduler import Piece
 
@@ -124,7 +124,7 @@ class FileMapping:
             return "the file is empty"
         if mmap.PAGESIZE != PAGE_NBYTES:
             return f"the page size is {mmap.PAGESIZE}, not {PAGE_NBYTES}"
-        fd = os.open(wm.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, _ = open_regular(wm.path)
         try:
             check_same_file(wm, fd)
             addr = _libc.mmap(None, wm.file_nbytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
