@@ -16,12 +16,12 @@ import torch
 from .errors import FlashPackError
 from .format import WeightMap, verify_chunk
 from .io import Extent, open_reader, read_all
-from .loading.common import LoadStats, aligned_empty, assemble, parse_device, prepare
+from .loading.common import LoadStats, aligned_empty, assemble, parse_device, prepare, reconstruct
 from .loading.distributed import group_for, load_distributed
 from .loading.host import mmap_payload, read_into
 from .loading.staged import load_payload_cuda
 from .settings import PAGE_NBYTES, settings
-from .source import read_weight_map
+from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, read_weight_map, resolve_pack_path
 
 # --------------------------------------------------------------------------- loading
 
@@ -82,9 +82,13 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         raise FlashPackError("src_rank needs a process group (process_group=... or 'default')")
     if path is None:
         raise TypeError("path is required")
-    wm = path if isinstance(path, WeightMap) else read_weight_map(path)
+    wm = read_pack_map(path, keys=keys)  # a sharded pack: the merged map of the shards holding ``keys``
     job = prepare(wm, keys, verify=verify, cfg=cfg)
     plan = job.plan
+    if mmap and isinstance(wm, ShardedWeightMap):
+        if dev.type != "cpu":
+            raise FlashPackError(f"{wm.path}: mmap=True maps the files into host memory; it needs device='cpu', got {dev}")
+        return _mmap_shards(job, stats)
     if mmap:
         if dev.type != "cpu":
             raise FlashPackError(f"{wm.path}: mmap=True maps the file into host memory; it needs device='cpu', got {dev}")
@@ -95,6 +99,20 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         buffer = aligned_empty(plan.buffer_nbytes)
         read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg)
     return assemble(job, buffer, plan)
+
+
+def _mmap_shards(job, stats: LoadStats) -> dict[str, torch.Tensor]:
+    """``mmap=True`` for a sharded pack: each shard mapped on its own (one mapping per shard file)."""
+    wm = job.wm
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in wm.shards:
+        stored = [k for k in job.stored if k in shard.tensors]
+        if not stored:
+            continue
+        sub = prepare(shard, stored, verify=job.verify, cfg=job.cfg)
+        buffer, plan = mmap_payload(shard, sub.plan, job.verify, stats)
+        tensors.update(reconstruct(shard, stored, buffer, plan, job.dtypes))
+    return {k: tensors[wm.aliases.get(k, k)] for k in job.wanted}
 
 
 def _name(path) -> str:
@@ -123,17 +141,21 @@ def verify(path: str | os.PathLike, *, backend: str | None = None, buffer_nbytes
     """Check every invariant of the file and every payload checksum, streaming through a small buffer.
 
     Args:
-        path: the file.
+        path: the file; or a sharded pack's index (or its folder): the index, every shard's weight map
+            checksum and keys against it, then every shard as a file.
         backend: reader backend, as for :func:`load`.
         buffer_nbytes: host memory used, in bytes (rounded to whole checksum chunks).
 
     Returns:
-        A :class:`VerifyReport`. Files without checksums (fal's) are checked for layout only.
+        A :class:`VerifyReport` (for a sharded pack: ``path`` is the index, counts summed over the shards,
+        ``source`` is ``"flashpack-sharded"``). Files without checksums (fal's) are checked for layout only.
 
     Raises:
-        FormatError naming the first bad field, block or chunk; ReadError.
+        FormatError naming the first bad field, block or chunk (and its shard); ShardMissingError; ReadError.
     """
-    path = os.fspath(path)
+    path = resolve_pack_path(path)
+    if is_index_path(path):
+        return _verify_sharded(path, backend=backend, buffer_nbytes=buffer_nbytes)
     cfg = settings()
     wm = read_weight_map(path)
     report = VerifyReport(path, wm.source, wm.file_nbytes, len(wm.tensors), len(wm.aliases), len(wm.blocks), 0, 0,
@@ -156,6 +178,20 @@ def verify(path: str | os.PathLike, *, backend: str | None = None, buffer_nbytes
             report.chunks_verified += len(batch)
             report.bytes_verified += sum(c.nbytes for c in batch)
     return report
+
+
+def _verify_sharded(path: str, *, backend: str | None, buffer_nbytes: int) -> VerifyReport:
+    pack = read_pack(path)  # index invariants, each shard's weight map checksum and keys
+    total = VerifyReport(path, "flashpack-sharded", 0, 0, len(pack.weight_map.aliases), 0, 0, 0,
+                         pack.weight_map.checksum_algorithm)
+    for shard_path, _ in pack.shards:
+        r = verify(shard_path, backend=backend, buffer_nbytes=buffer_nbytes)
+        total.file_nbytes += r.file_nbytes
+        total.tensors += r.tensors
+        total.blocks += r.blocks
+        total.chunks_verified += r.chunks_verified
+        total.bytes_verified += r.bytes_verified
+    return total
 
 
 __all__ = ["LoadStats", "VerifyReport", "load", "read_weight_map", "verify"]

@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..format import WeightMap, verify_chunk
-from ..io import Extent, open_reader, read_all
+from ..io import Extent, open_pack_reader, read_all
 from ..plan import LoadPlan, Region
 from ..settings import Settings
 from ..source import check_same_file
@@ -49,7 +49,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
                 verify_chunk(wm, c, buf[bo:bo + c.nbytes])
                 stats.chunks_verified += 1
 
-    with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg) as reader:
+    with open_pack_reader(wm, backend, cfg=cfg) as reader:  # a sharded pack: every shard in one load
         stats.backend = reader.name
         try:
             read_all(reader, _extents(plan, buf), done if verify else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..format import WeightMap
-from ..io import open_reader
+from ..io import open_pack_reader
 from ..plan import LoadPlan, round_up
 from ..settings import Settings, settings
 from ..staging.ring import Pinner, Sink, StagingRing
@@ -70,7 +70,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
     threads = default_hash_threads() if hash_threads is None else hash_threads
     ring = StagingRing(want, slot, pinner=pinner, cap_nbytes=cfg.pinned_cap_nbytes)
     try:
-        with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg) as reader:
+        with open_pack_reader(wm, backend, cfg=cfg) as reader:  # a sharded pack: every shard in one load
             stats.backend = reader.name
             try:
                 stats.chunks_verified += run_staged(reader, wm, plan, pieces, ring, sink, verify=verify,
