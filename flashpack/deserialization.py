@@ -20,6 +20,7 @@ from .loading.common import LoadStats, aligned_empty, assemble, parse_device, pr
 from .loading.distributed import group_for, load_distributed
 from .loading.host import mmap_payload, read_into
 from .loading.staged import load_payload_cuda
+from .progress import Progress
 from .settings import PAGE_NBYTES, settings
 from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, read_weight_map, resolve_pack_path
 
@@ -29,7 +30,7 @@ from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, r
 def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "cpu", backend: str | None = None,
          keys: Iterable[str] | None = None, verify: bool | None = None, mmap: bool = False,
          process_group=None, src_rank: int | None = None,
-         stats: LoadStats | None = None) -> dict[str, torch.Tensor]:
+         stats: LoadStats | None = None, progress=None) -> dict[str, torch.Tensor]:
     """Load a flashpack file (or a fal flashpack 0.2-0.4 file) into a state_dict.
 
     Args:
@@ -51,6 +52,13 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         src_rank: with ``process_group``: only this rank reads the file and broadcasts it (for storage only one
             node can see); ``path`` is ignored on the other ranks.
         stats: a :class:`LoadStats` to fill in (bytes read, backend used).
+        progress: ``progress(bytes done, bytes total)`` as the file's bytes come in (host and CUDA loads;
+            ``None``: no callback). A tqdm bar in bytes is shown for loads over 1 GiB when stderr is a
+            terminal, unless ``FLASHPACK_PROGRESS=0``.
+
+    A sharded pack (``path`` its ``.flashpack.index.json``, or a folder holding it) loads as one plan: every
+    needed shard's extents in flight together (one reader per shard, :class:`flashpack.io.multi.ShardsReader`),
+    one destination allocation, each shard's checksums; ``keys=`` opens only the shards holding those keys.
 
     Returns:
         ``dict[str, Tensor]`` in file order, stored keys first, then aliases. Tensors of one dtype are
@@ -93,11 +101,17 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         if dev.type != "cpu":
             raise FlashPackError(f"{wm.path}: mmap=True maps the file into host memory; it needs device='cpu', got {dev}")
         buffer, plan = mmap_payload(wm, plan, job.verify, stats)
-    elif dev.type == "cuda":
-        buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg)
     else:
-        buffer = aligned_empty(plan.buffer_nbytes)
-        read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg)
+        bar = Progress(plan.read_nbytes, progress, cfg, f"load {os.path.basename(wm.path)}")
+        try:
+            if dev.type == "cuda":
+                buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
+                                           progress=bar)
+            else:
+                buffer = aligned_empty(plan.buffer_nbytes)
+                read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg, progress=bar)
+        finally:
+            bar.close()
     return assemble(job, buffer, plan)
 
 

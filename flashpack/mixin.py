@@ -17,6 +17,7 @@ from .deserialization import load, read_weight_map
 from .errors import ModelMismatchError
 from .format import WeightMap, torch_dtype
 from .serialization import pack_to_file
+from .source import read_pack_map
 
 _patch_lock = threading.RLock()
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
@@ -72,8 +73,8 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
 
     Args:
         model: the module, on any device or on ``meta`` (built without allocating weights).
-        path: the file, or its :class:`~flashpack.format.WeightMap` from :func:`flashpack.read_weight_map`
-            (read once and reused).
+        path: the file, a sharded pack's index or a folder holding one pack (:func:`flashpack.source.read_pack`),
+            or a :class:`~flashpack.format.WeightMap` (read once and reused).
         device: where the weights go; default: the device of the model's first non-meta tensor, else CPU.
         strict: raise when keys are missing or unexpected; with ``False`` warn instead, naming anything
             left on the meta device.
@@ -89,7 +90,7 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
             Checked before the model is changed: on error the model is untouched.
         Everything :func:`load` raises.
     """
-    wm = path if isinstance(path, WeightMap) else read_weight_map(path)
+    wm = read_pack_map(path, keys=keys, missing_ok=True)  # a sharded pack: only the shards holding ``keys``
     path = wm.path
     dev = torch.device(device) if device is not None else _default_device(model)
     groups, kinds = model_targets(model)
@@ -213,9 +214,12 @@ class FlashPackMixin:
     """
 
     def save_flashpack(self, path: str | os.PathLike, target_dtype: torch.dtype | None = None, *,
-                       metadata: dict[str, str] | None = None) -> int:
-        """Write this module's state_dict with :func:`flashpack.pack_to_file` (atomic). Returns the file size in bytes."""
-        return pack_to_file(self, path, target_dtype, metadata=metadata)
+                       metadata: dict[str, str] | None = None, max_shard_nbytes: int | str | None = None,
+                       progress=None) -> int:
+        """Write this module's state_dict with :func:`flashpack.pack_to_file` (atomic; sharded when
+        ``max_shard_nbytes``, an int or ``"20GB"``, is given and exceeded). Returns the bytes written."""
+        return pack_to_file(self, path, target_dtype, metadata=metadata, max_shard_nbytes=max_shard_nbytes,
+                            progress=progress)
 
     @classmethod
     def from_flashpack(cls, path: str | os.PathLike, *init_args, device="cpu", strict: bool = True,

@@ -421,17 +421,18 @@ def resolve_pack_path(path: str | os.PathLike) -> str:
     return path
 
 
-def shards_for_keys(index: ShardIndex, keys: Iterable[str] | str | None) -> list[int]:
+def shards_for_keys(index: ShardIndex, keys: Iterable[str] | str | None, *, missing_ok: bool = False) -> list[int]:
     """Indices (in index order) of the shards holding ``keys`` (aliases resolved); all for ``None``.
 
     Raises:
-        KeyError: a key the index does not list (the first ten are named).
+        KeyError: a key the index does not list (the first ten are named), unless ``missing_ok``.
     """
     if keys is None:
         return list(range(len(index.shards)))
     wanted = [keys] if isinstance(keys, str) else list(keys)
     missing = [k for k in wanted if k not in index.weight_map]
-    if missing:
+    wanted = [k for k in wanted if k in index.weight_map]
+    if missing and not missing_ok:
         raise KeyError(f"{index.path}: keys not in the pack: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     files = {index.weight_map[k] for k in wanted}
     return [i for i, r in enumerate(index.shards) if r.file in files]
@@ -472,7 +473,7 @@ def read_shard(index: ShardIndex, i: int) -> WeightMap:
     return wm
 
 
-def read_pack(path: str | os.PathLike, *, keys: Iterable[str] | str | None = None) -> Pack:
+def read_pack(path: str | os.PathLike, *, keys: Iterable[str] | str | None = None, missing_ok: bool = False) -> Pack:
     """Open a pack for loading: a ``.flashpack`` file, a sharded pack's ``.flashpack.index.json``, or a folder
     holding one of these (:func:`find_pack_in_folder`).
 
@@ -482,6 +483,7 @@ def read_pack(path: str | os.PathLike, *, keys: Iterable[str] | str | None = Non
     Args:
         path: file, index or folder.
         keys: the keys (aliases included) a load will ask for, or ``None`` for all.
+        missing_ok: keys the index does not list are ignored instead of raising ``KeyError``.
 
     Returns:
         A :class:`Pack`: ``shards`` is ``[(shard path, WeightMap), ...]``, ``key_shard`` maps each key of the
@@ -496,19 +498,20 @@ def read_pack(path: str | os.PathLike, *, keys: Iterable[str] | str | None = Non
         wm = read_weight_map(path)
         return Pack(path, None, [(path, wm)], {k: 0 for k in wm.keys()}, wm)
     index = read_index(path)
-    picked = shards_for_keys(index, keys)
+    picked = shards_for_keys(index, keys, missing_ok=missing_ok)
     maps = [read_shard(index, i) for i in picked]
     key_shard = {k: j for j, wm in enumerate(maps) for k in wm.keys()}
     merged = merge_weight_maps(index.path, maps, index.aliases)
     return Pack(path, index, [(wm.path, wm) for wm in maps], key_shard, merged)
 
 
-def read_pack_map(path: str | os.PathLike | WeightMap, *, keys: Iterable[str] | str | None = None) -> WeightMap:
+def read_pack_map(path: str | os.PathLike | WeightMap, *, keys: Iterable[str] | str | None = None,
+                  missing_ok: bool = False) -> WeightMap:
     """The weight map a load plans with: a :class:`WeightMap` as given, else ``read_pack(path, keys=keys).weight_map``
     (a single file's own map, or the merged map of a sharded pack's needed shards)."""
     if isinstance(path, WeightMap):
         return path
-    return read_pack(path, keys=keys).weight_map
+    return read_pack(path, keys=keys, missing_ok=missing_ok).weight_map
 
 
 def shard_maps(wm: WeightMap) -> list[tuple[WeightMap, int]]:

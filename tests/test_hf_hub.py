@@ -147,7 +147,8 @@ def test_transformers_model_from_hub_fetches_only_config_and_pack(tmp_path, monk
     assert loaded.config._name_or_path == "org/gpt2-fp"
     (call,) = fake.calls
     assert call["repo_id"] == "org/gpt2-fp"
-    assert call["allow_patterns"] == ["config.json", "generation_config.json", "model.flashpack"]
+    assert call["allow_patterns"] == ["config.json", "generation_config.json", "model.flashpack",
+                                      "model.flashpack.index.json"]
     assert call["revision"] == "v1.0" and call["token"] == "hf_secret"
     assert call["cache_dir"] == str(tmp_path / "cache") and call["local_files_only"] is False
 
@@ -162,7 +163,7 @@ def test_subfolder_and_variant_patterns(tmp_path, monkeypatch):
     assert loaded.lm_head.weight.dtype == torch.float16
     (call,) = fake.calls
     assert call["allow_patterns"] == ["text_encoder/config.json", "text_encoder/generation_config.json",
-                                      "text_encoder/model.fp16.flashpack"]
+                                      "text_encoder/model.fp16.flashpack", "text_encoder/model.fp16.flashpack.index.json"]
     assert call["local_files_only"] is True and call["revision"] is None
 
 
@@ -176,7 +177,7 @@ def test_diffusers_model_from_hub_patterns(tmp_path, monkeypatch):
     assert torch.equal(loaded.decoder.conv_out.weight, vae.decoder.conv_out.weight)
     (call,) = fake.calls
     assert call["repo_id"] == "org/sd-fp" and call["revision"] == "main"
-    assert call["allow_patterns"] == ["vae/config.json", "vae/model.flashpack"]
+    assert call["allow_patterns"] == ["vae/config.json", "vae/model.flashpack", "vae/model.flashpack.index.json"]
 
 
 def test_pipeline_from_hub_fetches_packs_and_no_ordinary_weights(tmp_path, monkeypatch):

@@ -27,9 +27,16 @@ import os
 
 import torch
 
-from ._shared import base_library_class, find_pack, load_model, parse_device_map, save_model_folder
 from ..mixin import init_empty_weights
-from .hub import pack_name, resolve_folder, sub_patterns
+from ._shared import (
+    DEFAULT_MAX_SHARD_SIZE,
+    base_library_class,
+    find_pack,
+    load_model,
+    parse_device_map,
+    save_model_folder,
+)
+from .hub import pack_name, resolve_pack_folder, sub_patterns
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -42,7 +49,8 @@ class FlashPackTransformersModelMixin:
     def save_pretrained_flashpack(self, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
                                   repo_id: str | None = None, token: str | bool | None = None,
                                   private: bool | None = None, commit_message: str | None = None,
-                                  variant: str | None = None, target_dtype: torch.dtype | None = None) -> str:
+                                  variant: str | None = None, target_dtype: torch.dtype | None = None,
+                                  max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE, progress=None) -> str:
         """Write ``config.json`` (+ ``generation_config.json``) and ``model[.<variant>].flashpack``.
 
         Args:
@@ -52,6 +60,10 @@ class FlashPackTransformersModelMixin:
             token, private, commit_message: for the Hub.
             variant: pack name ``model.<variant>.flashpack`` (e.g. ``"fp16"``).
             target_dtype: cast floating weights to this dtype in the pack (the config's ``dtype`` follows).
+            max_shard_size: split a larger pack into ``model[.<variant>]-0000i-of-0000N.flashpack`` shards of at
+                most this many payload bytes plus ``model[.<variant>].flashpack.index.json``: an int or a Hugging
+                Face size string (default ``"20GB"`` = 20 * 10^9, the Hub's recommendation); ``None``: one file.
+            progress: ``progress(bytes done, bytes total)`` while the pack is written.
 
         Returns:
             The pack's path.
@@ -74,7 +86,8 @@ class FlashPackTransformersModelMixin:
 
         return save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
                                  target_dtype=target_dtype, push_to_hub=push_to_hub, repo_id=repo_id, token=token,
-                                 private=private, commit_message=commit_message)
+                                 private=private, commit_message=commit_message, max_shard_size=max_shard_size,
+                                 progress=progress)
 
     @classmethod
     def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, *, device_map=None,
@@ -86,7 +99,7 @@ class FlashPackTransformersModelMixin:
 
         Args:
             name_or_path: a local folder, or a Hub repo id (only ``config.json``, ``generation_config.json`` and
-                the pack are downloaded, with ``snapshot_download``).
+                the pack are downloaded, with ``snapshot_download``; a sharded pack: its index, then its shards).
             device_map: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or a dict putting the
                 whole model on one device.
             subfolder, variant, revision, cache_dir, local_files_only, token: as for ``from_pretrained``.
@@ -107,8 +120,9 @@ class FlashPackTransformersModelMixin:
 
         device = parse_device_map(device_map)
         name = pack_name(variant)
-        folder = resolve_folder(name_or_path, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, GENERATION_CONFIG_NAME, name]),
-                                subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+        folder = resolve_pack_folder(name_or_path, pack=name,
+                                     allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, GENERATION_CONFIG_NAME, name]),
+                                     subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                                 local_files_only=local_files_only, token=token)
 
         pack = find_pack(folder, name)

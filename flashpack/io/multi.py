@@ -154,4 +154,40 @@ def split_count(value: int, shards: int) -> int:
     return max(1, -(-value // max(1, shards)))
 
 
-__all__ = ["SLICE_S", "ShardsReader", "split_count"]
+__all__ = ["CountingReader", "SLICE_S", "ShardsReader", "counted", "split_count"]
+
+
+class CountingReader:
+    """A reader that reports the bytes of each extent finished without error to ``add(nbytes)`` (a
+    :meth:`flashpack.progress.Progress.add`); everything else is the wrapped reader's."""
+
+    def __init__(self, reader: Reader, add):
+        self._r = reader
+        self._add = add
+
+    def __getattr__(self, name):
+        return getattr(self._r, name)
+
+    @property
+    def in_flight(self) -> int:
+        return self._r.in_flight
+
+    def wait(self, timeout_s: float | None = None) -> list[Completion]:
+        out = self._r.wait(timeout_s)
+        n = sum(c.extent.nbytes for c in out if c.error is None)
+        if n:
+            self._add(n)
+        return out
+
+    def __enter__(self) -> "CountingReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._r.close()
+
+
+def counted(reader: Reader, progress) -> Reader:
+    """``reader`` itself when ``progress`` is ``None`` (or listens to nobody), else a :class:`CountingReader`."""
+    if progress is None or not getattr(progress, "active", True):
+        return reader
+    return CountingReader(reader, progress.add)

@@ -10,6 +10,7 @@ import torch
 
 from ..format import WeightMap, verify_chunk
 from ..io import Extent, open_pack_reader, read_all
+from ..io.multi import counted
 from ..plan import LoadPlan, Region
 from ..settings import Settings
 from ..source import check_same_file
@@ -22,7 +23,7 @@ def _extents(plan: LoadPlan, buf: memoryview) -> list[Extent]:
 
 
 def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str | None, verify: bool,
-              stats: LoadStats, cfg: Settings) -> None:
+              stats: LoadStats, cfg: Settings, progress=None) -> None:
     """Read a plan's extents into ``dest``, verifying chunks as they complete.
 
     Args:
@@ -30,6 +31,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
         dest: a page-aligned CPU uint8 tensor of at least ``plan.buffer_nbytes`` bytes.
         backend: the reader (``None``: ``cfg.backend``); verify: check checksum chunks; stats: filled in.
         cfg: the load's settings.
+        progress: ``None`` or a :class:`flashpack.progress.Progress` told the bytes of each finished extent.
 
     Raises:
         ChecksumMismatchError, ReadError (``ESTALE`` when the file changed since its weight map was read),
@@ -52,7 +54,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
     with open_pack_reader(wm, backend, cfg=cfg) as reader:  # a sharded pack: every shard in one load
         stats.backend = reader.name
         try:
-            read_all(reader, _extents(plan, buf), done if verify else None)
+            read_all(counted(reader, progress), _extents(plan, buf), done if verify else None)
         finally:
             stats.add_reader(reader.stats)
 

@@ -10,6 +10,7 @@ import torch
 
 from ..format import WeightMap
 from ..io import open_pack_reader
+from ..io.multi import counted
 from ..plan import LoadPlan, round_up
 from ..settings import Settings, settings
 from ..staging.ring import Pinner, Sink, StagingRing
@@ -43,7 +44,7 @@ def ring_shape(plan: LoadPlan, wm: WeightMap, cfg: Settings, slot_nbytes: int | 
 def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: str | None, verify: bool,
                         stats: LoadStats, cfg: Settings | None = None, slot_nbytes: int | None = None,
                         num_slots: int | None = None, pinner: Pinner | None = None,
-                        hash_threads: int | None = None) -> StagingRing | None:
+                        hash_threads: int | None = None, progress=None) -> StagingRing | None:
     """Run one staged load of ``plan`` into ``sink`` (the sink owns the destination).
 
     Args:
@@ -53,6 +54,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
         slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``/``FLASHPACK_NUM_SLOTS``).
         pinner: pins the ring (``None``: pageable slots).
         hash_threads: threads verifying the chunks of one slot (default: half the cores, at most 8).
+        progress: ``None`` or a :class:`flashpack.progress.Progress` told the bytes of each finished read.
 
     Returns:
         The (closed) ring, for inspection; ``None`` when the plan holds no bytes (nothing is allocated
@@ -73,7 +75,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
         with open_pack_reader(wm, backend, cfg=cfg) as reader:  # a sharded pack: every shard in one load
             stats.backend = reader.name
             try:
-                stats.chunks_verified += run_staged(reader, wm, plan, pieces, ring, sink, verify=verify,
+                stats.chunks_verified += run_staged(counted(reader, progress), wm, plan, pieces, ring, sink, verify=verify,
                                                     read_nbytes=min(cfg.extent_nbytes, slot), hash_threads=threads)
             finally:
                 stats.add_reader(reader.stats)
@@ -84,7 +86,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
 
 def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, backend: str | None, verify: bool,
                       stats: LoadStats, cfg: Settings, slot_nbytes: int | None = None, num_slots: int | None = None,
-                      num_streams: int = NUM_STREAMS) -> torch.Tensor:
+                      num_streams: int = NUM_STREAMS, progress=None) -> torch.Tensor:
     """Read a plan's regions into one new CUDA allocation through a pinned staging ring.
 
     Args:
@@ -93,6 +95,7 @@ def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, ba
         backend, verify, stats, cfg: as for :func:`load_payload_staged`.
         slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``, ``FLASHPACK_NUM_SLOTS``).
         num_streams: copy streams.
+        progress: ``None`` or a :class:`flashpack.progress.Progress`.
 
     Returns:
         A uint8 tensor of ``plan.buffer_nbytes`` bytes on ``device``, allocated on the caller's current
@@ -119,7 +122,7 @@ def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, ba
         sink = CudaSink(dest, ready=ready, caller_stream=caller, num_streams=num_streams)
         try:
             load_payload_staged(wm, plan, sink, backend=backend, verify=verify, stats=stats, cfg=cfg,
-                                slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=CudaPinner())
+                                slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=CudaPinner(), progress=progress)
         finally:
             sink.close()
     return dest
