@@ -1,9 +1,9 @@
 """flashpack: convert checkpoints to .flashpack files, inspect, revert and verify them.
 
 Usage:
-  flashpack convert <src> [<dst>] [--subfolder=<name>] [--variant=<v>] [--dtype=<dtype>] [--use-diffusers | --use-transformers] [--force] [--quiet]
+  flashpack convert <src> [<dst>] [--subfolder=<name>] [--variant=<v>] [--dtype=<dtype>] [--use-diffusers | --use-transformers] [--max-shard-size=<size>] [--force] [--quiet]
   flashpack metadata <path> [--show-index] [--json]
-  flashpack revert <path> [<dst>] [--force] [--quiet]
+  flashpack revert <path> [<dst>] [--one-file] [--force] [--quiet]
   flashpack verify <path>
   flashpack <command> --help
   flashpack (-h | --help)
@@ -45,7 +45,7 @@ import traceback
 
 COMMAND_HELP = {
     "convert": """Usage: flashpack convert <src> [<dst>] [--subfolder=<name>] [--variant=<v>] [--dtype=<dtype>]
-                         [--use-diffusers | --use-transformers] [--force] [--quiet]
+                         [--use-diffusers | --use-transformers] [--max-shard-size=<size>] [--force] [--quiet]
 
 Convert a checkpoint into one .flashpack file, streaming one source file at a time.
 
@@ -64,6 +64,8 @@ Options:
   --dtype=<dtype>     Cast floating-point tensors only (float16, bfloat16, float32...).
   --use-diffusers     Look for diffusion_pytorch_model.* files.
   --use-transformers  Look for model.* / pytorch_model.* files and restore tied weights from config.json.
+  --max-shard-size=<size>  Write a sharded pack: NAME-00001-of-0000N.flashpack ... + <dst>.index.json, at most
+                      <size> tensor bytes per shard (20GB = 20*10^9, 5GiB, or keep: about the source's shards).
   --force             Replace an existing destination.
   --quiet             No progress bar (also off when stderr is not a terminal).
 """,
@@ -77,7 +79,7 @@ Options:
   --show-index  One line per tensor: key, dtype, shape, offset, nbytes.
   --json        The same as JSON on stdout.
 """,
-    "revert": """Usage: flashpack revert <path> [<dst>] [--force] [--quiet]
+    "revert": """Usage: flashpack revert <path> [<dst>] [--one-file] [--force] [--quiet]
 
 Write the tensors of a .flashpack file as .safetensors (default) or .pt (<dst> ending in .pt, .pth
 or .bin), exactly: dtypes, shapes, user metadata (as safetensors metadata). Aliases are written as
@@ -86,6 +88,8 @@ Default <dst>: the source name with .safetensors (model.flashpack -> model.safet
 source; an existing file only with --force; written atomically.
 
 Options:
+  --one-file  A sharded pack (its .flashpack.index.json or folder) as one file; without it, as sharded
+              safetensors (NAME-00001-of-0000N.safetensors + NAME.safetensors.index.json).
   --force  Replace an existing destination.
   --quiet  No progress bar (also off when stderr is not a terminal).
 """,
@@ -132,7 +136,7 @@ def cmd_convert(args: dict) -> int:
     framework = "diffusers" if args["--use-diffusers"] else "transformers" if args["--use-transformers"] else None
     r = convert(args["<src>"], args["<dst>"], subfolder=args["--subfolder"], variant=args["--variant"],
                 dtype=args["--dtype"], framework=framework, force=args["--force"],
-                progress=_progress(args["--quiet"]))
+                progress=_progress(args["--quiet"]), max_shard_size=args.get("--max-shard-size"))
     for note in r.notes:
         print(f"flashpack: note: {note}", file=sys.stderr)
     gibps = r.payload_nbytes / max(r.seconds, 1e-9) / (1 << 30)
@@ -200,7 +204,8 @@ def cmd_metadata(args: dict) -> int:
 def cmd_revert(args: dict) -> int:
     from .revert import revert
 
-    r = revert(args["<path>"], args["<dst>"], force=args["--force"], progress=_progress(args["--quiet"]))
+    r = revert(args["<path>"], args["<dst>"], force=args["--force"], progress=_progress(args["--quiet"]),
+               one_file=bool(args.get("--one-file")))
     for note in r.notes:
         print(f"flashpack: note: {note}", file=sys.stderr)
     print(f"{r.dst}: {r.format}, {r.tensors} tensors, {r.aliases} aliases (written as copies), "
