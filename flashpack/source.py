@@ -160,10 +160,15 @@ def shard_name(path: str | os.PathLike, i: int, n: int) -> str:
 
 
 def shard_name_pattern(path: str | os.PathLike) -> "re.Pattern[str]":
-    """Matches the file names of every shard (any count) of the pack saved as ``path``, and the hidden
-    temporary shards a save writes first (``.model-00001-of-00003.flashpack.<token>.tmp``)."""
+    """Matches the file names of every shard (any count) of the pack saved as ``path``, and what a save killed
+    midway leaves: hidden temporary shards (``.model-00001-of-00003.flashpack.<token>.tmp``), links being put
+    in place, temporary indexes and packs of :func:`flashpack.atomic.atomic_path` (one writer per name at a
+    time)."""
     stem = re.escape(shard_stem(path))
-    return re.compile(rf"^(?:{stem}-\d{{5,}}-of-\d{{5,}}\.flashpack|\.{stem}-\d{{5,}}-of-\d{{5,}}\.flashpack\..+\.tmp)$")
+    shard = rf"{stem}-\d{{5,}}-of-\d{{5,}}\.flashpack"
+    return re.compile(rf"^(?:{shard}(?:\.[0-9a-f]+\.link)?"  # a shard; a link being put in place
+                      rf"|\.+{shard}\..+\.tmp"  # a temporary shard (and atomic_path's temporary of it)
+                      rf"|\.{stem}\.flashpack(?:\.index\.json)?\.[^.]+\.tmp)$")  # a temporary index or pack
 
 
 @dataclass
