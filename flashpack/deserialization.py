@@ -90,7 +90,12 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         raise FlashPackError("src_rank needs a process group (process_group=... or 'default')")
     if path is None:
         raise TypeError("path is required")
-    wm = read_pack_map(path, keys=keys)  # a sharded pack: the merged map of the shards holding ``keys``
+    if isinstance(path, WeightMap):
+        wm = path
+    else:
+        where = resolve_pack_path(path)  # a folder: its one pack
+        # a sharded pack: the merged map of the shards holding ``keys``
+        wm = read_pack_map(where, keys=keys) if is_index_path(where) else read_weight_map(where)
     job = prepare(wm, keys, verify=verify, cfg=cfg)
     plan = job.plan
     if mmap and isinstance(wm, ShardedWeightMap):

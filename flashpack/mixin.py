@@ -17,7 +17,7 @@ from .deserialization import load, read_weight_map
 from .errors import ModelMismatchError
 from .format import WeightMap, torch_dtype
 from .serialization import pack_to_file
-from .source import read_pack_map
+from .source import is_index_path, read_pack_map, resolve_pack_path
 
 _patch_lock = threading.RLock()
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
@@ -90,7 +90,12 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
             Checked before the model is changed: on error the model is untouched.
         Everything :func:`load` raises.
     """
-    wm = read_pack_map(path, keys=keys, missing_ok=True)  # a sharded pack: only the shards holding ``keys``
+    if isinstance(path, WeightMap):
+        wm = path
+    else:
+        where = resolve_pack_path(path)  # a folder: its one pack
+        # a sharded pack: the merged map of only the shards holding ``keys``
+        wm = read_pack_map(where, keys=keys, missing_ok=True) if is_index_path(where) else read_weight_map(where)
     path = wm.path
     dev = torch.device(device) if device is not None else _default_device(model)
     groups, kinds = model_targets(model)

@@ -372,7 +372,7 @@ def find_pack_in_folder(folder: str) -> str:
     ``*.flashpack`` file that is not a shard.
 
     Raises:
-        UsageError: none, or several (the message lists them: name one).
+        IsADirectoryError: none (``filename`` is the folder). UsageError: several (the message lists them).
     """
     names = sorted(os.listdir(folder))
     idx = [n for n in names if n.endswith(PACK_SUFFIX + INDEX_SUFFIX) and not n.startswith(".")]
@@ -383,9 +383,11 @@ def find_pack_in_folder(folder: str) -> str:
     if not idx and len(packs) == 1:
         return os.path.join(folder, packs[0])
     found = idx + packs
-    raise UsageError(f"{folder}: {'several packs' if found else 'no pack'} in this folder"
-                     f"{f' ({found})' if found else ''}; give the path of one "
-                     f"{'(a .flashpack file or a .flashpack.index.json)' if found else '.flashpack file or index'}")
+    if not found:
+        raise IsADirectoryError(errno.EISDIR, "is a folder holding no .flashpack file and no .flashpack.index.json; "
+                                              "give the path of a pack", folder)
+    raise UsageError(f"{folder}: several packs in this folder ({found}); give the path of one (a .flashpack file "
+                     f"or a .flashpack.index.json)")
 
 
 @dataclass
@@ -416,7 +418,8 @@ def resolve_pack_path(path: str | os.PathLike) -> str:
     """A file or index as given; a folder -> its one pack (:func:`find_pack_in_folder`).
 
     Raises:
-        UsageError: a folder with no pack or several. FileNotFoundError: nothing at ``path``.
+        IsADirectoryError: a folder with no pack. UsageError: a folder with several. FileNotFoundError: nothing
+        at ``path``.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -496,7 +499,8 @@ def read_pack(path: str | os.PathLike, *, keys: Iterable[str] | str | None = Non
 
     Raises:
         ShardIndexError, ShardMismatchError, ShardMissingError, FormatError (all naming the file or shard),
-        KeyError (a key the index does not list), UsageError (a folder with no or several packs), OSError.
+        KeyError (a key the index does not list), IsADirectoryError (a folder with no pack), UsageError (a folder
+        with several), OSError.
     """
     path = resolve_pack_path(path)
     if not is_index_path(path):
