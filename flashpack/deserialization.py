@@ -16,13 +16,14 @@ import torch
 from .errors import FlashPackError
 from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, verify_chunk
 from .io import Extent, open_reader, read_all
-from .loading.common import LoadStats, aligned_empty, assemble, parse_device, prepare
+from .loading.common import LoadStats, aligned_empty, assemble, parse_device, prepare, reconstruct
 from .loading.distributed import group_for, load_distributed
 from .loading.host import mmap_payload, read_into
 from .loading.memory import host_buffer
 from .loading.staged import load_payload_cuda
+from .progress import Progress
 from .settings import PAGE_NBYTES, settings
-from .source import read_weight_map
+from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, read_weight_map, resolve_pack_path
 
 # --------------------------------------------------------------------------- loading
 
@@ -30,7 +31,7 @@ from .source import read_weight_map
 def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "cpu", backend: str | None = None,
          keys: Iterable[str] | None = None, verify: bool | None = None, mmap: bool = False,
          process_group=None, src_rank: int | None = None,
-         stats: LoadStats | None = None) -> dict[str, torch.Tensor]:
+         stats: LoadStats | None = None, progress=None) -> dict[str, torch.Tensor]:
     """Load a flashpack file (or a fal flashpack 0.2-0.4 file) into a state_dict.
 
     Args:
@@ -52,6 +53,13 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         src_rank: with ``process_group``: only this rank reads the file and broadcasts it (for storage only one
             node can see); ``path`` is ignored on the other ranks.
         stats: a :class:`LoadStats` to fill in (bytes read, backend used).
+        progress: ``progress(bytes done, bytes total)`` as the file's bytes come in (host and CUDA loads;
+            ``None``: no callback). A tqdm bar in bytes is shown for loads over 1 GiB when stderr is a
+            terminal, unless ``FLASHPACK_PROGRESS=0``.
+
+    A sharded pack (``path`` its ``.flashpack.index.json``, or a folder holding it) loads as one plan: every
+    needed shard's extents in flight together (one reader per shard, :class:`flashpack.io.multi.ShardsReader`),
+    one destination allocation, each shard's checksums; ``keys=`` opens only the shards holding those keys.
 
     Returns:
         ``dict[str, Tensor]`` in file order, stored keys first, then aliases. Tensors of one dtype are
@@ -83,22 +91,51 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         raise FlashPackError("src_rank needs a process group (process_group=... or 'default')")
     if path is None:
         raise TypeError("path is required")
-    wm = path if isinstance(path, WeightMap) else read_weight_map(path)
+    if isinstance(path, WeightMap):
+        wm = path
+    else:
+        where = resolve_pack_path(path)  # a folder: its one pack
+        # a sharded pack: the merged map of the shards holding ``keys``
+        wm = read_pack_map(where, keys=keys) if is_index_path(where) else read_weight_map(where)
     job = prepare(wm, keys, verify=verify, cfg=cfg)
     plan = job.plan
+    if mmap and isinstance(wm, ShardedWeightMap):
+        if dev.type != "cpu":
+            raise FlashPackError(f"{wm.path}: mmap=True maps the files into host memory; it needs device='cpu', got {dev}")
+        return _mmap_shards(job, stats)
     if mmap:
         if dev.type != "cpu":
             raise FlashPackError(f"{wm.path}: mmap=True maps the file into host memory; it needs device='cpu', got {dev}")
         buffer, plan = mmap_payload(wm, plan, job.verify, stats)
-    elif dev.type == "cuda":
-        buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg)
     else:
-        dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages)
-        stats.memory = dest.kind
-        buffer = dest.tensor
-        read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
-                  populate=None if dest.kind == "torch" else dest.populate)
+        bar = Progress(plan.read_nbytes, progress, cfg, f"load {os.path.basename(wm.path)}")
+        try:
+            if dev.type == "cuda":
+                buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
+                                           progress=bar)
+            else:
+                dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages)
+                stats.memory = dest.kind
+                buffer = dest.tensor
+                read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg, progress=bar,
+                          populate=None if dest.kind == "torch" else dest.populate)
+        finally:
+            bar.close()
     return assemble(job, buffer, plan)
+
+
+def _mmap_shards(job, stats: LoadStats) -> dict[str, torch.Tensor]:
+    """``mmap=True`` for a sharded pack: each shard mapped on its own (one mapping per shard file)."""
+    wm = job.wm
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in wm.shards:
+        stored = [k for k in job.stored if k in shard.tensors]
+        if not stored:
+            continue
+        sub = prepare(shard, stored, verify=job.verify, cfg=job.cfg)
+        buffer, plan = mmap_payload(shard, sub.plan, job.verify, stats)
+        tensors.update(reconstruct(shard, stored, buffer, plan, job.dtypes))
+    return {k: tensors[wm.aliases.get(k, k)] for k in job.wanted}
 
 
 def _name(path) -> str:
@@ -127,17 +164,21 @@ def verify(path: str | os.PathLike, *, backend: str | None = None, buffer_nbytes
     """Check every invariant of the file and every payload checksum, streaming through a small buffer.
 
     Args:
-        path: the file.
+        path: the file; or a sharded pack's index (or its folder): the index, every shard's weight map
+            checksum and keys against it, then every shard as a file.
         backend: reader backend, as for :func:`load`.
         buffer_nbytes: host memory used, in bytes (rounded to whole checksum chunks).
 
     Returns:
-        A :class:`VerifyReport`. Files without checksums (fal's) are checked for layout only.
+        A :class:`VerifyReport` (for a sharded pack: ``path`` is the index, counts summed over the shards,
+        ``source`` is ``"flashpack-sharded"``). Files without checksums (fal's) are checked for layout only.
 
     Raises:
-        FormatError naming the first bad field, block or chunk; ReadError.
+        FormatError naming the first bad field, block or chunk (and its shard); ShardMissingError; ReadError.
     """
-    path = os.fspath(path)
+    path = resolve_pack_path(path)
+    if is_index_path(path):
+        return _verify_sharded(path, backend=backend, buffer_nbytes=buffer_nbytes)
     cfg = settings()
     wm = read_weight_map(path)
     report = VerifyReport(path, wm.source, wm.file_nbytes, len(wm.tensors), len(wm.aliases), len(wm.blocks), 0, 0,
@@ -320,6 +361,20 @@ def revert_from_file(path: str | os.PathLike, silent: bool = True) -> dict[str, 
             c.reshape(-1).view(torch.uint8).copy_(t.reshape(-1).view(torch.uint8))
         out[k] = c
     return out
+
+
+def _verify_sharded(path: str, *, backend: str | None, buffer_nbytes: int) -> VerifyReport:
+    pack = read_pack(path)  # index invariants, each shard's weight map checksum and keys
+    total = VerifyReport(path, "flashpack-sharded", 0, 0, len(pack.weight_map.aliases), 0, 0, 0,
+                         pack.weight_map.checksum_algorithm)
+    for shard_path, _ in pack.shards:
+        r = verify(shard_path, backend=backend, buffer_nbytes=buffer_nbytes)
+        total.file_nbytes += r.file_nbytes
+        total.tensors += r.tensors
+        total.blocks += r.blocks
+        total.chunks_verified += r.chunks_verified
+        total.bytes_verified += r.bytes_verified
+    return total
 
 
 __all__ = ["LoadStats", "VerifyReport", "fal_metadata", "get_flashpack_file_metadata", "ignore_filter",

@@ -136,6 +136,20 @@ class UsageError(FlashPackError, ValueError):
     or argument and what to do."""
 
 
+class ShardIndexError(FormatError):
+    """A sharded pack's index (``NAME.flashpack.index.json``) breaks an invariant of docs/FORMAT.md
+    ("Sharded packs"): not JSON, a missing field, a shard name with a path in it, a key mapped to no shard."""
+
+
+class ShardMismatchError(FormatError):
+    """A shard is not the one its index lists: its weight map checksum or its keys differ (shards from two
+    saves mixed in one folder). Save the pack again or copy the whole set."""
+
+
+class ShardMissingError(FlashPackError, FileNotFoundError):
+    """A shard its index lists is not in the index's folder; the message names the shard and the index."""
+
+
 def short_read_error(path: str | os.PathLike, file_offset: int, expected: int, got: int) -> ReadError:
     """The error for a read that returned fewer bytes than the file should hold (cases C18, C30)."""
     return ReadError(

@@ -209,6 +209,11 @@ class WeightMap:
         """Every key a load returns: stored tensors in file order, then aliases."""
         return [*self.tensors, *self.aliases]
 
+    def resolve_chunk(self, chunk: Chunk) -> "tuple[WeightMap, Chunk]":
+        """The weight map of the file that holds ``chunk`` and the chunk in that file's own offsets: this map
+        and the chunk itself here; a sharded pack's merged map names the shard (so errors name it)."""
+        return self, chunk
+
     def chunks(self) -> Iterator[Chunk]:
         """The chunks of every block, in file order."""
         for b, blk in enumerate(self.blocks):
@@ -526,6 +531,7 @@ def verify_chunk(wm: WeightMap, chunk: Chunk, data) -> None:
         return
     got = xxhash.xxh3_64_intdigest(data)
     if got != chunk.digest:
+        wm, chunk = wm.resolve_chunk(chunk)  # a shard of a sharded pack: name the shard, in its own offsets
         lo, hi = chunk.offset, chunk.offset + chunk.nbytes
         keys = [k for k, t in wm.tensors.items() if t.nbytes and t.offset < hi and t.offset + t.nbytes > lo]
         shown = ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")

@@ -18,6 +18,7 @@ from .deserialization import ignore_filter, load, read_weight_map
 from .errors import ModelMismatchError
 from .format import WeightMap, torch_dtype
 from .serialization import pack_to_file
+from .source import is_index_path, read_pack_map, resolve_pack_path
 
 _patch_lock = threading.RLock()
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
@@ -80,8 +81,8 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
 
     Args:
         model: the module, on any device or on ``meta`` (built without allocating weights).
-        path: the file, or its :class:`~flashpack.format.WeightMap` from :func:`flashpack.read_weight_map`
-            (read once and reused).
+        path: the file, a sharded pack's index or a folder holding one pack (:func:`flashpack.source.read_pack`),
+            or a :class:`~flashpack.format.WeightMap` (read once and reused).
         device: where the weights go; default: the device of the model's first non-meta tensor, else CPU.
         strict: ``True``: raise when parameters or persistent buffers are missing or keys are unexpected;
             ``False``: warn instead, naming anything left on the meta device. ``None`` (default, fal's rule):
@@ -123,7 +124,12 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
     if distributed_shard_strategy not in (None, "contiguous", "windows"):
         raise ValueError(f"distributed_shard_strategy must be 'contiguous', 'windows' or None, "
                          f"got {distributed_shard_strategy!r}")
-    wm = path if isinstance(path, WeightMap) else read_weight_map(path)
+    if isinstance(path, WeightMap):
+        wm = path
+    else:
+        where = resolve_pack_path(path)  # a folder: its one pack
+        # a sharded pack: the merged map of only the shards holding ``keys``
+        wm = read_pack_map(where, keys=keys, missing_ok=True) if is_index_path(where) else read_weight_map(where)
     path = wm.path
     dev = torch.device(device) if device is not None else _default_device(model)
     groups, kinds = model_targets(model)
@@ -308,14 +314,16 @@ class FlashPackMixin:
 
     def save_flashpack(self, destination_path: str | os.PathLike, target_dtype: torch.dtype | None = None,
                        name_order: list[str] | None = None, align_bytes: int | None = None, silent: bool = True,
-                       num_workers: int | None = None, *, metadata: dict[str, str] | None = None) -> int:
-        """Write this module's state_dict with :func:`flashpack.pack_to_file` (atomic; arguments as there).
+                       num_workers: int | None = None, *, metadata: dict[str, str] | None = None,
+                       max_shard_nbytes: int | str | None = None, progress=None) -> int:
+        """Write this module's state_dict with :func:`flashpack.pack_to_file` (atomic; arguments as there;
+        sharded when ``max_shard_nbytes``, an int or ``"20GB"``, is given and exceeded).
 
         Returns:
-            The file size in bytes.
+            The bytes written.
         """
         return pack_to_file(self, destination_path, target_dtype, name_order, align_bytes, silent, num_workers,
-                            metadata=metadata)
+                            metadata=metadata, max_shard_nbytes=max_shard_nbytes, progress=progress)
 
     @classmethod
     def from_flashpack(cls, path: str | os.PathLike, *init_args, device="cpu", silent: bool = True,

@@ -24,6 +24,8 @@ variable                        default      meaning
                                              ahead of the reads: ``on``, ``auto`` (when free 2 MiB blocks
                                              cover twice the load, /proc/buddyinfo), ``off`` (4 KiB pages
                                              from torch's allocator, faulted in by the reader threads)
+``FLASHPACK_PROGRESS``          ``1``        ``0``: no tqdm bar for loads and saves over 1 GiB (a bar is
+                                             shown only when stderr is a terminal)
 ==============================  ===========  ==========================================================
 
 Build time only (read by ``native/build_uring.py``, not here): ``FLASHPACK_NO_URING_BUILD=1`` installs
@@ -101,6 +103,7 @@ class Settings:
     uring_buffers: bool = False
     uring_files: bool = True
     huge_pages: str = "off"
+    progress: bool = True
 
 
 def settings() -> Settings:
@@ -152,4 +155,38 @@ def settings() -> Settings:
         uring_buffers=_env_bool("FLASHPACK_URING_BUFFERS", False),
         uring_files=_env_bool("FLASHPACK_URING_FILES", True),
         huge_pages=huge,
+        progress=_env_bool("FLASHPACK_PROGRESS", True),
     )
+
+
+#: Bytes per unit of a Hugging Face size string (``transformers.utils.convert_file_size_to_int``): decimal
+#: ``KB``/``MB``/``GB``/``TB``, binary ``KiB``/``MiB``/``GiB``/``TiB``.
+_HF_UNITS = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10,
+             "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+
+
+def parse_shard_size(value: int | str | None) -> int | None:
+    """A shard size limit in bytes from an int or a Hugging Face size string (``"20GB"`` = 20 * 10^9 bytes,
+    ``"5GiB"`` = 5 * 2^30, ``"500MB"``, ``"4096"``), as ``max_shard_size`` takes it; ``None`` stays ``None``.
+
+    Raises:
+        ValueError: not a positive size (the message shows the accepted forms).
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        t = value.strip().upper().replace(" ", "")
+        unit = next((u for u in _HF_UNITS if t.endswith(u)), "")
+        num = t[: len(t) - len(unit)] if unit else t
+        try:
+            n = int(float(num) * _HF_UNITS.get(unit, 1))
+        except ValueError:
+            n = -1
+    else:
+        n = -1
+    if n <= 0:
+        raise ValueError(f"max shard size {value!r}: expected a positive number of bytes or a size such as "
+                         f"'20GB' (10^9 bytes), '5GiB' (2^30 bytes), '500MB'")
+    return n

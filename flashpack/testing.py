@@ -26,8 +26,9 @@ from .loading.common import LoadStats, aligned_empty, assemble, parse_device, pr
 from .loading.staged import load_payload_cuda, load_payload_mapped, load_payload_staged
 from .plan import LoadPlan
 from .settings import Settings, settings
-from .source import read_weight_map
+
 from .staging.mapped import Registrar, Window, host_tensor_at
+from .source import read_pack_map
 from .staging.ring import Pinner, Slot
 
 # --------------------------------------------------------------------------- a host copy engine
@@ -274,7 +275,7 @@ def load_staged(path: str | os.PathLike, *, device: str | torch.device = "cpu", 
     dev = parse_device(device)
     cfg = settings()
     stats = stats if stats is not None else LoadStats()
-    job = prepare(read_weight_map(path), keys, verify=verify, cfg=cfg)
+    job = prepare(read_pack_map(path, keys=keys), keys, verify=verify, cfg=cfg)  # a sharded pack too
     if dev.type == "cuda":
         buffer = load_payload_cuda(job.wm, job.plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
                                    **ring_options)

@@ -147,7 +147,8 @@ def test_transformers_model_from_hub_fetches_only_config_and_pack(tmp_path, monk
     assert loaded.config._name_or_path == "org/gpt2-fp"
     (call,) = fake.calls
     assert call["repo_id"] == "org/gpt2-fp"
-    assert call["allow_patterns"] == ["config.json", "generation_config.json", "model.flashpack"]
+    assert call["allow_patterns"] == ["config.json", "generation_config.json", "model.flashpack",
+                                      "model.flashpack.index.json"]
     assert call["revision"] == "v1.0" and call["token"] == "hf_secret"
     assert call["cache_dir"] == str(tmp_path / "cache") and call["local_files_only"] is False
 
@@ -162,7 +163,7 @@ def test_subfolder_and_variant_patterns(tmp_path, monkeypatch):
     assert loaded.lm_head.weight.dtype == torch.float16
     (call,) = fake.calls
     assert call["allow_patterns"] == ["text_encoder/config.json", "text_encoder/generation_config.json",
-                                      "text_encoder/model.fp16.flashpack"]
+                                      "text_encoder/model.fp16.flashpack", "text_encoder/model.fp16.flashpack.index.json"]
     assert call["local_files_only"] is True and call["revision"] is None
 
 
@@ -176,7 +177,7 @@ def test_diffusers_model_from_hub_patterns(tmp_path, monkeypatch):
     assert torch.equal(loaded.decoder.conv_out.weight, vae.decoder.conv_out.weight)
     (call,) = fake.calls
     assert call["repo_id"] == "org/sd-fp" and call["revision"] == "main"
-    assert call["allow_patterns"] == ["vae/config.json", "vae/model.flashpack"]
+    assert call["allow_patterns"] == ["vae/config.json", "vae/model.flashpack", "vae/model.flashpack.index.json"]
 
 
 def test_pipeline_from_hub_fetches_packs_and_no_ordinary_weights(tmp_path, monkeypatch):
@@ -267,3 +268,93 @@ def test_pipeline_push_to_hub_uploads_exactly_the_pipeline(tmp_path, monkeypatch
                                                 "scheduler"}
     assert not any(f.endswith((".safetensors", ".bin", ".tmp")) or "/." in f or f.startswith(".") for f in files)
     shutil.rmtree(folder)
+
+
+# --------------------------------------------------------------------------- sharded packs
+
+
+class FilteringSnapshot:
+    """``snapshot_download`` over a prepared repo folder that, like the Hub, materialises only the files matching
+    ``allow_patterns`` (copied into one local snapshot folder); records each call's patterns."""
+
+    def __init__(self, repo, snap):
+        self.repo, self.snap = pathlib.Path(repo), pathlib.Path(snap)
+        self.calls: list[list[str]] = []
+
+    def __call__(self, repo_id, *, allow_patterns, **kwargs):
+        import fnmatch
+
+        self.calls.append(list(allow_patterns))
+        for rel in files_under(self.repo):
+            if any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (self.snap / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(self.repo / rel, self.snap / rel)
+        return str(self.snap)
+
+
+def sharded_gpt2(folder):
+    model = tiny_gpt2()
+    model.save_pretrained_flashpack(folder, max_shard_size=3000)
+    return model
+
+
+def test_sharded_model_from_hub_fetches_index_then_exactly_its_shards(tmp_path, monkeypatch):
+    model = sharded_gpt2(tmp_path / "repo")
+    names = sorted(f for f in os.listdir(tmp_path / "repo") if f.endswith("flashpack"))
+    assert names == [f"model-{i:05d}-of-00008.flashpack" for i in range(1, 9)]
+    fake = FilteringSnapshot(tmp_path / "repo", tmp_path / "snap")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    loaded = FlashPackGPT2LMHeadModel.from_pretrained_flashpack("org/gpt2-sharded")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    first = ["config.json", "generation_config.json", "model.flashpack", "model.flashpack.index.json"]
+    assert fake.calls == [first, first + names]
+
+
+def test_partial_load_fetches_only_the_shards_of_its_keys(tmp_path, monkeypatch):
+    from flashpack.integrations.hub import resolve_pack_folder
+    from flashpack.source import read_index
+
+    sharded_gpt2(tmp_path / "repo")
+    idx = read_index(tmp_path / "repo" / "model.flashpack.index.json")
+    key = "transformer.h.0.mlp.c_fc.weight"
+    fake = FilteringSnapshot(tmp_path / "repo", tmp_path / "snap")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    folder = resolve_pack_folder("org/gpt2-sharded", pack="model.flashpack", allow_patterns=["config.json"],
+                                 keys=[key])
+    assert fake.calls == [["config.json", "model.flashpack", "model.flashpack.index.json"],
+                          ["config.json", "model.flashpack", "model.flashpack.index.json", idx.weight_map[key]]]
+    got = flashpack_load(folder, keys=[key])
+    assert list(got) == [key]
+
+
+def flashpack_load(folder, **kw):
+    import flashpack
+
+    return flashpack.load(folder, **kw)
+
+
+def test_push_sharded_folder_uploads_every_shard_and_deletes_stale_names(tmp_path, monkeypatch):
+    hub = FakeHub().install(monkeypatch)
+    monkeypatch.delattr(huggingface_hub.HfApi, "upload_large_folder", raising=False)
+    tiny_gpt2().save_pretrained_flashpack(tmp_path / "m", max_shard_size=3000, push_to_hub=True, repo_id="org/m")
+    (up,) = hub.uploads
+    assert up["files"] == {"config.json", "generation_config.json", "model.flashpack.index.json",
+                           *(f"model-{i:05d}-of-00008.flashpack" for i in range(1, 9))}
+    assert up["delete_patterns"] == ["model.flashpack", "model.flashpack.index.json", "model-*-of-*.flashpack"]
+
+
+def test_push_sharded_folder_uses_upload_large_folder_where_the_hub_library_has_it(tmp_path, monkeypatch):
+    hub = FakeHub().install(monkeypatch)
+    large = []
+
+    def upload_large_folder(api, *, repo_id, folder_path, repo_type, **kw):
+        large.append((repo_id, repo_type, files_under(folder_path)))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_large_folder", upload_large_folder, raising=False)
+    tiny_gpt2().save_pretrained_flashpack(tmp_path / "m", max_shard_size=3000, push_to_hub=True, repo_id="org/m")
+    assert hub.uploads == []
+    ((repo, kind, files),) = large
+    assert repo == "org/m" and kind == "model" and "model-00008-of-00008.flashpack" in files
+    # one file (under the 20 GB default): the ordinary one-commit upload
+    tiny_gpt2().save_pretrained_flashpack(tmp_path / "one", push_to_hub=True, repo_id="org/one")
+    assert len(hub.uploads) == 1 and "model.flashpack" in hub.uploads[0]["files"]

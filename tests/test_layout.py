@@ -18,6 +18,7 @@ STAGES = {
     "flashpack._uring": 1,
     "flashpack.format": 2,
     "flashpack.atomic": 2,
+    "flashpack.progress": 2,
     "flashpack.source": 3,
     "flashpack.plan": 3,
     "flashpack.io": 4,

@@ -32,6 +32,7 @@ SMOKE = {
                          "torch.load(mmap)" + (",fal-flashpack[eager],fal-flashpack[lazy] --peer-python "
                                                + PEER_PYTHON if os.path.exists(PEER_PYTHON) else ""),
     "bench_load.py": OURS,
+    "bench_shards.py": "--workdir {d} --out-dir {d} --name smoke --size 4M --shards 4 --runs 1",
     "bench_scale.py": OURS,
     "bench_reader.py": "--size 4M --runs 1 --extent 1M --queue-depths 2 --fixed off,on --cache fadvise "
                        "--file {d}/r.bin --json {d}/smoke.json",
@@ -71,6 +72,12 @@ def test_perf_script_smoke(script, tmp_path):
         if script == "bench_hf.py":  # every cache state, both methods, no failed child
             assert {(s["cache"], s["method"]) for s in data["samples"] if "load_s" in s} == {
                 (c, m) for c in ("cold", "restart", "cached") for m in ("safetensors", "flashpack")}
+    elif script == "bench_shards.py":
+        with open(os.path.join(d, "smoke.json")) as f:
+            data = json.load(f)
+        assert data["shards"] == 4 and data["environment"]["cores"] >= 1
+        assert all(data["results"][m]["ratio_median"] > 0 for m in ("cold", "cached")), data["results"]
+        assert not os.path.exists(os.path.join(d, "bench_shards-4M"))  # its files are removed afterwards
     elif script == "bench_dist.py":
         assert re.search(r"^result world=2 .* ok=True$", proc.stdout, re.M), proc.stdout
     elif script == "gpu_check.py":

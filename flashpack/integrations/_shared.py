@@ -17,10 +17,13 @@ from ..errors import FlashPackError, ModelMismatchError, ModelNotFoundError, Uns
 from ..format import WeightMap, torch_dtype
 from ..mixin import assign_from_file, model_targets
 from ..serialization import pack_to_file
-from ..source import read_weight_map
-from .hub import pack_name, push_folder
+from ..source import index_path_for, read_pack_map
+from .hub import pack_name, push_folder, stale_pack_patterns
 
 _dtype_lock = threading.RLock()
+
+#: Default ``max_shard_size`` of ``save_pretrained_flashpack``: the Hub's recommended largest file.
+DEFAULT_MAX_SHARD_SIZE = "20GB"
 
 
 _STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -99,6 +102,8 @@ def find_pack(folder: str, name: str) -> str:
     path = os.path.join(folder, name)
     if os.path.isfile(path):
         return path
+    if os.path.isfile(index_path_for(path)):
+        return index_path_for(path)  # saved sharded
     others = sorted(f for f in os.listdir(folder) if f.endswith(".flashpack")) if os.path.isdir(folder) else []
     raise ModelNotFoundError(
         f"{folder}: no {name}" + (f" (packs here: {others}; pick one with variant=)" if others else
@@ -186,7 +191,7 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
         ModelMismatchError: the pack does not fit the model, or something was left on the meta device.
         Everything :func:`flashpack.assign_from_file` raises.
     """
-    wm = read_weight_map(pack_path)  # read once: dtypes, the fill, and the same-file check of the payload
+    wm = read_pack_map(pack_path)  # read once (a sharded pack: its merged map): dtypes, the fill, and the same-file check of the payload
     model = build(main_float_dtype(wm))
     if tie is not None:
         tie(model)
@@ -214,7 +219,8 @@ def base_library_class(obj_or_cls, libraries: tuple[str, ...] = ("transformers",
 def save_model_folder(model: torch.nn.Module, save_directory: str | os.PathLike, *,
                       write_configs: Callable[[str], None], variant: str | None, target_dtype: torch.dtype | None,
                       push_to_hub: bool, repo_id: str | None, token, private: bool | None,
-                      commit_message: str | None, create_pr: bool = False) -> str:
+                      commit_message: str | None, create_pr: bool = False,
+                      max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE, progress=None) -> str:
     """Write ``save_directory/<config files>`` and ``save_directory/model[.<variant>].flashpack``.
 
     The folder is created if needed. Config files are first written by ``write_configs(tmp)`` into a hidden
@@ -223,8 +229,12 @@ def save_model_folder(model: torch.nn.Module, save_directory: str | os.PathLike,
     temporary folder is removed and no partial file is left. Other variants' packs and ordinary weight files in
     the folder are left alone.
 
+    ``max_shard_size`` (an int or a Hugging Face size string, default ``"20GB"``, the Hub's recommendation;
+    ``None`` for one file) splits a larger pack into ``model[.<variant>]-0000i-of-0000N.flashpack`` + index,
+    atomic as a set (:func:`flashpack.pack_to_file`).
+
     Returns:
-        The pack's path.
+        The pack's path (its index when sharded).
     """
     folder = os.fspath(save_directory)
     if os.path.isfile(folder):
@@ -234,14 +244,17 @@ def save_model_folder(model: torch.nn.Module, save_directory: str | os.PathLike,
     tmp = tempfile.mkdtemp(prefix=".flashpack-save-", dir=folder)
     try:
         write_configs(tmp)
-        pack_to_file(model, pack_path, target_dtype)
+        pack_to_file(model, pack_path, target_dtype, max_shard_nbytes=max_shard_size, progress=progress)
         for name in sorted(os.listdir(tmp)):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isfile(pack_path) and os.path.isfile(index_path_for(pack_path)):
+        pack_path = index_path_for(pack_path)
     if push_to_hub:
         push_folder(folder, repo_id=repo_id, token=token, private=private, commit_message=commit_message,
-                    create_pr=create_pr)
+                    create_pr=create_pr,
+                    delete_patterns=stale_pack_patterns(os.path.basename(pack_path).removesuffix(".index.json")))
     return pack_path
 
 

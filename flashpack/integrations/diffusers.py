@@ -41,11 +41,20 @@ import tempfile
 
 import torch
 
-from ._shared import base_library_class, default_dtype, find_pack, load_model, parse_device_map, save_model_folder
-from ._shared import resolve_device, split_fal_options
 from ..atomic import atomic_path
 from ..mixin import init_empty_weights
-from .hub import pack_name, push_folder, resolve_folder, sub_patterns
+from ..source import INDEX_SUFFIX, read_index
+from ._shared import (
+    DEFAULT_MAX_SHARD_SIZE,
+    base_library_class,
+    default_dtype,
+    find_pack,
+    load_model,
+    resolve_device,
+    save_model_folder,
+    split_fal_options,
+)
+from .hub import pack_name, push_folder, resolve_folder, resolve_pack_folder, sub_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +79,8 @@ class FlashPackDiffusersModelMixin:
                                   private: bool | None = None, commit_message: str | None = None,
                                   variant: str | None = None, target_dtype: torch.dtype | None = None,
                                   is_main_process: bool = True, create_pr: bool = False, align_bytes: int | None = None,
-                                  silent: bool = True, num_workers: int | None = None) -> str | None:
+                                  silent: bool = True, num_workers: int | None = None,
+                                  max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE, progress=None) -> str | None:
         """Write ``config.json`` and ``model[.<variant>].flashpack`` into ``save_directory`` (created if missing).
 
         Args and atomicity as for
@@ -91,7 +101,8 @@ class FlashPackDiffusersModelMixin:
 
         path = save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
                                  target_dtype=target_dtype, push_to_hub=push_to_hub, repo_id=repo_id, token=token,
-                                 private=private, commit_message=commit_message, create_pr=create_pr)
+                                 private=private, commit_message=commit_message, create_pr=create_pr,
+                                 max_shard_size=max_shard_size, progress=progress)
         if not silent:
             print(f"flashpack: saved {type(self).__name__} to {path}")
         return path
@@ -131,8 +142,9 @@ class FlashPackDiffusersModelMixin:
         device = resolve_device(device, device_map, f"{cls.__name__}.from_pretrained_flashpack")
         want_dtype = dtype if dtype is not None else torch_dtype
         name = pack_name(variant)
-        folder = resolve_folder(name_or_path, **hub_extra, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, name]),
-                                subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+        folder = resolve_pack_folder(name_or_path, pack=name, **hub_extra,
+                                     allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, name]),
+                                     subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                                 local_files_only=local_files_only, token=token)
         pack = find_pack(folder, name)
         config = cls.load_config(folder)
@@ -411,7 +423,7 @@ class FlashPackDiffusionPipeline:
         assign, _ = split_fal_options(kwargs)
         pname = pack_name(variant)
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-        patterns = PIPELINE_FILE_PATTERNS + [f"*/{pname}"]
+        patterns = PIPELINE_FILE_PATTERNS + [f"*/{pname}", f"*/{pname}{INDEX_SUFFIX}"]
         folder = resolve_folder(name_or_path, allow_patterns=patterns, **hub)
         index = cls.load_config(folder)
         expected, _ = cls._get_signature_keys(cls)
@@ -422,16 +434,20 @@ class FlashPackDiffusionPipeline:
                   and index[n][0] is not None]
         remote = not os.path.isdir(os.fspath(name_or_path))
         if remote:  # second, small fetch: ordinary weights of model components that have no pack
-            plain = [n for n in wanted if not os.path.isfile(os.path.join(folder, n, pname))
+            sharded = [n for n in wanted if not os.path.isfile(os.path.join(folder, n, pname))
+                       and os.path.isfile(os.path.join(folder, n, pname + INDEX_SUFFIX))]
+            plain = [n for n in wanted if not os.path.isfile(os.path.join(folder, n, pname)) and n not in sharded
                      and os.path.isfile(os.path.join(folder, n, CONFIG_NAME))]
-            if plain:
-                folder = resolve_folder(name_or_path, allow_patterns=patterns + [f"{n}/*" for n in plain], **hub)
+            shards = [f"{n}/{r.file}" for n in sharded for r in read_index(os.path.join(folder, n, pname + INDEX_SUFFIX)).shards]
+            if plain or shards:
+                folder = resolve_folder(name_or_path, allow_patterns=patterns + [f"{n}/*" for n in plain] + shards,
+                                        **hub)
 
         components = {}
         for name in wanted:
             sub = os.path.join(folder, name)
             klass = _flashpack_class(types.get(name, ()))
-            has_pack = os.path.isfile(os.path.join(sub, pname))
+            has_pack = os.path.isfile(os.path.join(sub, pname)) or os.path.isfile(os.path.join(sub, pname + INDEX_SUFFIX))
             if klass is not None and has_pack:
                 comp = klass.from_pretrained_flashpack(sub, device_map=device, variant=variant, **assign)
                 if torch_dtype is not None and comp.dtype != torch_dtype:

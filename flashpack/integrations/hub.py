@@ -14,6 +14,7 @@ import os
 import posixpath
 
 from ..errors import HubPushError, ModelNotFoundError
+from ..source import INDEX_SUFFIX, read_index, shard_stem, shards_for_keys
 
 #: File name of a model's pack inside its folder (no variant).
 PACK_NAME = "model.flashpack"
@@ -123,14 +124,56 @@ def sub_patterns(subfolder: str | None, names: list[str]) -> list[str]:
     return [posixpath.join(sub, n) for n in names]
 
 
+def resolve_pack_folder(name_or_path: str | os.PathLike, *, pack: str, allow_patterns: list[str],
+                        subfolder: str | None = None, keys=None, **hub) -> str:
+    """:func:`resolve_folder` for a model folder whose pack may be sharded: the first fetch asks for
+    ``allow_patterns`` plus ``pack`` and its index (``pack + ".index.json"``); when the index came and the pack
+    did not, a second fetch asks for exactly the shards holding ``keys`` (every shard for ``None``), read from
+    the index, so a partial load downloads only its shards. A local folder is used as it is.
+
+    Args:
+        pack: the pack's file name (``model.flashpack``); allow_patterns: the other files (``subfolder`` applied).
+        subfolder, hub: as for :func:`resolve_folder`. keys: the keys the load will ask for.
+
+    Returns:
+        The folder (``subfolder`` applied).
+    """
+    names = sub_patterns(subfolder, [pack, pack + INDEX_SUFFIX])
+    first = list(allow_patterns) + [n for n in names if n not in allow_patterns]
+    folder = resolve_folder(name_or_path, allow_patterns=first, subfolder=subfolder, **hub)
+    index = os.path.join(folder, pack + INDEX_SUFFIX)
+    if os.path.isdir(os.fspath(name_or_path)) or os.path.isfile(os.path.join(folder, pack)) or not os.path.isfile(index):
+        return folder
+    idx = read_index(index)
+    need = [idx.shards[i].file for i in shards_for_keys(idx, keys, missing_ok=True)]
+    if all(os.path.isfile(os.path.join(folder, n)) for n in need):
+        return folder
+    return resolve_folder(name_or_path, allow_patterns=first + sub_patterns(subfolder, need), subfolder=subfolder,
+                          **hub)
+
+
+def stale_pack_patterns(pack_path: str | os.PathLike) -> list[str]:
+    """Hub patterns (relative to the folder) of every form a pack named like ``pack_path`` may have taken in
+    earlier pushes: the one file, its index and its shards; a push deletes those it does not upload again."""
+    base = os.path.basename(os.fspath(pack_path))
+    return [base, base + INDEX_SUFFIX, f"{shard_stem(base)}-*-of-*.flashpack"]
+
+
 def push_folder(save_directory: str | os.PathLike, *, repo_id: str | None = None, token: str | bool | None = None,
-                private: bool | None = None, commit_message: str | None = None, create_pr: bool = False) -> str:
-    """Create the Hub repo (``exist_ok``) and upload the whole folder in one commit with ``huggingface_hub.HfApi``.
+                private: bool | None = None, commit_message: str | None = None, create_pr: bool = False,
+                delete_patterns: list[str] | None = None) -> str:
+    """Create the Hub repo (``exist_ok``) and upload the whole folder with ``huggingface_hub.HfApi``.
+
+    A folder holding a sharded pack (a ``*.flashpack.index.json``) goes through ``HfApi.upload_large_folder``
+    where this ``huggingface_hub`` has it (resumable, several commits; it takes no commit message, pull request
+    or deletions), else ``HfApi.upload_folder`` (in ``huggingface_hub`` >= 1.0 that one batches large folders itself).
 
     Args:
         save_directory: the folder just written.
         repo_id: ``"org/name"`` or ``"name"`` (the token's namespace); default :func:`default_repo_id`.
         token, private, commit_message, create_pr: passed to ``create_repo`` / ``upload_folder``.
+        delete_patterns: remote files to delete unless uploaded again (stale shards of an earlier push), passed
+            to ``upload_folder``.
 
     Returns:
         The full repo id the hub answered with.
@@ -144,17 +187,25 @@ def push_folder(save_directory: str | os.PathLike, *, repo_id: str | None = None
     repo_id = repo_id or default_repo_id(save_directory)
     api = huggingface_hub.HfApi(token=token)
     step, full_id = "creating the repo", repo_id
+    folder = os.fspath(save_directory)
     try:
         url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
         full_id = getattr(url, "repo_id", None) or repo_id
         step = "uploading"
-        api.upload_folder(repo_id=full_id, folder_path=os.fspath(save_directory), token=token,
+        sharded = any(n.endswith(".flashpack" + INDEX_SUFFIX) for _, _, files in os.walk(folder) for n in files)
+        large = getattr(api, "upload_large_folder", None)
+        if sharded and large is not None and not create_pr:
+            large(repo_id=full_id, folder_path=folder, repo_type="model")
+            return full_id
+        extra = {"delete_patterns": delete_patterns} if delete_patterns else {}
+        api.upload_folder(repo_id=full_id, folder_path=folder, token=token,
                           commit_message=commit_message or "Upload FlashPack weights with flashpack",
-                          **({"create_pr": True} if create_pr else {}))
+                          **({"create_pr": True} if create_pr else {}), **extra)
     except Exception as e:  # noqa: BLE001 - any hub or network error gets the folder, repo and step
-        raise HubPushError(f"{os.fspath(save_directory)}: while pushing to the Hub repo {full_id!r} ({step}): "
+        raise HubPushError(f"{folder}: while pushing to the Hub repo {full_id!r} ({step}): "
                            f"{_cause(e)}; the folder is saved locally, push it again later") from e
     return full_id
 
 
-__all__ = ["HubPushError", "ModelNotFoundError", "PACK_NAME", "default_repo_id", "pack_name", "push_folder", "resolve_folder"]
+__all__ = ["HubPushError", "ModelNotFoundError", "PACK_NAME", "default_repo_id", "pack_name", "push_folder",
+           "resolve_folder", "resolve_pack_folder", "stale_pack_patterns"]

@@ -27,10 +27,17 @@ import os
 
 import torch
 
-from ._shared import base_library_class, find_pack, load_model, parse_device_map, save_model_folder
-from ._shared import resolve_device, split_fal_options
 from ..mixin import init_empty_weights
-from .hub import pack_name, resolve_folder, sub_patterns
+from ._shared import (
+    DEFAULT_MAX_SHARD_SIZE,
+    base_library_class,
+    find_pack,
+    load_model,
+    resolve_device,
+    save_model_folder,
+    split_fal_options,
+)
+from .hub import pack_name, resolve_pack_folder, sub_patterns
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -45,7 +52,8 @@ class FlashPackTransformersModelMixin:
                                   private: bool | None = None, commit_message: str | None = None,
                                   variant: str | None = None, target_dtype: torch.dtype | None = None,
                                   is_main_process: bool = True, create_pr: bool = False, align_bytes: int | None = None,
-                                  silent: bool = True, num_workers: int | None = None) -> str | None:
+                                  silent: bool = True, num_workers: int | None = None,
+                                  max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE, progress=None) -> str | None:
         """Write ``config.json`` (+ ``generation_config.json``) and ``model[.<variant>].flashpack``.
 
         Args:
@@ -58,6 +66,10 @@ class FlashPackTransformersModelMixin:
             is_main_process: ``False`` writes nothing and returns ``None`` (distributed saves).
             create_pr: push as a pull request.
             align_bytes, num_workers: fal's writer knobs; accepted and ignored. silent: ``False`` prints the path.
+            max_shard_size: split a larger pack into ``model[.<variant>]-0000i-of-0000N.flashpack`` shards of at
+                most this many payload bytes plus ``model[.<variant>].flashpack.index.json``: an int or a Hugging
+                Face size string (default ``"20GB"`` = 20 * 10^9, the Hub's recommendation); ``None``: one file.
+            progress: ``progress(bytes done, bytes total)`` while the pack is written.
 
         Returns:
             The pack's path.
@@ -82,7 +94,8 @@ class FlashPackTransformersModelMixin:
 
         path = save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
                                  target_dtype=target_dtype, push_to_hub=push_to_hub, repo_id=repo_id, token=token,
-                                 private=private, commit_message=commit_message, create_pr=create_pr)
+                                 private=private, commit_message=commit_message, create_pr=create_pr,
+                                 max_shard_size=max_shard_size, progress=progress)
         if not silent:
             print(f"flashpack: saved {type(self).__name__} to {path}")
         return path
@@ -98,7 +111,7 @@ class FlashPackTransformersModelMixin:
 
         Args:
             name_or_path: a local folder, or a Hub repo id (only ``config.json``, ``generation_config.json`` and
-                the pack are downloaded, with ``snapshot_download``).
+                the pack are downloaded, with ``snapshot_download``; a sharded pack: its index, then its shards).
             device_map: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, a ``torch.device``, or a dict putting the
                 whole model on one device.
             device: fal's second positional argument: the same as ``device_map`` (pass one, or both equal).
@@ -129,8 +142,9 @@ class FlashPackTransformersModelMixin:
         device = resolve_device(device, device_map, f"{cls.__name__}.from_pretrained_flashpack")
         want_dtype = dtype if dtype is not None else torch_dtype
         name = pack_name(variant)
-        folder = resolve_folder(name_or_path, **hub_extra, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, GENERATION_CONFIG_NAME, name]),
-                                subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+        folder = resolve_pack_folder(name_or_path, pack=name, **hub_extra,
+                                     allow_patterns=sub_patterns(subfolder, [CONFIG_NAME, GENERATION_CONFIG_NAME, name]),
+                                     subfolder=subfolder, revision=revision, cache_dir=cache_dir,
                                 local_files_only=local_files_only, token=token)
 
         pack = find_pack(folder, name)

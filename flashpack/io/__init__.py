@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from ..errors import BackendUnavailableError
 from ..settings import MAX_QUEUE_DEPTH, Settings, settings
 from . import pagecache  # noqa: F401  (flashpack.io.pagecache stays importable as an attribute)
+from ..source import ShardedWeightMap
 from .base import FileIdentity, ReaderBase, notice_once, read_all
+from .multi import ShardsReader, split_count
 from .protocol import Completion, Extent, Reader, ReaderStats, c_error
 from .threads import ThreadsReader
 from .uring import UringReader
@@ -114,5 +116,29 @@ def open_reader(path, backend: str | None = None, *, expect: FileIdentity | None
     return _REGISTRY[resolve_backend(backend, cfg)](path, cfg=cfg, expect=expect, **options)
 
 
+def open_pack_reader(wm, backend: str | None = None, *, cfg: Settings | None = None, **options) -> Reader:
+    """The reader of a load's weight map: the file's own (:func:`open_reader`, identity checked against
+    ``wm.file_id``), or for a sharded pack's merged map (:class:`~flashpack.source.ShardedWeightMap`) a
+    :class:`~flashpack.io.multi.ShardsReader` over one reader per shard, each checked against its shard's
+    identity, with the queue depth and threads split between them (the load keeps as many reads in flight
+    as a one-file load).
+
+    Raises:
+        As :func:`open_reader`, naming the shard that failed.
+    """
+    cfg = cfg if cfg is not None else settings()
+    if not isinstance(wm, ShardedWeightMap):
+        return open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg, **options)
+
+    def one(shard, n):
+        opts = dict(options)
+        opts.setdefault("queue_depth", split_count(cfg.queue_depth, n))
+        opts.setdefault("threads", split_count(cfg.threads, n))
+        return open_reader(shard.path, backend, expect=shard.file_id, cfg=cfg, **opts)
+
+    return ShardsReader(wm, one)
+
+
 __all__ = ["AUTO_ORDER", "BackendInfo", "Completion", "Extent", "FileIdentity", "MAX_QUEUE_DEPTH", "Reader",
-           "ReaderStats", "backend_info", "backends", "c_error", "open_reader", "read_all", "resolve_backend"]
+           "ReaderStats", "backend_info", "backends", "c_error", "open_pack_reader", "open_reader", "read_all",
+           "resolve_backend"]

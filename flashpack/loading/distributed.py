@@ -48,7 +48,7 @@ from ..errors import DistributedLoadError, FlashPackError
 from ..format import Chunk, WeightMap, verify_chunk
 from ..plan import LoadPlan, share_bounds, share_nbytes, share_plan
 from ..settings import Settings, settings
-from ..source import read_weight_map
+from ..source import read_pack_map
 from .common import LoadStats, aligned_empty, assemble, parse_device, prepare
 from .host import read_into
 
@@ -217,7 +217,7 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
     if src_rank is not None:
         if rank == src_rank:
             try:
-                wm = given or read_weight_map(where)
+                wm = given or read_pack_map(where, keys=keys)
             except Exception as e:  # noqa: BLE001 - reported to every rank
                 err = e
         agree("opening and validating the file", err)
@@ -227,7 +227,7 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         where = wm.path
     try:
         if wm is None:
-            wm = given or read_weight_map(where)
+            wm = given or read_pack_map(where, keys=keys)
         job = prepare(wm, keys, verify=verify, cfg=cfg)
         fp = _fingerprint(wm, job.plan)
     except Exception as e:  # noqa: BLE001 - reported to every rank

@@ -11,7 +11,8 @@ import torch
 
 from ..errors import ReadError, short_read_error
 from ..format import WeightMap, verify_chunk
-from ..io import Extent, open_reader, read_all
+from ..io import Extent, open_pack_reader, read_all
+from ..io.multi import counted
 from ..plan import LoadPlan, Region
 from ..settings import Settings
 from ..source import check_same_file, open_regular
@@ -70,7 +71,7 @@ def _read_windowed(reader, plan: LoadPlan, extents: list[Extent], on_complete, p
 
 
 def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str | None, verify: bool,
-              stats: LoadStats, cfg: Settings, populate=None) -> None:
+              stats: LoadStats, cfg: Settings, populate=None, progress=None) -> None:
     """Read a plan's extents into ``dest``, verifying chunks as they complete.
 
     Args:
@@ -81,6 +82,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
         populate: ``populate(buffer_offset, nbytes)`` pre-faults destination bytes
             (:meth:`flashpack.loading.memory.HostBuffer.populate`); when given, extents are submitted one
             64 MiB window at a time, each populated first. ``None``: all at once, faulted by the reads.
+        progress: ``None`` or a :class:`flashpack.progress.Progress` told the bytes of each finished extent.
 
     Raises:
         ChecksumMismatchError, ReadError (``ESTALE`` when the file changed since its weight map was read),
@@ -100,13 +102,14 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
                 verify_chunk(wm, c, buf[bo:bo + c.nbytes])
                 stats.chunks_verified += 1
 
-    with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg) as reader:
+    with open_pack_reader(wm, backend, cfg=cfg) as reader:  # a sharded pack: every shard in one load
         stats.backend = reader.name
         try:
+            counting = counted(reader, progress)
             if populate is None:
-                read_all(reader, _extents(plan, buf), done if verify else None)
+                read_all(counting, _extents(plan, buf), done if verify else None)
             else:
-                _read_windowed(reader, plan, _extents(plan, buf), done if verify else None, populate)
+                _read_windowed(counting, plan, _extents(plan, buf), done if verify else None, populate)
         finally:
             stats.add_reader(reader.stats)
 

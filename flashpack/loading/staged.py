@@ -11,10 +11,12 @@ from typing import Sequence
 import torch
 
 from ..format import WeightMap
-from ..io import open_reader
+from ..io import open_pack_reader
 from ..io.base import notice_once
+from ..io.multi import counted
 from ..plan import LoadPlan, round_up
 from ..settings import Settings, settings
+from ..source import ShardedWeightMap
 from ..staging.ring import Pinner, Sink, StagingRing
 from ..staging.mapped import MIN_RESIDENT_FRACTION, FileMapping, Registrar, run_mapped, window_bound
 from ..staging.scheduler import Piece, cut_pieces, default_hash_threads, min_slot_nbytes, run_staged
@@ -47,7 +49,8 @@ def ring_shape(plan: LoadPlan, wm: WeightMap, cfg: Settings, slot_nbytes: int | 
 def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: str | None, verify: bool,
                         stats: LoadStats, cfg: Settings | None = None, slot_nbytes: int | None = None,
                         num_slots: int | None = None, pinner: Pinner | None = None,
-                        hash_threads: int | None = None, pieces: Sequence[Piece] | None = None) -> StagingRing | None:
+                        hash_threads: int | None = None, pieces: Sequence[Piece] | None = None,
+                        progress=None) -> StagingRing | None:
     """Run one staged load of ``plan`` into ``sink`` (the sink owns the destination).
 
     Args:
@@ -59,6 +62,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
         hash_threads: threads verifying the chunks of one slot (default: half the cores, at most 8).
         pieces: only these pieces of the plan (cut with the same ring shape; :func:`load_payload_mapped`
             passes the ones its windows did not copy); default every piece.
+        progress: ``None`` or a :class:`flashpack.progress.Progress` told the bytes of each finished read.
 
     Returns:
         The (closed) ring, for inspection; ``None`` when the plan holds no bytes (nothing is allocated
@@ -80,10 +84,10 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
     threads = default_hash_threads() if hash_threads is None else hash_threads
     ring = StagingRing(want, slot, pinner=pinner, cap_nbytes=cfg.pinned_cap_nbytes)
     try:
-        with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg) as reader:
+        with open_pack_reader(wm, backend, cfg=cfg) as reader:  # a sharded pack: every shard in one load
             stats.backend = reader.name
             try:
-                stats.chunks_verified += run_staged(reader, wm, plan, pieces, ring, sink, verify=verify,
+                stats.chunks_verified += run_staged(counted(reader, progress), wm, plan, pieces, ring, sink, verify=verify,
                                                     read_nbytes=min(cfg.extent_nbytes, slot), hash_threads=threads)
             finally:
                 stats.add_reader(reader.stats)
@@ -95,7 +99,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
 def load_payload_mapped(wm: WeightMap, plan: LoadPlan, sink: Sink, registrar: Registrar, *, backend: str | None,
                         verify: bool, stats: LoadStats, cfg: Settings | None = None, slot_nbytes: int | None = None,
                         num_slots: int | None = None, pinner: Pinner | None = None, hash_threads: int | None = None,
-                        mapped: str = "auto") -> str:
+                        mapped: str = "auto", progress=None) -> str:
     """Load ``plan`` into ``sink`` from registered page-cache windows when the file is cached, else (and for
     whatever a refusal leaves) through the staging ring (:func:`load_payload_staged`).
 
@@ -129,7 +133,7 @@ def load_payload_mapped(wm: WeightMap, plan: LoadPlan, sink: Sink, registrar: Re
     left: list[Piece] | None = None
     why = None
     copied = 0
-    if mapped == "on" or (mapped == "auto" and backend in (None, "auto")):
+    if not isinstance(wm, ShardedWeightMap) and (mapped == "on" or (mapped == "auto" and backend in (None, "auto"))):
         slot, want, pieces = ring_shape(plan, wm, cfg, slot_nbytes, num_slots, verify)
         mapping = FileMapping.open(wm)
         if isinstance(mapping, str):
@@ -144,6 +148,8 @@ def load_payload_mapped(wm: WeightMap, plan: LoadPlan, sink: Sink, registrar: Re
                     stats.bytes_read += run.nbytes
                     stats.bytes_buffered += run.nbytes
                     left, why, copied = run.left, run.refused, run.nbytes
+                    if progress is not None:
+                        progress.add(run.nbytes)
                     if not left:
                         stats.backend = "mapped"
                         return "mapped"
@@ -152,7 +158,7 @@ def load_payload_mapped(wm: WeightMap, plan: LoadPlan, sink: Sink, registrar: Re
                                              f"was refused ({why}); staging it through the pinned ring instead")
     load_payload_staged(wm, plan, sink, backend=backend, verify=verify, stats=stats, cfg=cfg,
                         slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=pinner, hash_threads=hash_threads,
-                        pieces=left)
+                        pieces=left, progress=progress)
     if copied:
         stats.backend = "mapped+" + stats.backend
         return "mapped+ring"
@@ -161,7 +167,7 @@ def load_payload_mapped(wm: WeightMap, plan: LoadPlan, sink: Sink, registrar: Re
 
 def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, backend: str | None, verify: bool,
                       stats: LoadStats, cfg: Settings, slot_nbytes: int | None = None, num_slots: int | None = None,
-                      num_streams: int = NUM_STREAMS, mapped: str = "auto") -> torch.Tensor:
+                      num_streams: int = NUM_STREAMS, mapped: str = "auto", progress=None) -> torch.Tensor:
     """Read a plan's regions into one new CUDA allocation: from the page cache through read-only registered
     windows of a file mapping when the file is cached, else through a pinned staging ring
     (:func:`load_payload_mapped`).
@@ -173,6 +179,7 @@ def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, ba
         slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``, ``FLASHPACK_NUM_SLOTS``).
         num_streams: copy streams.
         mapped: ``"auto"`` (default), ``"on"`` or ``"off"``: see :func:`load_payload_mapped`.
+        progress: ``None`` or a :class:`flashpack.progress.Progress`.
 
     Returns:
         A uint8 tensor of ``plan.buffer_nbytes`` bytes on ``device``, allocated on the caller's current
@@ -200,7 +207,7 @@ def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, ba
         try:
             load_payload_mapped(wm, plan, sink, CudaRegistrar(device), backend=backend, verify=verify, stats=stats,
                                 cfg=cfg, slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=CudaPinner(),
-                                mapped=mapped)
+                                mapped=mapped, progress=progress)
         finally:
             sink.close()
     return dest

@@ -1,9 +1,9 @@
 """flashpack: convert checkpoints to .flashpack files, inspect, revert and verify them.
 
 Usage:
-  flashpack convert <src> [<dst>] [--subfolder=<name>] [--variant=<v>] [--dtype=<dtype>] [--ignore-names=<key>...] [--ignore-prefixes=<prefix>...] [--ignore-suffixes=<suffix>...] [--use-diffusers | --use-transformers] [--force] [--quiet] [--verbose]
+  flashpack convert <src> [<dst>] [--subfolder=<name>] [--variant=<v>] [--dtype=<dtype>] [--ignore-names=<key>...] [--ignore-prefixes=<prefix>...] [--ignore-suffixes=<suffix>...] [--use-diffusers | --use-transformers] [--max-shard-size=<size>] [--force] [--quiet] [--verbose]
   flashpack metadata <path> [--show-index] [--json] [--format=<schema>]
-  flashpack revert <path> [<dst>] [--format=<format>] [--force] [--quiet] [--verbose]
+  flashpack revert <path> [<dst>] [--format=<format>] [--one-file] [--force] [--quiet] [--verbose]
   flashpack verify <path>
   flashpack <command> --help
   flashpack (-h | --help)
@@ -26,6 +26,8 @@ Options:
   --ignore-names=<key>         Leave out this key (repeat the flag for more).
   --ignore-prefixes=<prefix>   Leave out keys starting with this (repeatable).
   --ignore-suffixes=<suffix>   Leave out keys ending with this (repeatable).
+  --max-shard-size=<size>      convert: write a sharded pack of at most <size> tensor bytes per shard (20GB, 5GiB, keep).
+  --one-file          revert: a sharded pack as one file (default: sharded safetensors).
   --format=<format>   revert: safetensors, torch or fal (fal's flashpack 0.4 layout); metadata --json:
                       flashpack (default, a superset of fal's fields) or fal (fal's schema exactly).
   --force             Replace an existing destination.
@@ -54,7 +56,7 @@ import traceback
 COMMAND_HELP = {
     "convert": """Usage: flashpack convert <src> [<dst>] [--subfolder=<name>] [--variant=<v>] [--dtype=<dtype>]
                          [--ignore-names=<key>...] [--ignore-prefixes=<prefix>...] [--ignore-suffixes=<suffix>...]
-                         [--use-diffusers | --use-transformers] [--force] [--quiet] [-v]
+                         [--use-diffusers | --use-transformers] [--max-shard-size=<size>] [--force] [--quiet] [-v]
 
 Convert a checkpoint into one .flashpack file, streaming one source file at a time.
 
@@ -76,6 +78,8 @@ Options:
   --ignore-names=<key>        Leave out this key; repeat the flag for more (fal's filter).
   --ignore-prefixes=<prefix>  Leave out keys starting with <prefix> (repeatable).
   --ignore-suffixes=<suffix>  Leave out keys ending with <suffix> (repeatable).
+  --max-shard-size=<size>  Write a sharded pack: NAME-00001-of-0000N.flashpack ... + <dst>.index.json, at most
+                      <size> tensor bytes per shard (20GB = 20*10^9, 5GiB, or keep: about the source's shards).
   --force             Replace an existing destination.
   --quiet             No progress bar (also off when stderr is not a terminal).
   -v --verbose        Accepted for fal's CLI; changes nothing.
@@ -97,7 +101,7 @@ Options:
   --format=<schema>  With --json: flashpack (default, the superset above) or fal (exactly fal's
                      get_flashpack_file_metadata schema, index offsets in elements).
 """,
-    "revert": """Usage: flashpack revert <path> [<dst>] [--format=<format>] [--force] [--quiet] [-v]
+    "revert": """Usage: flashpack revert <path> [<dst>] [--format=<format>] [--one-file] [--force] [--quiet] [-v]
 
 Write the tensors of a .flashpack file as .safetensors (default) or .pt (<dst> ending in .pt, .pth
 or .bin), exactly: dtypes, shapes, user metadata (as safetensors metadata). Aliases are written as
@@ -110,6 +114,8 @@ which fal's flashpack 0.4.5 loads bit-exactly: a way back to fal's library. Alia
 
 Options:
   --format=<format>  safetensors, torch or fal; default: from <dst>'s suffix (.pt/.pth/.bin: torch).
+  --one-file         A sharded pack (its .flashpack.index.json or folder) as one file; without it, as sharded
+                     safetensors (NAME-00001-of-0000N.safetensors + NAME.safetensors.index.json).
   --force            Replace an existing destination.
   --quiet            No progress bar (also off when stderr is not a terminal).
   -v --verbose       Accepted for fal's CLI; changes nothing.
@@ -192,7 +198,8 @@ def cmd_convert(args: dict) -> int:
     framework = "diffusers" if args["--use-diffusers"] else "transformers" if args["--use-transformers"] else None
     r = convert(args["<src>"], args["<dst>"], subfolder=args["--subfolder"], variant=args["--variant"],
                 dtype=args["--dtype"], framework=framework, force=args["--force"],
-                progress=_progress(args["--quiet"]), ignore=_ignore_from_args(args))
+                progress=_progress(args["--quiet"]), ignore=_ignore_from_args(args),
+                max_shard_size=args.get("--max-shard-size"))
     for note in r.notes:
         _print(f"flashpack: note: {note}", file=sys.stderr)
     gibps = r.payload_nbytes / max(r.seconds, 1e-9) / (1 << 30)
@@ -296,7 +303,8 @@ def cmd_revert(args: dict) -> int:
     fmt = args.get("--format")
     if fmt not in (None, "safetensors", "torch", "fal"):
         raise ValueError(f"--format={fmt}: revert writes --format=safetensors, torch or fal")
-    r = revert(args["<path>"], args["<dst>"], force=args["--force"], progress=_progress(args["--quiet"]), format=fmt)
+    r = revert(args["<path>"], args["<dst>"], force=args["--force"], progress=_progress(args["--quiet"]), format=fmt,
+               one_file=bool(args.get("--one-file")))
     for note in r.notes:
         _print(f"flashpack: note: {note}", file=sys.stderr)
     _print(f"{r.dst}: {r.format}, {r.tensors} tensors, {r.aliases} aliases (written as copies), "
@@ -362,10 +370,10 @@ def _one_line(e: BaseException) -> str:
 #: per command: option -> whether it takes a value (the usage above, fal's short flags included)
 _OPTIONS = {
     "convert": {"--subfolder": True, "--variant": True, "--dtype": True, "--ignore-names": True,
-                "--ignore-prefixes": True, "--ignore-suffixes": True, "--use-diffusers": False,
+                "--ignore-prefixes": True, "--ignore-suffixes": True, "--max-shard-size": True, "--use-diffusers": False,
                 "--use-transformers": False, "--force": False, "--quiet": False, "--verbose": False, "-v": False},
     "metadata": {"--show-index": False, "-i": False, "--json": False, "-j": False, "--format": True},
-    "revert": {"--format": True, "--force": False, "--quiet": False, "--verbose": False, "-v": False},
+    "revert": {"--format": True, "--one-file": False, "--force": False, "--quiet": False, "--verbose": False, "-v": False},
     "verify": {},
 }
 

@@ -627,9 +627,29 @@ def check_destination(dst: str, sources: list[str], force: bool) -> None:
         raise UsageError(f"{dst}: folder {parent} does not exist; create it first")
 
 
+def shard_limit(max_shard_size, files: list[str]) -> int | None:
+    """``max_shard_size`` of :func:`convert` in bytes: ``None`` (one file), ``"keep"`` (the largest source file's
+    size, so a sharded checkpoint keeps about its sharding; one file for a one-file source), an int or a Hugging
+    Face size string (``"20GB"``).
+
+    Raises:
+        UsageError: not a size.
+    """
+    from ..settings import parse_shard_size
+
+    if max_shard_size is None:
+        return None
+    if isinstance(max_shard_size, str) and max_shard_size.strip().lower() == "keep":
+        return max(os.path.getsize(f) for f in files) if len(files) > 1 else None
+    try:
+        return parse_shard_size(max_shard_size)
+    except ValueError as e:
+        raise UsageError(f"--max-shard-size: {e}") from None
+
+
 def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, variant: str | None = None,
             dtype=None, framework: str | None = None, force: bool = False, progress: bool = False,
-            ignore=None) -> ConvertResult:
+            ignore=None, max_shard_size: int | str | None = None) -> ConvertResult:
     """Convert a checkpoint (file, folder, shards or Hub repo) into one ``.flashpack`` file.
 
     Args:
@@ -641,9 +661,12 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
         progress: show a tqdm bar on stderr.
         ignore: ``key -> bool``; keys for which it is true are left out (fal's ``--ignore-*`` filters, see
             :func:`flashpack.deserialization.ignore_filter`).
+        max_shard_size: write a sharded pack (``dst`` names it; its shards and index go next to it) with at
+            most this many payload bytes per shard: an int, ``"20GB"``, or ``"keep"`` (about the source's own
+            sharding). ``None``: one file. The source is still read one tensor at a time.
 
     Returns:
-        A :class:`ConvertResult`.
+        A :class:`ConvertResult` (``dst`` is the index when the pack came out sharded).
 
     Raises:
         UsageError: unusable source or destination. FlashPackError, OSError: the write failed (the
@@ -654,6 +677,9 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
     source = resolve_source(src, subfolder=subfolder, variant=variant, framework=framework)
     dst = os.path.abspath(os.path.expanduser(dst)) if dst else source.default_dst
     check_destination(dst, source.files + ([source.index] if source.index else []), force)
+    limit = shard_limit(max_shard_size, source.files)
+    if limit is not None and os.path.lexists(dst + ".index.json") and not force:
+        raise UsageError(f"{dst}.index.json: already exists; pass --force to replace it, or give another destination")
 
     from tqdm import tqdm
 
@@ -679,7 +705,9 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
         seen: set[int] = set()
         stored = [t for t in lazy.values() if not (id(t) in seen or seen.add(id(t)))]
         bar.reset(total=sum(t.numel() * t.dtype.itemsize for t in stored))
-        nbytes = pack_to_file(lazy, dst, dtype, metadata=metadata)
+        nbytes = pack_to_file(lazy, dst, dtype, metadata=metadata, max_shard_nbytes=limit)
+        if not os.path.exists(dst) and os.path.exists(dst + ".index.json"):
+            dst += ".index.json"
     finally:
         opened.close()
         bar.close()

@@ -62,7 +62,7 @@ def _atomic_write(dst: str, write) -> int:
 
 
 def revert(path: str, dst: str | None = None, *, force: bool = False, progress: bool = False,
-           format: str | None = None) -> RevertResult:
+           format: str | None = None, one_file: bool = False) -> RevertResult:
     """Write the tensors of a flashpack file (or a fal flashpack file) as safetensors or ``.pt``.
 
     Args:
@@ -74,6 +74,10 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
         format: ``"safetensors"``, ``"torch"`` or ``"fal"`` (fal's flashpack 0.4 layout, :func:`write_fal`);
             default: from ``dst``'s suffix (``.pt``/``.pth``/``.bin`` -> torch, else safetensors). With
             ``"fal"`` the default ``dst`` is ``<name>.fal.flashpack``.
+        one_file: a sharded pack (``path`` its index, or a folder holding it) as one destination file; without
+            it a sharded pack becomes sharded safetensors, one per shard, read and written one shard at a time:
+            ``NAME-00001-of-0000N.safetensors`` + the standard ``NAME.safetensors.index.json``
+            (``{"metadata": {"total_size": N}, "weight_map": {key: file}}``) next to ``dst``.
 
     Raises:
         NotAFlashPackError: ``path`` is not a flashpack file. FormatError: it is damaged (checksums are
@@ -82,16 +86,20 @@ def revert(path: str, dst: str | None = None, *, force: bool = False, progress: 
         dtype (``U1``-``U7``, ``I1``-``I7``), which neither safetensors nor ``torch.save`` can store.
         WriteError: the destination could not be written (``ENOSPC``...), naming it.
     """
-    from ..deserialization import load, read_weight_map
+    from ..deserialization import load
+    from ..source import is_index_path, read_pack_map, resolve_pack_path
 
-    path = os.path.abspath(os.path.expanduser(path))
-    wm = read_weight_map(path)
+    path = os.path.abspath(resolve_pack_path(os.path.expanduser(path)))
     if format not in (None, "safetensors", "torch", "fal"):
         raise UsageError(f"{path}: unknown revert format {format!r}; use safetensors, torch or fal")
+    if is_index_path(path) and not one_file and format in (None, "safetensors"):
+        return _revert_sharded(path, dst, force=force, progress=progress)
+    wm = read_pack_map(path)
+    base = path.removesuffix(".index.json") if is_index_path(path) else path
     if dst:
         dst = os.path.abspath(os.path.expanduser(dst))
     else:
-        dst = fal_destination(path) if format == "fal" else default_destination(path)
+        dst = fal_destination(base) if format == "fal" else default_destination(base)
     check_destination(dst, [path], force)
     fmt = format or ("torch" if dst.lower().endswith(TORCH_SUFFIXES) else "safetensors")
     sub_byte = sorted({t.dtype for t in wm.tensors.values()} & SUB_BYTE_INTS)
@@ -256,3 +264,53 @@ def write_fal(wm, sd: dict, dst: str) -> tuple[int, list[str]]:
         notes.append(f"{dst}: {len(scalars)} 0-dim tensor(s) (e.g. {scalars[0]!r}) come back with shape [1] from "
                      f"fal's reader (this library reads them back as 0-dim)")
     return nbytes, notes
+
+
+def _revert_sharded(path: str, dst: str | None, *, force: bool, progress: bool) -> RevertResult:
+    """A sharded pack -> sharded safetensors with the standard index, one shard in memory at a time."""
+    import json
+
+    from ..deserialization import load
+    from ..source import read_index, read_shard
+
+    index = read_index(path)
+    base = path.removesuffix(".index.json")
+    dst = os.path.abspath(os.path.expanduser(dst)) if dst else default_destination(base)
+    if dst.lower().endswith(TORCH_SUFFIXES):
+        raise UsageError(f"{dst}: a sharded pack reverts to sharded safetensors; give a .safetensors name, or pass "
+                         f"--one-file for one .pt file")
+    stem = os.path.basename(dst).removesuffix(".safetensors")
+    folder = os.path.dirname(dst)
+    n = len(index.shards)
+    names = [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    idx_dst = os.path.join(folder, stem + ".safetensors.index.json")
+    for out in [idx_dst] + [os.path.join(folder, x) for x in names]:
+        check_destination(out, [path] + [index.shard_path(i) for i in range(n)], force)
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    weight_map: dict[str, str] = {}
+    total = nbytes = tensors = aliases = 0
+    with tqdm(total=index.total_size, unit="B", unit_scale=True, unit_divisor=1024, desc="revert",
+              file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(n):
+            wm = read_shard(index, i)  # checks the shard is the one the index lists
+            sd = load(wm, verify=True)
+            nbytes += _write_safetensors(wm, sd, os.path.join(folder, names[i]), wm.path)
+            del sd
+            for k in wm.keys():
+                weight_map[k] = names[i]
+            total += wm.payload_nbytes + sum(wm.tensors[t].nbytes for t in wm.aliases.values())
+            tensors += len(wm.tensors)
+            aliases += len(wm.aliases)
+            bar.update(wm.payload_nbytes)
+    doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    data = (json.dumps(doc, indent=2) + "\n").encode()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    nbytes += _atomic_write(idx_dst, write)  # the index last: it names only shards already in place
+    return RevertResult(idx_dst, "safetensors", tensors, aliases, nbytes, time.perf_counter() - t0)
