@@ -241,12 +241,12 @@ def shard_name_pattern(path: str | os.PathLike) -> "re.Pattern[str]":
     """Matches the file names of every shard (any count) of the pack saved as ``path``, and what a save killed
     midway leaves: hidden temporary shards (``.model-00001-of-00003.flashpack.<token>.tmp``), links being put
     in place, temporary indexes and packs of :func:`flashpack.atomic.atomic_path` (one writer per name at a
-    time)."""
+    time). Nothing else: a user's file that merely looks similar is never matched."""
     stem = re.escape(shard_stem(path))
     shard = rf"{stem}-\d{{5,}}-of-\d{{5,}}\.flashpack"
+    # atomic_path's own temporaries (".NAME.fpk-XXXXXXXX.tmp") are cleaned by flashpack.atomic, under their lock
     return re.compile(rf"^(?:{shard}(?:\.[0-9a-f]+\.link)?"  # a shard; a link being put in place
-                      rf"|\.+{shard}\..+\.tmp"  # a temporary shard (and atomic_path's temporary of it)
-                      rf"|\.{stem}\.flashpack(?:\.index\.json)?\.[^.]+\.tmp)$")  # a temporary index or pack
+                      rf"|\.{shard}\.[0-9a-f]{{12}}\.tmp)$")  # a temporary shard of a killed save
 
 
 @dataclass
