@@ -23,6 +23,12 @@ variable                        default      meaning
 ``FLASHPACK_HUGE_PAGES``        ``auto``     host load destinations in transparent huge pages: ``auto`` (when
                                              free 2 MiB blocks cover twice the load, /proc/buddyinfo),
                                              ``on``, ``off`` (4 KiB pages from torch's allocator)
+``FLASHPACK_CACHE``             ``auto``     page-cache policy of a load: ``keep`` (read through the page
+                                             cache, readahead ahead of the copies, so the next load is
+                                             served from it), ``bypass`` (O_DIRECT, leaves nothing
+                                             cached), ``auto`` (``keep`` when the bytes read are at most
+                                             ``CACHE_KEEP_FRACTION`` (50%) of MemAvailable, else
+                                             ``bypass``); see :mod:`flashpack.io.pagecache`
 ==============================  ===========  ==========================================================
 
 Build time only (read by ``native/build_uring.py``, not here): ``FLASHPACK_NO_URING_BUILD=1`` installs
@@ -50,6 +56,9 @@ PAGE_NBYTES = 4096
 #: io_uring shim's ``FP_MAX_QUEUE_DEPTH`` (native/fp_uring.h). Written here too so settings work without
 #: the extension; native/build_uring.py refuses to build when the two differ.
 MAX_QUEUE_DEPTH = 4096
+
+#: ``FLASHPACK_CACHE`` and the ``cache=`` argument of :func:`flashpack.load`.
+CACHE_POLICIES = ("auto", "keep", "bypass")
 
 
 def parse_nbytes(text: str) -> int:
@@ -100,6 +109,7 @@ class Settings:
     uring_buffers: bool = False
     uring_files: bool = True
     huge_pages: str = "auto"
+    cache: str = "auto"
 
 
 def settings() -> Settings:
@@ -136,6 +146,9 @@ def settings() -> Settings:
     huge = _env("FLASHPACK_HUGE_PAGES", "auto").lower()
     if huge not in ("auto", "on", "off"):
         raise SettingsError(f"FLASHPACK_HUGE_PAGES={huge!r}: expected auto, on or off")
+    cache = _env("FLASHPACK_CACHE", "auto").lower()
+    if cache not in CACHE_POLICIES:
+        raise SettingsError(f"FLASHPACK_CACHE={cache!r}: expected auto, keep or bypass")
     return Settings(
         backend=_env("FLASHPACK_BACKEND", "auto").lower() or "auto",
         verify=_env_bool("FLASHPACK_VERIFY", True),
@@ -151,4 +164,5 @@ def settings() -> Settings:
         uring_buffers=_env_bool("FLASHPACK_URING_BUFFERS", False),
         uring_files=_env_bool("FLASHPACK_URING_FILES", True),
         huge_pages=huge,
+        cache=cache,
     )
