@@ -68,7 +68,7 @@ def _read_windowed(reader, plan: LoadPlan, extents: list[Extent], on_complete, p
 
 
 def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str | None, verify: bool,
-              stats: LoadStats, cfg: Settings, populate=None) -> None:
+              stats: LoadStats, cfg: Settings, populate=None, cache: str = "bypass") -> None:
     """Read a plan's extents into ``dest``, verifying chunks as they complete.
 
     Args:
@@ -79,6 +79,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
         populate: ``populate(buffer_offset, nbytes)`` pre-faults destination bytes
             (:meth:`flashpack.loading.memory.HostBuffer.populate`); when given, extents are submitted one
             64 MiB window at a time, each populated first. ``None``: all at once, faulted by the reads.
+        cache: the reader's page-cache mode, ``"bypass"`` or ``"keep"`` (:func:`flashpack.loading.common.cache_mode`).
 
     Raises:
         ChecksumMismatchError, ReadError (``ESTALE`` when the file changed since its weight map was read),
@@ -98,7 +99,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
                 verify_chunk(wm, c, buf[bo:bo + c.nbytes])
                 stats.chunks_verified += 1
 
-    with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg) as reader:
+    with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg, cache=cache) as reader:
         stats.backend = reader.name
         try:
             if populate is None:

@@ -43,7 +43,7 @@ def ring_shape(plan: LoadPlan, wm: WeightMap, cfg: Settings, slot_nbytes: int | 
 def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: str | None, verify: bool,
                         stats: LoadStats, cfg: Settings | None = None, slot_nbytes: int | None = None,
                         num_slots: int | None = None, pinner: Pinner | None = None,
-                        hash_threads: int | None = None) -> StagingRing | None:
+                        hash_threads: int | None = None, cache: str = "bypass") -> StagingRing | None:
     """Run one staged load of ``plan`` into ``sink`` (the sink owns the destination).
 
     Args:
@@ -53,6 +53,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
         slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``/``FLASHPACK_NUM_SLOTS``).
         pinner: pins the ring (``None``: pageable slots).
         hash_threads: threads verifying the chunks of one slot (default: half the cores, at most 8).
+        cache: the reader's page-cache mode, ``"bypass"`` or ``"keep"`` (:func:`flashpack.loading.common.cache_mode`).
 
     Returns:
         The (closed) ring, for inspection; ``None`` when the plan holds no bytes (nothing is allocated
@@ -70,7 +71,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
     threads = default_hash_threads() if hash_threads is None else hash_threads
     ring = StagingRing(want, slot, pinner=pinner, cap_nbytes=cfg.pinned_cap_nbytes)
     try:
-        with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg) as reader:
+        with open_reader(wm.path, backend, expect=wm.file_id, cfg=cfg, cache=cache) as reader:
             stats.backend = reader.name
             try:
                 stats.chunks_verified += run_staged(reader, wm, plan, pieces, ring, sink, verify=verify,
@@ -84,13 +85,13 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
 
 def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, backend: str | None, verify: bool,
                       stats: LoadStats, cfg: Settings, slot_nbytes: int | None = None, num_slots: int | None = None,
-                      num_streams: int = NUM_STREAMS) -> torch.Tensor:
+                      num_streams: int = NUM_STREAMS, cache: str = "bypass") -> torch.Tensor:
     """Read a plan's regions into one new CUDA allocation through a pinned staging ring.
 
     Args:
         wm, plan: the weight map and its plan.
         device: a CUDA device.
-        backend, verify, stats, cfg: as for :func:`load_payload_staged`.
+        backend, verify, stats, cfg, cache: as for :func:`load_payload_staged`.
         slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``, ``FLASHPACK_NUM_SLOTS``).
         num_streams: copy streams.
 
@@ -119,7 +120,7 @@ def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, ba
         sink = CudaSink(dest, ready=ready, caller_stream=caller, num_streams=num_streams)
         try:
             load_payload_staged(wm, plan, sink, backend=backend, verify=verify, stats=stats, cfg=cfg,
-                                slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=CudaPinner())
+                                slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=CudaPinner(), cache=cache)
         finally:
             sink.close()
     return dest
