@@ -200,6 +200,9 @@ class Prefetcher:
                 self.method = "willneed"
             else:
                 self._addr = addr
+                # sequential readahead on the faults (VM_SEQ_READ): without it the kernel reads around each
+                # faulting page and gives up reading ahead after 100 misses (mm/filemap.c, MMAP_LOTSAMISS)
+                _madvise(addr, file_nbytes, mmap.MADV_SEQUENTIAL)
         self._cond = threading.Condition()
         self._todo: collections.deque = collections.deque()
         self._thread: threading.Thread | None = None
