@@ -49,7 +49,8 @@ def payload_resident(path, span) -> float:
 
 
 class RecordingMadvise:
-    """Wraps pagecache._madvise: records (advice, nbytes, errno) of every call; ``before`` runs first."""
+    """Wraps pagecache._madvise: records (advice, nbytes, errno) of every MADV_POPULATE_READ call in ``calls``
+    (``before(i)`` runs first, ``i`` the calls so far); ``refuse``: that errno instead, for every advice."""
 
     def __init__(self, monkeypatch, before=None, refuse: int = 0):
         self.real = pagecache._madvise
@@ -59,10 +60,11 @@ class RecordingMadvise:
         monkeypatch.setattr(pagecache, "_madvise", self)
 
     def __call__(self, address, nbytes, advice):
-        if self.before is not None:
+        if advice == MADV_POPULATE_READ and self.before is not None:
             self.before(len(self.calls))
         err = self.refuse if self.refuse else self.real(address, nbytes, advice)
-        self.calls.append((advice, nbytes, err))
+        if advice == MADV_POPULATE_READ:
+            self.calls.append((advice, nbytes, err))
         return err
 
 
