@@ -234,7 +234,12 @@ class Prefetcher:
             return
         if self.method == "populate_read":
             err = _madvise(self._addr + lo, hi - lo, MADV_POPULATE_READ)
-            if err == 0 or err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+            if err == 0:
+                # unmap the range again: the pages stay in the page cache, but no longer count in this process's
+                # RSS (madvise(2): MADV_DONTNEED on a shared file mapping drops the mapping, not the file's pages)
+                _madvise(self._addr + lo, hi - lo, mmap.MADV_DONTNEED)
+                return
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
                 return  # EFAULT (truncated), EIO, EINTR...: the copy meets the error itself, with its offset
             _populate_refused = True
             self.method = "willneed"
