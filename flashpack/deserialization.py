@@ -16,13 +16,13 @@ import torch
 from .errors import FlashPackError
 from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, verify_chunk
 from .io import Extent, open_reader, read_all
-from .loading.common import LoadStats, aligned_empty, assemble, parse_device, prepare, reconstruct
+from .loading.common import LoadStats, aligned_empty, assemble, cache_mode, parse_device, prepare, reconstruct
 from .loading.distributed import group_for, load_distributed
 from .loading.host import mmap_payload, read_into
 from .loading.memory import host_buffer
 from .loading.staged import load_payload_cuda
 from .progress import Progress
-from .settings import PAGE_NBYTES, settings
+from .settings import CACHE_POLICIES, PAGE_NBYTES, settings
 from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, read_weight_map, resolve_pack_path
 
 # --------------------------------------------------------------------------- loading
@@ -31,7 +31,7 @@ from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, r
 def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "cpu", backend: str | None = None,
          keys: Iterable[str] | None = None, verify: bool | None = None, mmap: bool = False,
          process_group=None, src_rank: int | None = None,
-         stats: LoadStats | None = None, progress=None) -> dict[str, torch.Tensor]:
+         stats: LoadStats | None = None, progress=None, cache: str | None = None) -> dict[str, torch.Tensor]:
     """Load a flashpack file (or a fal flashpack 0.2-0.4 file) into a state_dict.
 
     Args:
@@ -52,10 +52,18 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
             rank reads about 1/world_size of the file and the ranks exchange the bytes.
         src_rank: with ``process_group``: only this rank reads the file and broadcasts it (for storage only one
             node can see); ``path`` is ignored on the other ranks.
-        stats: a :class:`LoadStats` to fill in (bytes read, backend used).
+        stats: a :class:`LoadStats` to fill in (bytes read, backend used, cache policy and why).
         progress: ``progress(bytes done, bytes total)`` as the file's bytes come in (host and CUDA loads;
             ``None``: no callback). A tqdm bar in bytes is shown for loads over 1 GiB when stderr is a
             terminal, unless ``FLASHPACK_PROGRESS=0``.
+        cache: page-cache policy (default ``FLASHPACK_CACHE``, ``auto``): ``"keep"`` reads through the page cache,
+            each range read ahead with madvise(2) ``MADV_POPULATE_READ`` (kernel readahead, no copy) before it is
+            copied out with preadv(2), so a cold load runs near disk speed and leaves the file cached for the next
+            one; ``"bypass"`` reads uncached ranges with O_DIRECT and leaves nothing cached; ``"auto"`` keeps when
+            the bytes read are at most half of MemAvailable, else bypasses. Cached ranges are always copied out of
+            the cache by several threads. ``stats.cache`` and ``stats.cache_reason`` say what was decided and why.
+            In a process group, ranks on one host that see the same file each read it through the cache when it
+            is kept (see :mod:`flashpack.loading.distributed`). Ignored with ``mmap=True``.
 
     A sharded pack (``path`` its ``.flashpack.index.json``, or a folder holding it) loads as one plan: every
     needed shard's extents in flight together (one reader per shard, :class:`flashpack.io.multi.ShardsReader`),
@@ -73,10 +81,13 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         ReadError (``OSError``): a read failed or came back short, naming file and offset.
         BackendUnavailableError (``RuntimeError``): the named backend cannot run here, with the reason.
         FlashPackError: ``device`` is CUDA but torch has no CUDA.
+        ValueError: ``cache`` is not ``auto``, ``keep`` or ``bypass``.
         No tensor is returned when anything fails.
     """
     dev = parse_device(device)
     cfg = settings()
+    if cache is not None and cache not in CACHE_POLICIES:
+        raise ValueError(f"cache={cache!r}: expected one of {', '.join(CACHE_POLICIES)}")
     if mmap:
         verify = bool(verify)
     stats = stats if stats is not None else LoadStats()
@@ -86,7 +97,7 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
             raise FlashPackError(f"{_name(path)}: mmap=True maps the file in this process; it cannot be combined "
                                  f"with a process group")
         return load_distributed(path, device=dev, backend=backend, keys=keys, verify=verify,
-                                process_group=pg, stats=stats, src_rank=src_rank, cfg=cfg)
+                                process_group=pg, stats=stats, src_rank=src_rank, cfg=cfg, cache=cache)
     if src_rank is not None:
         raise FlashPackError("src_rank needs a process group (process_group=... or 'default')")
     if path is None:
@@ -108,17 +119,18 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
             raise FlashPackError(f"{wm.path}: mmap=True maps the file into host memory; it needs device='cpu', got {dev}")
         buffer, plan = mmap_payload(wm, plan, job.verify, stats)
     else:
+        mode = cache_mode(cache, plan.read_nbytes, cfg, stats)
         bar = Progress(plan.read_nbytes, progress, cfg, f"load {os.path.basename(wm.path)}")
         try:
             if dev.type == "cuda":
                 buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
-                                           progress=bar)
+                                           progress=bar, cache=mode)
             else:
                 dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages)
                 stats.memory = dest.kind
                 buffer = dest.tensor
                 read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg, progress=bar,
-                          populate=None if dest.kind == "torch" else dest.populate)
+                          populate=None if dest.kind == "torch" else dest.populate, cache=mode)
         finally:
             bar.close()
     return assemble(job, buffer, plan)

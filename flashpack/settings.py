@@ -26,6 +26,12 @@ variable                        default      meaning
                                              from torch's allocator, faulted in by the reader threads)
 ``FLASHPACK_PROGRESS``          ``1``        ``0``: no tqdm bar for loads and saves over 1 GiB (a bar is
                                              shown only when stderr is a terminal)
+``FLASHPACK_CACHE``             ``auto``     page-cache policy of a load: ``keep`` (read through the page
+                                             cache, readahead ahead of the copies, so the next load is
+                                             served from it), ``bypass`` (O_DIRECT, leaves nothing
+                                             cached), ``auto`` (``keep`` when the bytes read are at most
+                                             ``CACHE_KEEP_FRACTION`` (50%) of MemAvailable, else
+                                             ``bypass``); see :mod:`flashpack.io.pagecache`
 ==============================  ===========  ==========================================================
 
 Build time only (read by ``native/build_uring.py``, not here): ``FLASHPACK_NO_URING_BUILD=1`` installs
@@ -53,6 +59,9 @@ PAGE_NBYTES = 4096
 #: io_uring shim's ``FP_MAX_QUEUE_DEPTH`` (native/fp_uring.h). Written here too so settings work without
 #: the extension; native/build_uring.py refuses to build when the two differ.
 MAX_QUEUE_DEPTH = 4096
+
+#: ``FLASHPACK_CACHE`` and the ``cache=`` argument of :func:`flashpack.load`.
+CACHE_POLICIES = ("auto", "keep", "bypass")
 
 
 def parse_nbytes(text: str) -> int:
@@ -104,6 +113,7 @@ class Settings:
     uring_files: bool = True
     huge_pages: str = "off"
     progress: bool = True
+    cache: str = "auto"
 
 
 def settings() -> Settings:
@@ -140,6 +150,9 @@ def settings() -> Settings:
     huge = _env("FLASHPACK_HUGE_PAGES", "off").lower()
     if huge not in ("auto", "on", "off"):
         raise SettingsError(f"FLASHPACK_HUGE_PAGES={huge!r}: expected auto, on or off")
+    cache = _env("FLASHPACK_CACHE", "auto").lower()
+    if cache not in CACHE_POLICIES:
+        raise SettingsError(f"FLASHPACK_CACHE={cache!r}: expected auto, keep or bypass")
     return Settings(
         backend=_env("FLASHPACK_BACKEND", "auto").lower() or "auto",
         verify=_env_bool("FLASHPACK_VERIFY", True),
@@ -156,6 +169,7 @@ def settings() -> Settings:
         uring_files=_env_bool("FLASHPACK_URING_FILES", True),
         huge_pages=huge,
         progress=_env_bool("FLASHPACK_PROGRESS", True),
+        cache=cache,
     )
 
 

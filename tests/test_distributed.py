@@ -110,6 +110,8 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
 
     init_local_group(rank, world, port, timeout_s=60)
     res: dict = {}
+    # the share-and-exchange scenarios: bypass, or ranks on one host would share the page cache instead
+    os.environ["FLASHPACK_CACHE"] = "bypass"
 
     def run(label, fn):
         stats = LoadStats()
@@ -122,7 +124,8 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
             return
         ptrs = {v.untyped_storage().data_ptr() for v in sd.values() if v.numel()}
         res[label] = {"digests": digests(sd), "bytes_read": stats.bytes_read, "chunks": stats.chunks_verified,
-                      "storages": len(ptrs), "alias_same": sd.get("alias_f32") is sd.get("f32") if sd else None}
+                      "storages": len(ptrs), "alias_same": sd.get("alias_f32") is sd.get("f32") if sd else None,
+                      "cache": stats.cache, "cache_reason": stats.cache_reason, "direct": stats.bytes_direct}
 
     for name in ("mixed", "huge", "zeros_only", "empty", "tied"):
         run(name, lambda st, n=name: flashpack.load(files[n], process_group=dist.group.WORLD, stats=st))
@@ -148,6 +151,27 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
     os.environ["FLASHPACK_DISTRIBUTED"] = "1"
     run("env", lambda st: flashpack.load(files["huge"], stats=st))
     del os.environ["FLASHPACK_DISTRIBUTED"]
+
+    # ranks on one host share the page cache (cache="auto" keeps these small files)
+    del os.environ["FLASHPACK_CACHE"]
+    from flashpack.io.pagecache import drop_from_cache
+    import flashpack.loading.distributed as D
+
+    dist.barrier()
+    if rank == 0:
+        drop_from_cache(files["huge"])
+    dist.barrier()
+    run("shared", lambda st: flashpack.load(files["huge"], process_group="default", stats=st))
+    run("shared_keys", lambda st: flashpack.load(files["mixed"], keys=["bf16", "alias_f32", "empty_i8"],
+                                                 process_group="default", stats=st))
+    run("shared_corrupt", lambda st: flashpack.load(files["corrupt"], process_group="default", stats=st))
+    run("shared_bad_cache", lambda st: load_distributed(files["huge"], stats=st, cache="sometimes"))
+    real_host = D.host_name
+    D.host_name = lambda: f"host{rank}"  # a test double: every rank on a host of its own
+    run("hosts", lambda st: flashpack.load(files["huge"], process_group="default", stats=st))
+    D.host_name = lambda: f"host{rank % 2}"  # two hosts
+    run("two_hosts", lambda st: flashpack.load(files["huge"], process_group="default", stats=st, cache="keep"))
+    D.host_name = real_host
 
     # tied weights through assign_from_file
     with flashpack.init_empty_weights():
@@ -311,6 +335,45 @@ def test_env_switch_uses_default_group(world, files):
     assert all(res[r]["env"]["digests"] == expect for r in range(w))
     assert sum(res[r]["env"]["bytes_read"] for r in range(w)) == st.bytes_read
     assert all(res[r]["env"]["bytes_read"] < st.bytes_read for r in range(w))
+
+
+def test_ranks_on_one_host_each_read_the_file_through_the_page_cache(world, files):
+    w, res = world
+    expect, st = _single(files["huge"])
+    reason = (f"{st.bytes_read} bytes to read <= 50% of MemAvailable (")
+    for r in range(w):
+        got = res[r]["shared"]
+        assert got["digests"] == expect
+        assert (got["bytes_read"], got["direct"], got["chunks"]) == (st.bytes_read, 0, st.chunks_verified)
+        assert got["cache"] == "keep" and got["cache_reason"].startswith(reason)
+        assert got["cache_reason"].endswith(f" bytes); the {w} ranks share this host and file: each reads it "
+                                            f"through the page cache")
+    keys, kst = _single(files["mixed"], keys=["bf16", "alias_f32", "empty_i8"])
+    assert all(res[r]["shared_keys"]["digests"] == keys for r in range(w))
+    assert all(res[r]["shared_keys"]["bytes_read"] == kst.bytes_read for r in range(w))
+
+
+def test_shared_cache_checksum_mismatch_raises_on_every_rank(world):
+    w, res = world
+    errs = [res[r]["shared_corrupt"] for r in range(w)]
+    assert all(e.get("is_dist_error") for e in errs) and len({e["message"] for e in errs}) == 1
+    assert "ChecksumMismatchError" in errs[0]["message"] and "shared page cache" in errs[0]["message"]
+    assert errs[0]["failures"].keys() == set(range(w))  # every rank verified the whole file
+    bad = [res[r]["shared_bad_cache"] for r in range(w)]
+    assert all((e["error"], e["message"]) == ("ValueError", "cache='sometimes': expected one of auto, keep, bypass")
+               for e in bad)
+
+
+def test_ranks_on_different_hosts_still_read_shares_and_exchange(world, files):
+    w, res = world
+    expect, st = _single(files["huge"])
+    for label, nhosts in (("hosts", w), ("two_hosts", 2)):
+        reads = [res[r][label]["bytes_read"] for r in range(w)]
+        assert all(res[r][label]["digests"] == expect for r in range(w))
+        assert sum(reads) == st.bytes_read and all(abs(b - st.bytes_read / w) <= 4096 * w for b in reads), reads
+        assert all(res[r][label]["cache"] == "keep" for r in range(w))
+        assert all(res[r][label]["cache_reason"].endswith(f"; ranks on {nhosts} hosts or files: each reads a share, "
+                                                          f"then the shares are exchanged") for r in range(w))
 
 
 def test_tied_model_stays_tied_on_every_rank(world, files):

@@ -77,13 +77,21 @@ class FileHandles:
         path: the file.
         direct: ``"auto"`` (O_DIRECT for extents whose pages are mostly not in the page cache, decided
             with mincore(2) at open), ``"on"`` (O_DIRECT whenever aligned), ``"off"`` (buffered only).
+        cache: ``"bypass"`` (``direct`` decides) or ``"keep"``: no O_DIRECT; the extents whose pages are
+            mostly not cached (mincore(2) at open) are read ahead into the page cache by a
+            :class:`~flashpack.io.pagecache.Prefetcher` (:meth:`prefetch`) before being copied out of it.
 
     Raises:
         OSError: the file cannot be opened (errno and filename set).
+        ValueError: ``cache`` is not ``keep`` or ``bypass``.
     """
 
-    def __init__(self, path: str | os.PathLike, direct: str = "auto"):
+    def __init__(self, path: str | os.PathLike, direct: str = "auto", cache: str = "bypass"):
+        if cache not in ("keep", "bypass"):
+            raise ValueError(f"cache={cache!r}: a reader takes 'keep' or 'bypass' (loads resolve 'auto')")
         self.path = os.fspath(path)
+        self.cache = cache
+        self._prefetcher: pagecache.Prefetcher | None = None
         # O_NONBLOCK: a FIFO swapped in under the path cannot hang open(2) (the identity check then refuses
         # it); cleared again at once, since io_uring returns EAGAIN for O_NONBLOCK files instead of waiting.
         self.fd = _blocking(_open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY))
@@ -91,7 +99,10 @@ class FileHandles:
         try:
             self.file_nbytes = os.fstat(self.fd).st_size
             self._resident = None
-            if direct != "off":
+            if cache == "keep":
+                self._resident = pagecache.ResidencyMap(self.fd, self.file_nbytes)
+                self._prefetcher = pagecache.Prefetcher(self.fd, self.file_nbytes)
+            elif direct != "off":
                 try:
                     self.direct_fd = _blocking(_open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT
                                                      | os.O_NONBLOCK | os.O_NOCTTY))
@@ -115,6 +126,25 @@ class FileHandles:
             return False
         return True
 
+    @property
+    def prefetch_method(self) -> str:
+        """How ranges are read ahead (:attr:`flashpack.io.pagecache.Prefetcher.method`); ``""`` for ``bypass``."""
+        return "" if self._prefetcher is None else self._prefetcher.method
+
+    def prefetch(self, file_offset: int, nbytes: int) -> threading.Event | None:
+        """``cache="keep"``: queue a range to be read into the page cache ahead of its copy.
+
+        Returns:
+            ``None`` when there is nothing to wait for (``bypass``, an empty range, or pages mostly cached at
+            open), else an event set once the range was read ahead (or that failed: the copy then reads, and
+            reports, whatever is missing itself).
+        """
+        if self._prefetcher is None or nbytes <= 0:
+            return None
+        if self._resident is not None and self._resident.fraction(file_offset, nbytes) >= 0.5:
+            return None
+        return self._prefetcher.add(file_offset, nbytes)
+
     def drop_direct(self, reason: str) -> None:
         """Stop using O_DIRECT for this file (a read was refused); one notice per file.
 
@@ -127,6 +157,9 @@ class FileHandles:
                 self._dropped_fd, self.direct_fd = self.direct_fd, -1
 
     def close(self) -> None:
+        prefetcher, self._prefetcher = getattr(self, "_prefetcher", None), None
+        if prefetcher is not None:
+            prefetcher.close()  # before the descriptor it reads ahead on
         for name in ("direct_fd", "_dropped_fd", "fd"):
             fd = getattr(self, name, -1)
             if fd >= 0:
@@ -239,11 +272,12 @@ class ReaderBase:
         queue_depth: extents in flight at once, 1 to ``MAX_QUEUE_DEPTH`` (default ``cfg.queue_depth``).
         threads: worker threads, 1 to ``MAX_THREADS`` (default ``cfg.threads``).
         expect: ``None``, or the (st_dev, st_ino, st_size, st_mtime_ns) the opened file must have.
+        cache: ``"bypass"`` (default) or ``"keep"`` (see :class:`FileHandles`).
 
     Raises:
         OSError: the file cannot be opened (errno and filename set).
         ReadError: ``ESTALE``, the opened file is not ``expect``.
-        ValueError: ``queue_depth`` or ``threads`` out of range.
+        ValueError: ``queue_depth`` or ``threads`` out of range, ``cache`` not ``keep``/``bypass``.
 
     Subclasses implement ``submit``, ``wait``, ``in_flight``, ``cancel_pending``, ``_close`` and
     ``planned_features``. Not thread-safe: one thread drives a reader.
@@ -252,12 +286,13 @@ class ReaderBase:
     name: ClassVar[str] = "?"
 
     def __init__(self, path: str | os.PathLike, *, cfg: Settings | None = None, direct: str | None = None,
-                 queue_depth: int | None = None, threads: int | None = None, expect: FileIdentity | None = None):
+                 queue_depth: int | None = None, threads: int | None = None, expect: FileIdentity | None = None,
+                 cache: str = "bypass"):
         cfg = cfg if cfg is not None else settings()
         queue_depth = check_count("queue_depth", cfg.queue_depth if queue_depth is None else queue_depth,
                                   MAX_QUEUE_DEPTH)
         threads = check_count("threads", cfg.threads if threads is None else threads, MAX_THREADS)
-        files = FileHandles(path, direct or cfg.direct)
+        files = FileHandles(path, direct or cfg.direct, cache)
         if expect is not None:
             try:
                 check_identity(files.fd, expect, files.path)

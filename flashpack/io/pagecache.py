@@ -1,23 +1,53 @@
-"""Which pages of a file are in the page cache, from mincore(2).
+"""The page cache: which pages of a file are in it (mincore(2)), the page-cache policy of a load
+(:func:`decide_cache`), and :class:`Prefetcher`, which fills the cache ahead of buffered copies.
 
 mincore(2) reports residency for a mapping without touching its pages, so mapping a file just to
-ask never faults, never reads and never risks SIGBUS.
+ask never faults, never reads and never risks SIGBUS. :class:`Prefetcher` maps the file read-only too and
+only ever passes the mapping to madvise(2) (``MADV_POPULATE_READ``), which returns ``EFAULT`` where a
+touch would raise SIGBUS (a file truncated meanwhile); the bytes themselves are copied with preadv(2).
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
+import threading
+from dataclasses import dataclass
 
 import numpy as np
+import psutil
 
-from ..settings import PAGE_NBYTES
+from ..settings import CACHE_POLICIES, PAGE_NBYTES
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 _libc.mincore.restype = ctypes.c_int
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munmap.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+#: linux/mman.h (Linux 5.14, madvise(2)): fault in the pages of a range readable, reading them from the file
+#: into the page cache with the kernel's readahead, without copying them anywhere. Python names it from 3.13.
+MADV_POPULATE_READ = 22
+
+#: ``auto`` keeps a load's bytes in the page cache when they are at most this fraction of MemAvailable
+#: (``psutil.virtual_memory().available``, /proc/meminfo). A host load of N bytes needs N bytes of anonymous
+#: memory for its result *and* N bytes of page cache for the kept file: at <= 50% both fit in what the kernel
+#: calls available, so keeping the file never makes the kernel reclaim the load's own pages (or swap) while it
+#: runs. Above it, the cached copy would evict other files' pages for a file that may not stay cached anyway,
+#: so ``bypass`` (O_DIRECT) reads it without touching the cache. The cost of keeping is nil below the
+#: threshold (a cold keep load runs at O_DIRECT speed, see the README's performance section).
+CACHE_KEEP_FRACTION = 0.5
+
+_populate_refused = False
 
 
 def resident_pages(fd: int, file_nbytes: int) -> np.ndarray | None:
@@ -68,3 +98,177 @@ def drop_from_cache(path: str | os.PathLike) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- the policy
+
+
+@dataclass(frozen=True)
+class CacheDecision:
+    """What a load does with the page cache: ``mode`` ``"keep"`` or ``"bypass"``, and ``reason``, in words."""
+
+    mode: str
+    reason: str
+
+
+def mem_available_nbytes() -> int:
+    """Bytes of memory available to new allocations without swapping (MemAvailable of /proc/meminfo, proc(5),
+    through ``psutil.virtual_memory().available``)."""
+    return int(psutil.virtual_memory().available)
+
+
+def decide_cache(policy: str, nbytes: int, *, direct: str = "auto") -> CacheDecision:
+    """Resolve a page-cache policy for a load that reads ``nbytes`` bytes of a file.
+
+    Args:
+        policy: ``"keep"``, ``"bypass"`` or ``"auto"`` (``keep`` when ``nbytes`` is at most
+            :data:`CACHE_KEEP_FRACTION` of :func:`mem_available_nbytes`, else ``bypass``).
+        nbytes: bytes the load reads from the file.
+        direct: the O_DIRECT setting (``FLASHPACK_DIRECT``); ``"on"`` makes ``auto`` bypass.
+
+    Returns:
+        A :class:`CacheDecision` (``mode`` is ``"keep"`` or ``"bypass"``).
+
+    Raises:
+        ValueError: ``policy`` is not one of ``auto``, ``keep``, ``bypass``.
+    """
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"cache={policy!r}: expected one of {', '.join(CACHE_POLICIES)}")
+    if policy != "auto":
+        return CacheDecision(policy, f"cache={policy!r} asked for")
+    if direct == "on":
+        return CacheDecision("bypass", "FLASHPACK_DIRECT=on asks for O_DIRECT")
+    avail = mem_available_nbytes()
+    pct = round(CACHE_KEEP_FRACTION * 100)
+    if nbytes <= avail * CACHE_KEEP_FRACTION:
+        return CacheDecision("keep", f"{nbytes} bytes to read <= {pct}% of MemAvailable ({avail} bytes)")
+    return CacheDecision("bypass", f"{nbytes} bytes to read > {pct}% of MemAvailable ({avail} bytes)")
+
+
+# --------------------------------------------------------------------------- filling the cache ahead
+
+
+def _madvise(address: int, nbytes: int, advice: int) -> int:
+    """madvise(2) on ``[address, address + nbytes)``; returns 0 or the errno."""
+    if _libc.madvise(address, nbytes, advice) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EIO
+
+
+def _fadvise_willneed(fd: int, file_offset: int, nbytes: int) -> None:
+    """posix_fadvise(2) ``POSIX_FADV_WILLNEED``: start reading the range into the page cache (non-blocking
+    readahead); errors are ignored, the copies read whatever is missing themselves."""
+    try:
+        os.posix_fadvise(fd, file_offset, nbytes, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+
+
+class Prefetcher:
+    """Reads byte ranges of a file into the page cache ahead of the buffered copies that follow, in one
+    helper thread, in the order the ranges are added.
+
+    Each range is faulted in with ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+, madvise(2)) on a read-only
+    shared mapping of the file: the kernel reads it with its readahead, straight into the page cache, at
+    O_DIRECT speed and without a copy; then :meth:`add`'s event is set and a worker copies the range out of
+    the cache with preadv(2). The mapping is never touched: past the end of a truncated file madvise fails
+    with ``EFAULT`` instead of raising SIGBUS, and the copy gets a short read. When the kernel refuses the
+    advice (``EINVAL`` before 5.14), ranges are advised with ``posix_fadvise(POSIX_FADV_WILLNEED)``
+    (posix_fadvise(2)) instead, once per process noticed in :attr:`method`.
+
+    Why a helper thread: MADV_POPULATE_READ blocks its caller until the range is read; one thread running
+    ahead keeps the disk busy while the copy workers copy the ranges behind it and the loading thread verifies
+    checksums. The lead is bounded by whoever adds ranges (the readers add an extent when they hand it to a
+    worker: at most ``queue_depth`` extents ahead).
+
+    Args:
+        fd: a descriptor of the file, open for reading (owned by the caller, kept open until :meth:`close`).
+        file_nbytes: the file's size when opened (the mapping's length).
+
+    Attributes:
+        method: ``"populate_read"`` or ``"willneed"``: how ranges are read ahead.
+    """
+
+    def __init__(self, fd: int, file_nbytes: int):
+        self._fd = fd
+        self._nbytes = file_nbytes
+        self._addr = 0
+        self.method = "willneed" if _populate_refused else "populate_read"
+        if file_nbytes > 0 and not _populate_refused:
+            addr = _libc.mmap(None, file_nbytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == _MAP_FAILED:
+                self.method = "willneed"
+            else:
+                self._addr = addr
+                # sequential readahead on the faults (VM_SEQ_READ): without it the kernel reads around each
+                # faulting page and gives up reading ahead after 100 misses (mm/filemap.c, MMAP_LOTSAMISS)
+                _madvise(addr, file_nbytes, mmap.MADV_SEQUENTIAL)
+        self._cond = threading.Condition()
+        self._todo: collections.deque = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, file_offset: int, nbytes: int) -> threading.Event:
+        """Queue ``[file_offset, file_offset + nbytes)`` (bytes) to be read into the cache.
+
+        Returns:
+            An event set once the range was read ahead, or the attempt failed, or :meth:`close` was called.
+        """
+        ev = threading.Event()
+        with self._cond:
+            if self._closed:
+                ev.set()
+                return ev
+            self._todo.append((file_offset, nbytes, ev))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="flashpack-prefetch", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return ev
+
+    def _fill(self, file_offset: int, nbytes: int) -> None:
+        global _populate_refused
+        lo = max(0, file_offset - file_offset % PAGE_NBYTES)
+        hi = min(file_offset + nbytes, self._nbytes)
+        if hi <= lo:
+            return
+        if self.method == "populate_read":
+            err = _madvise(self._addr + lo, hi - lo, MADV_POPULATE_READ)
+            if err == 0:
+                # unmap the range again: the pages stay in the page cache, but no longer count in this process's
+                # RSS (madvise(2): MADV_DONTNEED on a shared file mapping drops the mapping, not the file's pages)
+                _madvise(self._addr + lo, hi - lo, mmap.MADV_DONTNEED)
+                return
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+                return  # EFAULT (truncated), EIO, EINTR...: the copy meets the error itself, with its offset
+            _populate_refused = True
+            self.method = "willneed"
+        _fadvise_willneed(self._fd, lo, hi - lo)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._todo and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                file_offset, nbytes, ev = self._todo.popleft()
+            try:
+                self._fill(file_offset, nbytes)
+            finally:
+                ev.set()
+
+    def close(self) -> None:
+        """Stop (the range being read ahead finishes first), set every waiting event, unmap; idempotent."""
+        with self._cond:
+            self._closed = True
+            todo, self._todo = list(self._todo), collections.deque()
+            self._cond.notify_all()
+        for *_, ev in todo:
+            ev.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        addr, self._addr = self._addr, 0
+        if addr:
+            _libc.munmap(addr, self._nbytes)

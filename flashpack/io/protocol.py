@@ -25,6 +25,10 @@ and ignores it, so one set of options suits all):
                        copiers (``FLASHPACK_THREADS``)
 ``registered_buffers`` ``uring``: READ_FIXED into registered buffers (``FLASHPACK_URING_BUFFERS``)
 ``registered_files``   ``uring``: register the descriptors with the ring (``FLASHPACK_URING_FILES``)
+``cache``              ``bypass`` (default: the ``direct`` policy, O_DIRECT for uncached ranges) or
+                       ``keep`` (read through the page cache, each extent read ahead by a
+                       :class:`~flashpack.io.pagecache.Prefetcher` before a worker copies it);
+                       loads resolve ``FLASHPACK_CACHE`` (``auto``) into one of the two
 =====================  ===========================================================================
 """
 
@@ -59,12 +63,18 @@ class Completion:
 
 @dataclass
 class ReaderStats:
-    """Byte counts of one reader; ``bytes_read`` is what came from the file for this load."""
+    """Byte counts of one reader; ``bytes_read`` is what came from the file for this load.
+
+    ``bytes_prefetched``: bytes read ahead into the page cache (``cache="keep"``) before their copy, and
+    ``prefetch`` how (``"populate_read"``, ``"willneed"``, ``""`` when nothing was).
+    """
 
     bytes_direct: int = 0
     bytes_buffered: int = 0
     extents: int = 0
     direct_fallbacks: int = 0
+    bytes_prefetched: int = 0
+    prefetch: str = ""
 
     @property
     def bytes_read(self) -> int:
@@ -75,6 +85,8 @@ class ReaderStats:
         self.bytes_buffered += other.bytes_buffered
         self.extents += other.extents
         self.direct_fallbacks += other.direct_fallbacks
+        self.bytes_prefetched += other.bytes_prefetched
+        self.prefetch = other.prefetch or self.prefetch
 
 
 @runtime_checkable

@@ -72,8 +72,11 @@ class ThreadsReader(ReaderBase):
         """Available wherever ``os.preadv`` exists (Linux, Python >= 3.7)."""
         return (True, "") if hasattr(os, "preadv") else (False, "os.preadv is missing on this platform")
 
-    def _work(self, ext: Extent) -> ReaderStats:
+    def _work(self, ext: Extent, ready) -> ReaderStats:
         st = ReaderStats()
+        if ready is not None:
+            ready.wait()  # cache="keep": the range is in the page cache (read ahead) before it is copied
+            st.bytes_prefetched, st.prefetch = ext.nbytes, self._files.prefetch_method
         read_extent(self._files, ext, st)
         return st
 
@@ -82,7 +85,8 @@ class ThreadsReader(ReaderBase):
             if self._pool is None:
                 self._pool = shared_pool()
             ext = self._queue.popleft()
-            self._pending[self._pool.submit(self._work, ext)] = ext
+            ready = self._files.prefetch(ext.file_offset, ext.nbytes)
+            self._pending[self._pool.submit(self._work, ext, ready)] = ext
 
     def submit(self, extents: Iterable[Extent]) -> None:
         if self._closed:

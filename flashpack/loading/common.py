@@ -12,6 +12,7 @@ import torch
 from ..errors import FlashPackError
 from ..format import WeightMap, torch_dtype
 from ..io import ReaderStats
+from ..io.pagecache import decide_cache
 from ..plan import LoadPlan, make_plan
 from ..settings import Settings
 from .memory import aligned_empty
@@ -28,6 +29,12 @@ class LoadStats:
         chunks_verified: checksum chunks verified.
         memory: how the host destination was allocated (:attr:`flashpack.loading.memory.HostBuffer.kind`), or
             ``""`` when the load had none of its own (CUDA, mmap).
+        cache: the page-cache policy the load ran with, ``"keep"`` or ``"bypass"`` (``""``: none, ``mmap=True``),
+            and ``cache_reason`` why (:func:`flashpack.io.pagecache.decide_cache`, plus the host sharing of a
+            distributed load).
+        bytes_prefetched: bytes read ahead into the page cache before their copy (``keep``), and ``prefetch``
+            how: ``"populate_read"`` (madvise(2) ``MADV_POPULATE_READ``), ``"willneed"`` (posix_fadvise(2),
+            when the kernel refuses the former), ``""`` when nothing was.
     """
 
     backend: str = ""
@@ -36,12 +43,34 @@ class LoadStats:
     bytes_buffered: int = 0
     chunks_verified: int = 0
     memory: str = ""
+    cache: str = ""
+    cache_reason: str = ""
+    bytes_prefetched: int = 0
+    prefetch: str = ""
 
     def add_reader(self, rs: ReaderStats) -> None:
         """Add a reader's byte counts."""
         self.bytes_read += rs.bytes_read
         self.bytes_direct += rs.bytes_direct
         self.bytes_buffered += rs.bytes_buffered
+        self.bytes_prefetched += rs.bytes_prefetched
+        self.prefetch = rs.prefetch or self.prefetch
+
+
+def cache_mode(policy: str | None, nbytes: int, cfg: Settings, stats: LoadStats) -> str:
+    """Resolve the page-cache policy of a load reading ``nbytes`` bytes (``policy`` ``None``: ``cfg.cache``,
+    ``FLASHPACK_CACHE``) with :func:`flashpack.io.pagecache.decide_cache`; record it in ``stats.cache`` and
+    ``stats.cache_reason``.
+
+    Returns:
+        ``"keep"`` or ``"bypass"``, the reader's ``cache`` option.
+
+    Raises:
+        ValueError: ``policy`` is not ``auto``, ``keep`` or ``bypass``.
+    """
+    decision = decide_cache(policy or cfg.cache, nbytes, direct=cfg.direct)
+    stats.cache, stats.cache_reason = decision.mode, decision.reason
+    return decision.mode
 
 
 def parse_device(device) -> torch.device:
@@ -145,5 +174,5 @@ def assemble(job: LoadJob, buffer: torch.Tensor, plan: LoadPlan | None = None) -
     return {k: tensors[job.wm.aliases.get(k, k)] for k in job.wanted}
 
 
-__all__ = ["LoadJob", "LoadStats", "aligned_empty", "assemble", "parse_device", "prepare", "reconstruct",
+__all__ = ["LoadJob", "LoadStats", "aligned_empty", "assemble", "cache_mode", "parse_device", "prepare", "reconstruct",
            "resolve_keys"]

@@ -20,6 +20,15 @@ group) comes here. With ``W`` ranks in the group:
    share holds their first byte, now that all bytes are in; a third agreement if there are any.
 5. Tensors are views into the buffer, exactly as in a single-process load (aliases included).
 
+Ranks on one host share the page cache: the first agreement also gathers each rank's host name
+(:func:`host_name`), the file's ``(st_dev, st_ino)`` and its page-cache decision
+(:func:`flashpack.io.pagecache.decide_cache`, ``cache=``/``FLASHPACK_CACHE``). When every rank of the group is on
+one host, sees the same file and decided ``keep``, steps 2-4 are replaced by a plain host load on each rank
+through the page cache (``cache="keep"``): the ranks read ahead the same pages, the kernel reads each from the
+disk once, and every rank copies the whole file out of the cache and verifies it, with no exchange over the
+group (two gloo ranks on one 2-core VM: see ``perf/bench_dist.py``); one agreement follows. Otherwise (ranks on
+several hosts, or ``bypass``) the shares and the exchange below run, each share read with the agreed mode.
+
 ``src_rank`` mode (:func:`load_distributed` with ``src_rank=``): only that rank opens and reads the file
 (storage only one node can see); it broadcasts the weight map, then the verified payload.
 
@@ -39,6 +48,7 @@ it. A rank that dies or never calls the loader is only noticed after the group's
 from __future__ import annotations
 
 import os
+import socket
 from typing import Iterable
 
 import torch
@@ -47,10 +57,12 @@ import xxhash
 from ..errors import DistributedLoadError, FlashPackError
 from ..format import Chunk, WeightMap, verify_chunk
 from ..plan import LoadPlan, share_bounds, share_nbytes, share_plan
-from ..settings import Settings, settings
+from ..io.pagecache import decide_cache
+from ..settings import CACHE_POLICIES, Settings, settings
 from ..source import read_pack_map
 from .common import LoadStats, aligned_empty, assemble, parse_device, prepare
 from .host import read_into
+from .memory import host_buffer
 
 EXCHANGES = ("auto", "all_gather", "broadcast")
 
@@ -121,6 +133,12 @@ def _comm_device(pg, target: torch.device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def host_name() -> str:
+    """This machine's name (``socket.gethostname()``, gethostname(2)): ranks reporting the same name and the
+    same file ``(st_dev, st_ino)`` share one page cache."""
+    return socket.gethostname()
+
+
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
@@ -163,7 +181,8 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
 def load_distributed(path: str | os.PathLike | None, *, device: str | torch.device = "cpu",
                      backend: str | None = None, keys: Iterable[str] | None = None, verify: bool | None = None,
                      process_group=None, stats=None, src_rank: int | None = None,
-                     exchange: str = "auto", cfg: Settings | None = None) -> dict[str, torch.Tensor]:
+                     exchange: str = "auto", cfg: Settings | None = None,
+                     cache: str | None = None) -> dict[str, torch.Tensor]:
     """Load a flashpack file on every rank of a process group, reading it from disk once in all.
 
     Collective: every rank of ``process_group`` must call it with the same ``keys``, ``verify``,
@@ -181,6 +200,10 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
             then broadcasts the weight map and the payload.
         exchange: ``"auto"``, ``"all_gather"`` or ``"broadcast"`` (see the module docstring).
         cfg: the load's settings (``None``: :func:`flashpack.settings.settings` is read now).
+        cache: page-cache policy, ``auto``/``keep``/``bypass`` (default ``FLASHPACK_CACHE``), as for
+            :func:`flashpack.load`. When every rank is on one host with the same file and all decide ``keep``,
+            each rank reads the whole file through the page cache and nothing is exchanged (module docstring);
+            ``stats.cache_reason`` says so.
 
     Returns:
         ``dict[str, Tensor]`` as :func:`flashpack.load` returns it, bit-identical on every rank.
@@ -190,6 +213,7 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
             read the file, failed a checksum, or sees a different file; names the failing rank and cause.
             The group stays usable.
         FlashPackError: no initialised group; a bad ``exchange`` or ``src_rank``.
+        ValueError: ``cache`` is not ``auto``, ``keep`` or ``bypass`` (on every rank, before any collective).
         Errors of the group itself (timeouts of a dead rank) propagate unchanged.
     """
     dist = _dist()
@@ -200,6 +224,9 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
     if src_rank is not None and not 0 <= src_rank < world:
         raise FlashPackError(f"src_rank={src_rank} is not a rank of this group of {world}")
     cfg = cfg or settings()
+    policy = cache or cfg.cache
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"cache={policy!r}: expected one of {', '.join(CACHE_POLICIES)}")
     stats = stats if stats is not None else LoadStats()
     given = path if isinstance(path, WeightMap) else None
     where = given.path if given else os.fspath(path) if path is not None else "<the file of rank %d>" % (src_rank or 0)
@@ -229,10 +256,13 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         if wm is None:
             wm = given or read_pack_map(where, keys=keys)
         job = prepare(wm, keys, verify=verify, cfg=cfg)
-        fp = _fingerprint(wm, job.plan)
+        decision = decide_cache(policy, job.plan.read_nbytes, direct=cfg.direct)
+        same_file = (wm.file_id[0], wm.file_id[1]) if wm.file_id else os.path.realpath(wm.path)  # a sharded pack: its index
+        info = (_fingerprint(wm, job.plan), (host_name(), same_file), decision.mode)
     except Exception as e:  # noqa: BLE001 - reported to every rank
-        err, fp = e, None
-    fps = agree("opening and validating the file" if src_rank is None else "planning the load", err, fp)
+        err, info = e, None
+    infos = agree("opening and validating the file" if src_rank is None else "planning the load", err, info)
+    fps = [i[0] for i in infos]
     differ = {r: f"its file ({f[0]} bytes, layout/checksum digest {f[2]:016x}) differs from rank 0's "
                  f"({fps[0][0]} bytes, {fps[0][2]:016x})" for r, f in enumerate(fps) if f != fps[0]}
     if differ:
@@ -243,6 +273,15 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
 
     plan, verify = job.plan, job.verify
     total = plan.buffer_nbytes
+    hosts = {i[1] for i in infos}
+    mode = "keep" if all(i[2] == "keep" for i in infos) else "bypass"
+    stats.cache = mode
+    stats.cache_reason = decision.reason if mode == decision.mode else f"another rank decided bypass ({decision.reason} here)"
+    if mode == "keep" and len(hosts) == 1 and src_rank is None and world > 1:
+        stats.cache_reason += f"; the {world} ranks share this host and file: each reads it through the page cache"
+        return _load_shared(job, dev, backend, stats, cfg, agree)
+    if world > 1 and src_rank is None:
+        stats.cache_reason += f"; ranks on {len(hosts)} hosts or files: each reads a share, then the shares are exchanged"
     if src_rank is not None:
         readers = {src_rank: (0, total)}
         share = total
@@ -263,7 +302,7 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         sub, straddlers = share_plan(plan, lo, hi)
         if hi > lo:
             host = buffer[lo:hi] if comm.type == "cpu" else aligned_empty(hi - lo)
-            read_into(wm, sub, host, backend=backend, verify=verify, stats=stats, cfg=cfg)
+            read_into(wm, sub, host, backend=backend, verify=verify, stats=stats, cfg=cfg, cache=mode)
             if comm.type != "cpu":
                 buffer[lo:hi].copy_(host)
     except Exception as e:  # noqa: BLE001 - reported to every rank
@@ -299,4 +338,22 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
     return assemble(job, buffer)
 
 
-__all__ = ["group_for", "load_distributed", "resolve_group"]
+def _load_shared(job, dev: torch.device, backend: str | None, stats: LoadStats, cfg: Settings, agree):
+    """Every rank of one host: a host load of the whole plan through the shared page cache, then one agreement."""
+    err = None
+    buffer = None
+    try:  # allocation too: a rank out of memory must still reach the agreement
+        dest = host_buffer(job.plan.buffer_nbytes, huge_pages=cfg.huge_pages)
+        stats.memory = dest.kind
+        buffer = dest.tensor
+        read_into(job.wm, job.plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
+                  populate=None if dest.kind == "torch" else dest.populate, cache="keep")
+    except Exception as e:  # noqa: BLE001 - reported to every rank
+        err = e
+    agree("reading the file through the shared page cache", err)
+    if buffer.device != dev:
+        buffer = buffer.to(dev)
+    return assemble(job, buffer)
+
+
+__all__ = ["group_for", "host_name", "load_distributed", "resolve_group"]

@@ -71,7 +71,7 @@ def _read_windowed(reader, plan: LoadPlan, extents: list[Extent], on_complete, p
 
 
 def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str | None, verify: bool,
-              stats: LoadStats, cfg: Settings, populate=None, progress=None) -> None:
+              stats: LoadStats, cfg: Settings, populate=None, progress=None, cache: str = "bypass") -> None:
     """Read a plan's extents into ``dest``, verifying chunks as they complete.
 
     Args:
@@ -83,6 +83,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
             (:meth:`flashpack.loading.memory.HostBuffer.populate`); when given, extents are submitted one
             64 MiB window at a time, each populated first. ``None``: all at once, faulted by the reads.
         progress: ``None`` or a :class:`flashpack.progress.Progress` told the bytes of each finished extent.
+        cache: the reader's page-cache mode, ``"bypass"`` or ``"keep"`` (:func:`flashpack.loading.common.cache_mode`).
 
     Raises:
         ChecksumMismatchError, ReadError (``ESTALE`` when the file changed since its weight map was read),
@@ -102,7 +103,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
                 verify_chunk(wm, c, buf[bo:bo + c.nbytes])
                 stats.chunks_verified += 1
 
-    with open_pack_reader(wm, backend, cfg=cfg) as reader:  # a sharded pack: every shard in one load
+    with open_pack_reader(wm, backend, cfg=cfg, cache=cache) as reader:  # a sharded pack: every shard in one load
         stats.backend = reader.name
         try:
             counting = counted(reader, progress)

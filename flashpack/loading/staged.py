@@ -50,7 +50,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
                         stats: LoadStats, cfg: Settings | None = None, slot_nbytes: int | None = None,
                         num_slots: int | None = None, pinner: Pinner | None = None,
                         hash_threads: int | None = None, pieces: Sequence[Piece] | None = None,
-                        progress=None) -> StagingRing | None:
+                        progress=None, cache: str = "bypass") -> StagingRing | None:
     """Run one staged load of ``plan`` into ``sink`` (the sink owns the destination).
 
     Args:
@@ -63,6 +63,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
         pieces: only these pieces of the plan (cut with the same ring shape; :func:`load_payload_mapped`
             passes the ones its windows did not copy); default every piece.
         progress: ``None`` or a :class:`flashpack.progress.Progress` told the bytes of each finished read.
+        cache: the reader's page-cache mode, ``"bypass"`` or ``"keep"`` (:func:`flashpack.loading.common.cache_mode`).
 
     Returns:
         The (closed) ring, for inspection; ``None`` when the plan holds no bytes (nothing is allocated
@@ -84,7 +85,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
     threads = default_hash_threads() if hash_threads is None else hash_threads
     ring = StagingRing(want, slot, pinner=pinner, cap_nbytes=cfg.pinned_cap_nbytes)
     try:
-        with open_pack_reader(wm, backend, cfg=cfg) as reader:  # a sharded pack: every shard in one load
+        with open_pack_reader(wm, backend, cfg=cfg, cache=cache) as reader:  # a sharded pack: every shard in one load
             stats.backend = reader.name
             try:
                 stats.chunks_verified += run_staged(counted(reader, progress), wm, plan, pieces, ring, sink, verify=verify,
@@ -99,7 +100,7 @@ def load_payload_staged(wm: WeightMap, plan: LoadPlan, sink: Sink, *, backend: s
 def load_payload_mapped(wm: WeightMap, plan: LoadPlan, sink: Sink, registrar: Registrar, *, backend: str | None,
                         verify: bool, stats: LoadStats, cfg: Settings | None = None, slot_nbytes: int | None = None,
                         num_slots: int | None = None, pinner: Pinner | None = None, hash_threads: int | None = None,
-                        mapped: str = "auto", progress=None) -> str:
+                        mapped: str = "auto", progress=None, cache: str = "bypass") -> str:
     """Load ``plan`` into ``sink`` from registered page-cache windows when the file is cached, else (and for
     whatever a refusal leaves) through the staging ring (:func:`load_payload_staged`).
 
@@ -158,7 +159,7 @@ def load_payload_mapped(wm: WeightMap, plan: LoadPlan, sink: Sink, registrar: Re
                                              f"was refused ({why}); staging it through the pinned ring instead")
     load_payload_staged(wm, plan, sink, backend=backend, verify=verify, stats=stats, cfg=cfg,
                         slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=pinner, hash_threads=hash_threads,
-                        pieces=left, progress=progress)
+                        pieces=left, progress=progress, cache=cache)
     if copied:
         stats.backend = "mapped+" + stats.backend
         return "mapped+ring"
@@ -167,7 +168,8 @@ def load_payload_mapped(wm: WeightMap, plan: LoadPlan, sink: Sink, registrar: Re
 
 def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, backend: str | None, verify: bool,
                       stats: LoadStats, cfg: Settings, slot_nbytes: int | None = None, num_slots: int | None = None,
-                      num_streams: int = NUM_STREAMS, mapped: str = "auto", progress=None) -> torch.Tensor:
+                      num_streams: int = NUM_STREAMS, mapped: str = "auto", progress=None,
+                      cache: str = "bypass") -> torch.Tensor:
     """Read a plan's regions into one new CUDA allocation: from the page cache through read-only registered
     windows of a file mapping when the file is cached, else through a pinned staging ring
     (:func:`load_payload_mapped`).
@@ -175,7 +177,7 @@ def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, ba
     Args:
         wm, plan: the weight map and its plan.
         device: a CUDA device.
-        backend, verify, stats, cfg: as for :func:`load_payload_staged`.
+        backend, verify, stats, cfg, cache: as for :func:`load_payload_staged`.
         slot_nbytes, num_slots: ring shape (default ``FLASHPACK_SLOT_NBYTES``, ``FLASHPACK_NUM_SLOTS``).
         num_streams: copy streams.
         mapped: ``"auto"`` (default), ``"on"`` or ``"off"``: see :func:`load_payload_mapped`.
@@ -207,7 +209,7 @@ def load_payload_cuda(wm: WeightMap, plan: LoadPlan, device: torch.device, *, ba
         try:
             load_payload_mapped(wm, plan, sink, CudaRegistrar(device), backend=backend, verify=verify, stats=stats,
                                 cfg=cfg, slot_nbytes=slot_nbytes, num_slots=num_slots, pinner=CudaPinner(),
-                                mapped=mapped, progress=progress)
+                                mapped=mapped, progress=progress, cache=cache)
         finally:
             sink.close()
     return dest

@@ -1,0 +1,184 @@
+"""The page-cache policy: ``flashpack.load(..., cache="auto"|"keep"|"bypass")`` and ``FLASHPACK_CACHE``
+(flashpack.io.pagecache.decide_cache, Prefetcher; flashpack.loading.common.cache_mode).
+
+Cache states are made with posix_fadvise(DONTNEED) on the test's own files (drop_from_cache) and read back with
+mincore (resident_pages). Test doubles (a refusing or truncating madvise, a MemAvailable) live here."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import flashpack
+from flashpack.errors import ReadError, SettingsError
+from flashpack.io import pagecache
+from flashpack.io.pagecache import MADV_POPULATE_READ, drop_from_cache, resident_pages
+from flashpack.loading.common import aligned_empty, prepare
+from flashpack.loading.staged import load_payload_staged
+from flashpack.settings import MiB, settings
+from flashpack.testing import HostCopySink
+
+#: 24 MiB of float32 in one tensor: three 8 MiB extents, each at least uring's POOL_MIN_NBYTES (copied by threads).
+NUMEL = 6 * 1024 * 1024
+
+
+@pytest.fixture
+def cold(tmp_path):
+    """(path, state_dict, payload byte range) of a pack whose pages are evicted from the page cache."""
+    sd = {"w": torch.arange(NUMEL, dtype=torch.float32)}
+    path = str(tmp_path / "cold.flashpack")
+    flashpack.pack_to_file(sd, path)  # fsynced (atomic), so its pages are clean and can be dropped
+    drop_from_cache(path)
+    t = flashpack.read_weight_map(path).tensors["w"]
+    return path, sd, (t.offset, t.offset + t.nbytes)
+
+
+def payload_resident(path, span) -> float:
+    """Fraction of the payload's pages in the page cache now (mincore), its first MiB left out: reading the
+    header (buffered, by read_weight_map) makes the kernel read a few pages ahead past it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pages = resident_pages(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    return float(np.mean(pages[(span[0] + MiB) // 4096:span[1] // 4096]))
+
+
+class RecordingMadvise:
+    """Wraps pagecache._madvise: records (advice, nbytes, errno) of every MADV_POPULATE_READ call in ``calls``
+    (``before(i)`` runs first, ``i`` the calls so far); ``refuse``: that errno instead, for every advice."""
+
+    def __init__(self, monkeypatch, before=None, refuse: int = 0):
+        self.real = pagecache._madvise
+        self.calls: list[tuple[int, int, int]] = []
+        self.before, self.refuse = before, refuse
+        monkeypatch.setattr(pagecache, "_populate_refused", False)
+        monkeypatch.setattr(pagecache, "_madvise", self)
+
+    def __call__(self, address, nbytes, advice):
+        if advice == MADV_POPULATE_READ and self.before is not None:
+            self.before(len(self.calls))
+        err = self.refuse if self.refuse else self.real(address, nbytes, advice)
+        if advice == MADV_POPULATE_READ:
+            self.calls.append((advice, nbytes, err))
+        return err
+
+
+def test_keep_reads_a_cold_file_through_the_cache_and_leaves_it_there(cold, backend):
+    path, sd, span = cold
+    assert payload_resident(path, span) == 0.0
+    st = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=st)
+    assert torch.equal(out["w"], sd["w"])
+    assert (st.cache, st.cache_reason) == ("keep", "cache='keep' asked for")
+    assert st.bytes_direct == 0 and st.bytes_buffered == st.bytes_read == 24 * MiB
+    assert (st.bytes_prefetched, st.prefetch) == (24 * MiB, "populate_read")
+    assert payload_resident(path, span) == 1.0
+
+    # the next load (a restart) finds every page cached: nothing read ahead, every extent copied from the cache
+    again = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=again)
+    assert torch.equal(out["w"], sd["w"])
+    assert (again.bytes_prefetched, again.prefetch, again.bytes_direct) == (0, "", 0)
+
+
+def test_bypass_reads_with_o_direct_and_leaves_nothing_cached(cold, backend):
+    path, sd, span = cold
+    st = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="bypass", stats=st)
+    assert torch.equal(out["w"], sd["w"])
+    assert (st.cache, st.cache_reason) == ("bypass", "cache='bypass' asked for")
+    assert (st.bytes_direct, st.bytes_prefetched, st.prefetch) == (24 * MiB, 0, "")
+    assert payload_resident(path, span) == 0.0
+
+
+def test_auto_keeps_up_to_half_of_mem_available(cold, monkeypatch):
+    path, _, span = cold
+    n = 24 * MiB  # bytes the load reads
+    monkeypatch.setattr(pagecache, "mem_available_nbytes", lambda: 2 * n)
+    st = flashpack.LoadStats()
+    flashpack.load(path, stats=st)
+    assert (st.cache, st.cache_reason) == ("keep", f"{n} bytes to read <= 50% of MemAvailable ({2 * n} bytes)")
+    assert payload_resident(path, span) == 1.0
+
+    drop_from_cache(path)
+    monkeypatch.setattr(pagecache, "mem_available_nbytes", lambda: 2 * n - 2)
+    st = flashpack.LoadStats()
+    flashpack.load(path, stats=st)
+    assert (st.cache, st.cache_reason) == ("bypass", f"{n} bytes to read > 50% of MemAvailable ({2 * n - 2} bytes)")
+    assert payload_resident(path, span) == 0.0
+
+
+def test_env_and_direct_on(cold, monkeypatch):
+    path, _, _ = cold
+    assert settings().cache == "auto"
+    monkeypatch.setenv("FLASHPACK_CACHE", "Bypass")
+    st = flashpack.LoadStats()
+    flashpack.load(path, stats=st)
+    assert (st.cache, st.cache_reason) == ("bypass", "cache='bypass' asked for")
+    st = flashpack.LoadStats()
+    flashpack.load(path, stats=st, cache="keep")  # the argument wins over the variable
+    assert st.cache == "keep"
+    monkeypatch.setenv("FLASHPACK_CACHE", "auto")
+    monkeypatch.setenv("FLASHPACK_DIRECT", "on")
+    st = flashpack.LoadStats()
+    flashpack.load(path, stats=st)
+    assert (st.cache, st.cache_reason) == ("bypass", "FLASHPACK_DIRECT=on asks for O_DIRECT")
+    monkeypatch.setenv("FLASHPACK_CACHE", "sometimes")
+    with pytest.raises(SettingsError, match="FLASHPACK_CACHE='sometimes': expected auto, keep or bypass"):
+        flashpack.load(path)
+    monkeypatch.delenv("FLASHPACK_CACHE")
+    with pytest.raises(ValueError, match="cache='never': expected one of auto, keep, bypass"):
+        flashpack.load(path, cache="never")
+    with pytest.raises(ValueError, match="cache='never'"):
+        flashpack.load(path, cache="never", mmap=True)
+
+
+def test_truncated_under_a_keep_load_is_a_read_error_not_sigbus(cold, backend, monkeypatch):
+    path, _, span = cold
+    cut = span[0] + 4 * MiB  # inside the first extent
+
+    def truncate_first(i):
+        if i == 0:
+            os.truncate(path, cut)
+
+    spy = RecordingMadvise(monkeypatch, before=truncate_first)
+    with pytest.raises(ReadError, match=rf"short read at byte offset \d+: expected {8 * MiB} bytes, got "
+                                        rf"({4 * MiB}|0) \(was the file truncated") as ei:
+        flashpack.load(path, backend=backend, cache="keep")
+    assert (ei.value.errno, ei.value.filename) == (errno.EIO, path)
+    # every range reached past the new end of the file: madvise said EFAULT where a touch would have raised SIGBUS
+    assert spy.calls and all(c == (MADV_POPULATE_READ, 8 * MiB, errno.EFAULT) for c in spy.calls), spy.calls
+
+
+def test_populate_refused_falls_back_to_willneed(cold, backend, monkeypatch):
+    path, sd, span = cold
+    spy = RecordingMadvise(monkeypatch, refuse=errno.EINVAL)  # a kernel before 5.14
+    advised: list[tuple[int, int]] = []
+    real = pagecache._fadvise_willneed
+    monkeypatch.setattr(pagecache, "_fadvise_willneed", lambda fd, off, n: (advised.append((off, n)), real(fd, off, n)))
+    st = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=st)
+    assert torch.equal(out["w"], sd["w"])
+    assert spy.calls == [(MADV_POPULATE_READ, 8 * MiB, errno.EINVAL)]  # refused once, then never asked again
+    assert sorted(advised) == [(span[0] + i * 8 * MiB, 8 * MiB) for i in range(3)]
+    assert (st.prefetch, st.bytes_prefetched) == ("willneed", 24 * MiB)
+    assert payload_resident(path, span) == 1.0
+    assert pagecache._populate_refused  # later loads start with WILLNEED (restored by monkeypatch)
+
+
+def test_staged_path_honours_keep(cold, backend):
+    path, sd, span = cold
+    wm = flashpack.read_weight_map(path)
+    job = prepare(wm, None, verify=True, cfg=settings())
+    st = flashpack.LoadStats()
+    dest = aligned_empty(job.plan.buffer_nbytes)
+    with HostCopySink(dest) as sink:
+        load_payload_staged(wm, job.plan, sink, backend=backend, verify=True, stats=st, cache="keep")
+    assert torch.equal(dest[:24 * MiB].view(torch.float32), sd["w"])
+    assert st.bytes_prefetched == 24 * MiB and st.bytes_direct == 0
+    assert payload_resident(path, span) == 1.0
