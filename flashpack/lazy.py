@@ -33,7 +33,7 @@ from .io import Extent, Reader, open_reader, read_all
 from .loading.common import LoadStats, parse_device
 from .loading.memory import aligned_empty
 from .settings import MiB, Settings, settings
-from .source import check_same_file, read_weight_map
+from .source import ShardedWeightMap, check_same_file, read_pack
 
 #: Default bytes of read buffers :func:`iter_tensors` keeps in flight, and the most bytes one batch of verified
 #: chunks read by :class:`safe_open` holds (at least one chunk).
@@ -114,17 +114,20 @@ class Sources:
 def open_sources(path: str | os.PathLike | WeightMap) -> Sources:
     """The files of the pack at ``path`` (read and validate their weight maps, invariants I1-I14).
 
-    A single ``.flashpack`` file (ours or fal's v3/v4) or its :class:`WeightMap` is one source. This is the one
-    place a sharded pack plugs in: resolve ``path`` (index or folder) into its shards and return
-    ``Sources.of(path, [(shard path, WeightMap), ...], cross-shard aliases)``.
+    A single ``.flashpack`` file (ours or fal's v3/v4) or its :class:`WeightMap` is one source; a sharded pack
+    (its ``.flashpack.index.json``, or a folder holding it) is one source per shard, each shard checked against
+    the index (:func:`flashpack.source.read_pack`).
 
     Raises:
-        FormatError subclasses naming the file; ``OSError`` (``FileNotFoundError``, ``IsADirectoryError``).
+        FormatError subclasses naming the file or shard; ShardIndexError, ShardMismatchError, ShardMissingError;
+        ``OSError`` (``FileNotFoundError``, ``IsADirectoryError``).
     """
+    if isinstance(path, ShardedWeightMap):
+        return Sources.of(path.path, [(s.path, s) for s in path.shards], dict(path.aliases))
     if isinstance(path, WeightMap):
         return Sources.of(path.path, [(path.path, path)])
-    p = os.fspath(path)
-    return Sources.of(p, [(p, read_weight_map(p))])
+    pack = read_pack(path)
+    return Sources.of(pack.path, list(pack.shards), dict(pack.index.aliases) if pack.index else None)
 
 
 # --------------------------------------------------------------------------- one file's reads

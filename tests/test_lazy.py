@@ -445,3 +445,26 @@ def test_fal_files(tmp_path, version):
         assert f.stats.bytes_read - before == 10 * 11 * 2  # no checksums: exactly the rows
     got = dict(iter_tensors(path))
     assert got.keys() == sd.keys() and all(same(got[k], v) for k, v in sd.items())
+
+
+def test_sharded_pack_reads_like_one_file(tmp_path):
+    """safe_open and iter_tensors on a sharded pack (index or folder) equal the one-file pack, ties included."""
+    torch.manual_seed(3)
+    w = torch.randn(64, 48)
+    sd = {"a.weight": w, "b.weight": torch.randn(300, 7).bfloat16(), "c.ids": torch.arange(5000),
+          "d.weight": w, "e.mask": torch.rand(333) > 0.5}
+    flashpack.pack_to_file(sd, tmp_path / "one.flashpack")
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    flashpack.pack_to_file(sd, folder / "model.flashpack", max_shard_nbytes=16 * 1024)
+    index = folder / "model.flashpack.index.json"
+    assert index.exists() and len(list(folder.glob("model-*-of-*.flashpack"))) >= 3
+    for where in (index, folder):
+        with flashpack.safe_open(where) as f, flashpack.safe_open(tmp_path / "one.flashpack") as g:
+            assert f.keys() == g.keys() == sorted(sd)
+            for k in sd:
+                assert torch.equal(f.get_tensor(k), sd[k])
+            assert torch.equal(f.get_slice("b.weight")[10:20, 2:5], sd["b.weight"][10:20, 2:5])
+        got = dict(flashpack.iter_tensors(where))
+        assert sorted(got) == sorted(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+        assert got["a.weight"] is got["d.weight"]  # the tie stays one tensor
