@@ -23,7 +23,10 @@ import psutil
 
 from ..settings import CACHE_POLICIES, PAGE_NBYTES
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+#: libc with the prototypes flashpack calls through ctypes (mincore(2), mmap(2), munmap(2), madvise(2));
+#: the one binding that io/, staging/ and loading/ share. Calls set errno (``ctypes.get_errno()``).
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 _libc.mincore.restype = ctypes.c_int
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -32,7 +35,9 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munmap.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
-_MAP_FAILED = ctypes.c_void_p(-1).value
+#: What mmap(2) returns on failure.
+MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FAILED = MAP_FAILED
 
 #: linux/mman.h (Linux 5.14, madvise(2)): fault in the pages of a range readable, reading them from the file
 #: into the page cache with the kernel's readahead, without copying them anywhere. Python names it from 3.13.

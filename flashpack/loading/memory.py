@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..io.pagecache import libc
 from ..settings import MiB, PAGE_NBYTES
 
 #: Size and alignment of a transparent huge page on x86-64 and arm64 (4 KiB base pages).
@@ -29,8 +30,7 @@ MIN_MAPPED_NBYTES = 4 * MiB
 #: linux/mman.h (Linux 5.14); Python's mmap module does not name it before 3.13.
 MADV_POPULATE_WRITE = 23
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc = libc  # the shared binding (flashpack.io.pagecache)
 _populate_refused = False
 
 

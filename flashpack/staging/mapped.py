@@ -41,6 +41,7 @@ import torch
 from ..errors import ReadError, short_read_error
 from ..format import WeightMap, verify_chunk
 from ..io import pagecache
+from ..io.pagecache import MAP_FAILED, libc
 from ..plan import LoadPlan
 from ..settings import PAGE_NBYTES
 from ..source import check_same_file, open_regular
@@ -55,14 +56,7 @@ MIN_RESIDENT_FRACTION = 0.5
 #: How often the scheduler looks at fences and verifications while it waits for a window, in seconds.
 POLL_S = 0.001
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.mmap.restype = ctypes.c_void_p
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.munmap.restype = ctypes.c_int
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
-_MAP_FAILED = ctypes.c_void_p(-1).value
+_libc, _MAP_FAILED = libc, MAP_FAILED  # the shared binding (flashpack.io.pagecache)
 
 # Indirection so tests can fake the kernel (an old kernel refusing the advice).
 _madvise = _libc.madvise
