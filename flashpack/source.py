@@ -85,6 +85,27 @@ def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+def pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill ``view`` (a writable byte buffer) with the file's bytes at ``offset``, resuming short reads
+    (preadv(2)).
+
+    Raises:
+        ReadError naming the file, offset and length: the read failed (``EIO``...) or came back short.
+    """
+    nbytes, done = view.nbytes, 0
+    while done < nbytes:
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+            continue
+        except OSError as e:
+            raise ReadError(e.errno or errno.EIO, f"read of {nbytes - done} bytes at byte offset {offset + done} "
+                            f"failed: {e.strerror or e}", path) from e
+        if n == 0:
+            raise short_read_error(path, offset, nbytes, done)
+        done += n
+
+
 def _pread_exact(fd: int, nbytes: int, offset: int, path: str) -> bytearray:
     """Read exactly ``nbytes`` at ``offset`` into one buffer allocated up front (no intermediate copies).
 
@@ -92,22 +113,8 @@ def _pread_exact(fd: int, nbytes: int, offset: int, path: str) -> bytearray:
         ReadError naming the file, offset and length: the read failed (``EIO``...) or came back short.
     """
     out = bytearray(nbytes)
-    view = memoryview(out)
-    done = 0
-    try:
-        while done < nbytes:
-            try:
-                n = os.preadv(fd, [view[done:]], offset + done)
-            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-                continue
-            except OSError as e:
-                raise ReadError(e.errno or errno.EIO, f"read of {nbytes - done} bytes at byte offset {offset + done} "
-                                f"failed: {e.strerror or e}", path) from e
-            if n == 0:
-                raise short_read_error(path, offset, nbytes, done)
-            done += n
-    finally:
-        view.release()
+    with memoryview(out) as view:
+        pread_into(fd, view, offset, path)
     return out
 
 
@@ -609,7 +616,7 @@ def shard_maps(wm: WeightMap) -> list[tuple[WeightMap, int]]:
 
 
 __all__ = ["INDEX_FORMAT", "INDEX_SUFFIX", "INDEX_VERSION", "Pack", "ShardIndex", "ShardRecord", "ShardedWeightMap",
-           "check_identity", "check_regular", "check_same_file", "open_regular", "decode_index", "encode_index", "file_identity", "find_pack_in_folder",
+           "check_identity", "check_regular", "check_same_file", "open_regular", "pread_into", "decode_index", "encode_index", "file_identity", "find_pack_in_folder",
            "index_path_for", "is_index_path", "merge_weight_maps", "read_index", "read_pack", "read_pack_map",
            "read_shard", "read_weight_map", "read_weight_map_fd", "resolve_pack_path", "shard_maps", "shard_name",
            "shard_name_pattern", "shard_stem", "shards_for_keys"]

@@ -639,3 +639,34 @@ def test_15_reserved_header_bytes_must_be_zero(good):
         f"{good}: reserved header byte 1000 is not zero (bytes [56, 4096) must be zero); the file is damaged"))
     header, _, _ = read_parts(good)  # the checksummed fields are intact: only the reserved byte is wrong
     assert header.index_offset > 4096
+
+
+# --------------------------------------------------------------------------- 11: mmap=True with verify reads through pread
+
+
+def test_11_mmap_verify_turns_an_unreadable_chunk_into_a_read_error(tmp_path, monkeypatch):
+    """With ``verify=True`` every chunk is read with pread before the mapping is handed out, so an EIO (a page
+    the disk cannot read) is a ReadError naming file and offset, never a SIGBUS on first touch."""
+    import errno as _errno
+
+    import flashpack.source as src
+
+    path = tmp_path / "m.flashpack"
+    flashpack.pack_to_file({"a": torch.arange(3 * 2**20, dtype=torch.int32)}, path, chunk_nbytes=2**20)
+    wm = flashpack.read_weight_map(path)
+    bad = wm.blocks[0].offset + 2**20  # the second checksum chunk
+    real = os.preadv
+
+    def preadv(fd, bufs, offset):
+        if offset == bad:
+            raise OSError(_errno.EIO, "Input/output error")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(src.os, "preadv", preadv)
+    with pytest.raises(flashpack.ReadError) as ei:
+        flashpack.load(path, mmap=True, verify=True)
+    assert ei.value.errno == _errno.EIO and ei.value.filename == str(path)
+    assert f"at byte offset {bad} failed" in str(ei.value)
+    monkeypatch.setattr(src.os, "preadv", real)
+    out = flashpack.load(path, mmap=True, verify=True)
+    assert torch.equal(out["a"], torch.arange(3 * 2**20, dtype=torch.int32))

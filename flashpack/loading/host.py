@@ -4,18 +4,16 @@ mapping of the file (:func:`mmap_payload`)."""
 
 from __future__ import annotations
 
-import errno
 import os
 
 import torch
 
-from ..errors import ReadError, short_read_error
 from ..format import WeightMap, verify_chunk
 from ..io import Extent, open_pack_reader, read_all
 from ..io.multi import counted
 from ..plan import LoadPlan, Region
 from ..settings import Settings
-from ..source import check_same_file, open_regular
+from ..source import check_same_file, open_regular, pread_into
 from .common import LoadStats
 
 
@@ -149,23 +147,12 @@ def mmap_payload(wm: WeightMap, plan: LoadPlan, verify: bool, stats: LoadStats) 
 
 def _verify_by_pread(wm: WeightMap, plan: LoadPlan, fd: int) -> int:
     """Read each of the plan's checksum chunks with preadv(2) into one scratch buffer and verify it; returns
-    the number verified. Raises ReadError naming file and offset (a read error, or a short read)."""
+    the number verified. Raises ReadError naming file and offset (a read error, or a short read: source.pread_into)."""
     if not plan.chunks:
         return 0
     scratch = memoryview(bytearray(max(c.nbytes for c in plan.chunks)))
     for c in plan.chunks:
-        done = 0
-        while done < c.nbytes:
-            try:
-                n = os.preadv(fd, [scratch[done:c.nbytes]], c.offset + done)
-            except InterruptedError:
-                continue
-            except OSError as e:
-                raise ReadError(e.errno or errno.EIO, f"read of {c.nbytes - done} bytes at byte offset "
-                                                      f"{c.offset + done} failed: {e.strerror}", wm.path) from e
-            if n == 0:
-                raise short_read_error(wm.path, c.offset, c.nbytes, done)
-            done += n
+        pread_into(fd, scratch[:c.nbytes], c.offset, wm.path)
         verify_chunk(wm, c, scratch[:c.nbytes])
     return len(plan.chunks)
 
