@@ -31,6 +31,16 @@ def _clear_cuda_error() -> None:
         pass
 
 
+def _refusal(cudart, rc: int, call: str) -> str:
+    """The reason a CUDA runtime call returned ``rc`` (cudaGetErrorString), after clearing the error state."""
+    _clear_cuda_error()
+    try:
+        text = cudart.cudaGetErrorString(cudart.cudaError(rc))
+    except Exception:  # noqa: BLE001
+        text = "see cudaError_t"
+    return f"{call} returned {rc}: {text}"
+
+
 class CudaPinner:
     """Page-locks ring memory with ``cudaHostRegister`` (portable: pinned for every device).
 
@@ -48,14 +58,7 @@ class CudaPinner:
             rc = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), 1))  # 1: cudaHostRegisterPortable
         except Exception as e:  # noqa: BLE001 - no cudart bindings: stage through pageable memory
             return f"cudaHostRegister is unavailable ({type(e).__name__}: {e})"
-        if rc == 0:
-            return None
-        _clear_cuda_error()
-        try:
-            text = cudart.cudaGetErrorString(cudart.cudaError(rc))
-        except Exception:  # noqa: BLE001
-            text = "see cudaError_t"
-        return f"cudaHostRegister returned {rc}: {text}"
+        return None if rc == 0 else _refusal(cudart, rc, "cudaHostRegister")
 
     def unregister(self, tensor: torch.Tensor) -> None:
         rc = int(torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr()))
@@ -99,12 +102,7 @@ class CudaRegistrar:
         except Exception as e:  # noqa: BLE001 - no cudart bindings: stage through the ring
             return f"cudaHostRegister is unavailable ({type(e).__name__}: {e})"
         if rc != 0:
-            _clear_cuda_error()
-            try:
-                text = cudart.cudaGetErrorString(cudart.cudaError(rc))
-            except Exception:  # noqa: BLE001
-                text = "see cudaError_t"
-            return f"cudaHostRegister(cudaHostRegisterPortable | cudaHostRegisterReadOnly) returned {rc}: {text}"
+            return _refusal(cudart, rc, "cudaHostRegister(cudaHostRegisterPortable | cudaHostRegisterReadOnly)")
         window.tensor = host_tensor_at(window.address, n)
         return None
 
