@@ -125,7 +125,9 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
         ptrs = {v.untyped_storage().data_ptr() for v in sd.values() if v.numel()}
         res[label] = {"digests": digests(sd), "bytes_read": stats.bytes_read, "chunks": stats.chunks_verified,
                       "storages": len(ptrs), "alias_same": sd.get("alias_f32") is sd.get("f32") if sd else None,
-                      "cache": stats.cache, "cache_reason": stats.cache_reason, "direct": stats.bytes_direct}
+                      "cache": stats.cache, "cache_reason": stats.cache_reason, "direct": stats.bytes_direct,
+                      "memory": stats.memory, "maps": _mapping_of(next(iter(sd.values()), None))}
+        return sd
 
     for name in ("mixed", "huge", "zeros_only", "empty", "tied"):
         run(name, lambda st, n=name: flashpack.load(files[n], process_group=dist.group.WORLD, stats=st))
@@ -161,7 +163,13 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
     if rank == 0:
         drop_from_cache(files["huge"])
     dist.barrier()
-    run("shared", lambda st: flashpack.load(files["huge"], process_group="default", stats=st))
+    shared = run("shared", lambda st: flashpack.load(files["huge"], process_group="default", stats=st))
+    dist.barrier()
+    if rank == world - 1:
+        shared["w"].add_(1.0)  # a write in one rank: that rank's own copy of the page
+    dist.barrier()
+    res["shared_after_write"] = digests(shared)
+    del shared
     run("shared_keys", lambda st: flashpack.load(files["mixed"], keys=["bf16", "alias_f32", "empty_i8"],
                                                  process_group="default", stats=st))
     run("shared_corrupt", lambda st: flashpack.load(files["corrupt"], process_group="default", stats=st))
@@ -172,6 +180,15 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
     D.host_name = lambda: f"host{rank % 2}"  # two hosts
     run("two_hosts", lambda st: flashpack.load(files["huge"], process_group="default", stats=st, cache="keep"))
     D.host_name = real_host
+    real_map = D.memory.map_shared
+
+    def refuse(handle):  # a test double: the last rank cannot open rank 0's descriptor (another pid namespace)
+        if rank == world - 1:
+            raise PermissionError(13, "Permission denied", "/proc/1234/fd/5")
+        return real_map(handle)
+    D.memory.map_shared = refuse
+    run("shared_unreachable", lambda st: flashpack.load(files["huge"], process_group="default", stats=st))
+    D.memory.map_shared = real_map
 
     # tied weights through assign_from_file
     with flashpack.init_empty_weights():
@@ -184,6 +201,20 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
     dist.destroy_process_group()
     with open(out, "wb") as f:
         pickle.dump(res, f)
+
+
+def _mapping_of(t) -> str:
+    """The /proc/self/maps path of the mapping holding ``t``'s first byte ('' when anonymous or none)."""
+    if t is None or not t.numel():
+        return ""
+    addr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= addr < hi:
+                return parts[5].strip() if len(parts) > 5 else ""
+    return ""
 
 
 def _spawn(world: int, files: dict[str, str], folder: Path) -> list[dict]:
@@ -337,28 +368,54 @@ def test_env_switch_uses_default_group(world, files):
     assert all(res[r]["env"]["bytes_read"] < st.bytes_read for r in range(w))
 
 
-def test_ranks_on_one_host_each_read_the_file_through_the_page_cache(world, files):
+def test_ranks_on_one_host_share_one_read_through_sealed_shared_memory(world, files):
     w, res = world
     expect, st = _single(files["huge"])
     reason = (f"{st.bytes_read} bytes to read <= 50% of MemAvailable (")
+    tail = f" bytes); the {w} ranks share this host and file: rank 0 reads it once through the page cache"
     for r in range(w):
         got = res[r]["shared"]
         assert got["digests"] == expect
-        assert (got["bytes_read"], got["direct"], got["chunks"]) == (st.bytes_read, 0, st.chunks_verified)
         assert got["cache"] == "keep" and got["cache_reason"].startswith(reason)
-        assert got["cache_reason"].endswith(f" bytes); the {w} ranks share this host and file: each reads it "
-                                            f"through the page cache")
+        # every tensor in every rank is a view of the memory file rank 0 filled (memfd_create name)
+        assert got["maps"] == "/memfd:flashpack:huge.flashpack (deleted)"
+        if r == 0:
+            assert (got["bytes_read"], got["direct"], got["chunks"]) == (st.bytes_read, 0, st.chunks_verified)
+            assert got["cache_reason"].endswith(tail) and got["memory"] == "memfd"
+        else:  # read nothing, verified nothing: mapped rank 0's sealed, verified bytes
+            assert (got["bytes_read"], got["chunks"]) == (0, 0)
+            assert got["cache_reason"].endswith(tail + " (rank 0 read it into shared memory; this rank maps it "
+                                                       "copy-on-write)") and got["memory"] == "memfd (mapped)"
+    # a write in the last rank stays in that rank (MAP_PRIVATE)
+    assert all(res[r]["shared_after_write"] == expect for r in range(w - 1))
+    assert res[w - 1]["shared_after_write"]["w"] != expect["w"]
     keys, kst = _single(files["mixed"], keys=["bf16", "alias_f32", "empty_i8"])
     assert all(res[r]["shared_keys"]["digests"] == keys for r in range(w))
-    assert all(res[r]["shared_keys"]["bytes_read"] == kst.bytes_read for r in range(w))
+    assert [res[r]["shared_keys"]["bytes_read"] for r in range(w)] == [kst.bytes_read] + [0] * (w - 1)
 
 
-def test_shared_cache_checksum_mismatch_raises_on_every_rank(world):
+def test_a_rank_that_cannot_map_the_shared_memory_reads_the_file_itself(world, files):
+    w, res = world
+    expect, st = _single(files["huge"])
+    for r in range(w):
+        got = res[r]["shared_unreachable"]
+        assert got["digests"] == expect
+        if r == w - 1:
+            assert (got["bytes_read"], got["chunks"]) == (st.bytes_read, st.chunks_verified)
+            assert "memfd" not in got["maps"] and got["memory"] == "torch"  # its own allocation (a small file)
+            assert got["cache_reason"].endswith(" (rank 0's shared memory could not be mapped here ([Errno 13] "
+                                                "Permission denied: '/proc/1234/fd/5'): this rank read the file)")
+        else:
+            assert got["maps"] == "/memfd:flashpack:huge.flashpack (deleted)"
+
+
+def test_shared_memory_checksum_mismatch_raises_on_every_rank(world):
     w, res = world
     errs = [res[r]["shared_corrupt"] for r in range(w)]
     assert all(e.get("is_dist_error") for e in errs) and len({e["message"] for e in errs}) == 1
-    assert "ChecksumMismatchError" in errs[0]["message"] and "shared page cache" in errs[0]["message"]
-    assert errs[0]["failures"].keys() == set(range(w))  # every rank verified the whole file
+    assert "ChecksumMismatchError" in errs[0]["message"]
+    assert "while reading the file into memory shared by the ranks of this host" in errs[0]["message"]
+    assert errs[0]["failures"].keys() == {0}  # rank 0 read and verified the file for the host
     bad = [res[r]["shared_bad_cache"] for r in range(w)]
     assert all((e["error"], e["message"]) == ("ValueError", "cache='sometimes': expected one of auto, keep, bypass")
                for e in bad)

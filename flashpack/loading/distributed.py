@@ -20,14 +20,19 @@ group) comes here. With ``W`` ranks in the group:
    share holds their first byte, now that all bytes are in; a third agreement if there are any.
 5. Tensors are views into the buffer, exactly as in a single-process load (aliases included).
 
-Ranks on one host share the page cache: the first agreement also gathers each rank's host name
+Ranks on one host share the loaded bytes: the first agreement also gathers each rank's host name
 (:func:`host_name`), the file's ``(st_dev, st_ino)`` and its page-cache decision
 (:func:`flashpack.io.pagecache.decide_cache`, ``cache=``/``FLASHPACK_CACHE``). When every rank of the group is on
-one host, sees the same file and decided ``keep``, steps 2-4 are replaced by a plain host load on each rank
-through the page cache (``cache="keep"``): the ranks read ahead the same pages, the kernel reads each from the
-disk once, and every rank copies the whole file out of the cache and verifies it, with no exchange over the
-group (two gloo ranks on one 2-core VM: see ``perf/bench_dist.py``); one agreement follows. Otherwise (ranks on
-several hosts, or ``bypass``) the shares and the exchange below run, each share read with the agreed mode.
+one host, sees the same file and decided ``keep``, steps 2-4 are replaced: rank 0 reads the whole plan through the
+page cache (``cache="keep"``) into an anonymous memory file (memfd_create(2)), verifying it, and seals it
+(``F_SEAL_WRITE``/``SHRINK``/``GROW``, fcntl(2)); every rank then maps it copy-on-write (``MAP_PRIVATE`` of
+``/proc/<pid>/fd/<fd>``, :func:`flashpack.loading.memory.map_shared`). The disk and the CPU copy run once for the
+host, the ranks hold one physical copy until they write to it, and each rank's tensors are still private and
+writable (a write copies that page for that rank only). A rank that cannot open rank 0's descriptor (another pid
+namespace) reads the file itself through the page cache. Two agreements follow. (Each rank copying the file out
+of the shared page cache instead costs W copies and W verifications: 1.9x one rank for two gloo ranks on a 2-core
+VM, see ``perf/bench_dist.py``.) Otherwise (ranks on several hosts, or ``bypass``) the shares and the exchange
+below run, each share read with the agreed mode.
 
 ``src_rank`` mode (:func:`load_distributed` with ``src_rank=``): only that rank opens and reads the file
 (storage only one node can see); it broadcasts the weight map, then the verified payload.
@@ -62,6 +67,7 @@ from ..settings import CACHE_POLICIES, Settings, settings
 from ..source import read_pack_map
 from .common import LoadStats, aligned_empty, assemble, parse_device, prepare
 from .host import read_into
+from . import memory
 from .memory import host_buffer
 
 EXCHANGES = ("auto", "all_gather", "broadcast")
@@ -202,8 +208,8 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         cfg: the load's settings (``None``: :func:`flashpack.settings.settings` is read now).
         cache: page-cache policy, ``auto``/``keep``/``bypass`` (default ``FLASHPACK_CACHE``), as for
             :func:`flashpack.load`. When every rank is on one host with the same file and all decide ``keep``,
-            each rank reads the whole file through the page cache and nothing is exchanged (module docstring);
-            ``stats.cache_reason`` says so.
+            rank 0 reads the file once into sealed shared memory that every rank maps copy-on-write, and nothing
+            is exchanged (module docstring); ``stats.cache_reason`` and ``stats.memory`` (``"memfd"``) say so.
 
     Returns:
         ``dict[str, Tensor]`` as :func:`flashpack.load` returns it, bit-identical on every rank.
@@ -278,8 +284,8 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
     stats.cache = mode
     stats.cache_reason = decision.reason if mode == decision.mode else f"another rank decided bypass ({decision.reason} here)"
     if mode == "keep" and len(hosts) == 1 and src_rank is None and world > 1:
-        stats.cache_reason += f"; the {world} ranks share this host and file: each reads it through the page cache"
-        return _load_shared(job, dev, backend, stats, cfg, agree)
+        stats.cache_reason += f"; the {world} ranks share this host and file: rank 0 reads it once through the page cache"
+        return _load_shared(job, dev, backend, stats, cfg, agree, rank)
     if world > 1 and src_rank is None:
         stats.cache_reason += f"; ranks on {len(hosts)} hosts or files: each reads a share, then the shares are exchanged"
     if src_rank is not None:
@@ -338,19 +344,48 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
     return assemble(job, buffer)
 
 
-def _load_shared(job, dev: torch.device, backend: str | None, stats: LoadStats, cfg: Settings, agree):
-    """Every rank of one host: a host load of the whole plan through the shared page cache, then one agreement."""
-    err = None
-    buffer = None
-    try:  # allocation too: a rank out of memory must still reach the agreement
-        dest = host_buffer(job.plan.buffer_nbytes, huge_pages=cfg.huge_pages)
-        stats.memory = dest.kind
-        buffer = dest.tensor
-        read_into(job.wm, job.plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
-                  populate=None if dest.kind == "torch" else dest.populate, cache="keep")
-    except Exception as e:  # noqa: BLE001 - reported to every rank
-        err = e
-    agree("reading the file through the shared page cache", err)
+def _load_shared(job, dev: torch.device, backend: str | None, stats: LoadStats, cfg: Settings, agree, rank: int):
+    """Every rank of one host: rank 0 reads the plan once into a sealed memory file (:func:`memory.shared_buffer`,
+    through the page cache, verifying), the others map it copy-on-write (:func:`memory.map_shared`); a rank
+    that cannot reach it (another pid namespace) reads the file itself. Two agreements."""
+    nbytes = job.plan.buffer_nbytes
+    if nbytes == 0:  # nothing to share (only empty tensors wanted)
+        agree("reading the file into memory shared by the ranks of this host", None)
+        return assemble(job, torch.empty(0, dtype=torch.uint8).to(dev))
+    fd = -1
+    try:
+        err = handle = None
+        if rank == 0:
+            try:  # allocation too: a rank out of memory must still reach the agreement
+                fd, dest = memory.shared_buffer(nbytes, name=f"flashpack:{os.path.basename(job.wm.path)}")
+                stats.memory = dest.kind
+                read_into(job.wm, job.plan, dest.tensor, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
+                          cache="keep")  # faulted in by the reader threads, like torch's allocator
+                del dest  # the writable shared mapping must be gone before the write seal
+                handle = memory.seal_shared(fd)
+            except Exception as e:  # noqa: BLE001 - reported to every rank
+                err = e
+        handle = agree("reading the file into memory shared by the ranks of this host", err, handle)[0]
+        err = buffer = None
+        try:
+            try:
+                buffer = memory.map_shared(handle)
+                if rank:
+                    stats.memory = "memfd (mapped)"
+                    stats.cache_reason += " (rank 0 read it into shared memory; this rank maps it copy-on-write)"
+            except OSError as e:  # not reachable from this rank: read the file itself, through the page cache
+                stats.cache_reason += f" (rank 0's shared memory could not be mapped here ({e}): this rank read the file)"
+                dest = host_buffer(nbytes, huge_pages=cfg.huge_pages)
+                stats.memory = dest.kind
+                buffer = dest.tensor
+                read_into(job.wm, job.plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
+                          populate=None if dest.kind == "torch" else dest.populate, cache="keep")
+        except Exception as e:  # noqa: BLE001 - reported to every rank
+            err = e
+        agree("mapping the memory shared by the ranks of this host", err)
+    finally:
+        if fd >= 0:
+            os.close(fd)  # every rank has mapped it (or failed): the mappings keep the memory alive
     if buffer.device != dev:
         buffer = buffer.to(dev)
     return assemble(job, buffer)

@@ -8,12 +8,16 @@ page cache that fault-and-zero work, not the copy, is most of the time. :func:`h
 window with ``MADV_POPULATE_WRITE`` (Linux 5.14+, madvise(2)), falling back to touching one byte per page.
 
 The returned tensor owns the mapping: it is unmapped when the last tensor viewing it is freed.
+
+Ranks of one host loading the same file share one destination (:func:`shared_buffer`, :func:`seal_shared`,
+:func:`map_shared`): one process fills a sealed memory file, the others map it copy-on-write.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -50,8 +54,9 @@ class HostBuffer:
             when mapped). Views of it keep the memory alive.
         huge_pages: ``MADV_HUGEPAGE`` was accepted for it.
         kind: how it was made and is pre-faulted: ``"thp+populate"``, ``"thp+touch"`` (huge pages),
-            ``"4k+populate"``, ``"4k+touch"`` (huge pages refused), ``"torch"`` (torch's allocator, never
-            pre-faulted: the reads fault it in).
+            ``"4k+populate"``, ``"4k+touch"`` (huge pages refused), ``"torch"`` (torch's allocator) and ``"memfd"``
+            (shared with the other ranks of a host, :func:`shared_buffer`), never pre-faulted: the reads fault
+            them in.
     """
 
     tensor: torch.Tensor
@@ -64,9 +69,9 @@ class HostBuffer:
 
     def populate(self, offset: int, nbytes: int) -> None:
         """Pre-fault bytes ``[offset, offset + nbytes)`` (widened to whole pages) so reads into them do not
-        fault. Thread-safe; a no-op for a ``"torch"`` buffer. Never raises: a refusal falls back to touching."""
+        fault. Thread-safe; a no-op for a ``"torch"`` or ``"memfd"`` buffer. Never raises: a refusal falls back to touching."""
         global _populate_refused
-        if self.kind == "torch" or nbytes <= 0:
+        if self.kind in ("torch", "memfd") or nbytes <= 0:
             return
         lo = offset - offset % PAGE_NBYTES
         hi = min(self.nbytes, offset + nbytes)
@@ -136,10 +141,97 @@ def aligned_empty(nbytes: int, align: int = PAGE_NBYTES) -> torch.Tensor:
     return raw[off:off + nbytes]
 
 
+# --------------------------------------------------------------------------- memory shared by the ranks of a host
+
+#: The seals a shared destination carries once filled (fcntl(2), "File Sealing"; memfd_create(2)): its bytes can
+#: no longer be written through any descriptor or shared mapping, and its size is fixed, so a copy-on-write mapping
+#: of it can neither change under a reader nor raise SIGBUS.
+SHARED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+@dataclass(frozen=True)
+class SharedHandle:
+    """Where another process of this host finds a sealed shared destination: the creating process's ``pid``
+    and descriptor number ``fd`` (opened by others as ``/proc/<pid>/fd/<fd>``, proc(5)), the memfd's
+    ``(st_dev, st_ino)`` to check that the descriptor opened is that one, and its size in bytes."""
+
+    pid: int
+    fd: int
+    dev: int
+    ino: int
+    nbytes: int
+
+
+def shared_buffer(nbytes: int, name: str = "flashpack") -> tuple[int, HostBuffer]:
+    """A load destination other processes of this host can map: an anonymous memory file (memfd_create(2),
+    ``MFD_ALLOW_SEALING``) of ``nbytes`` bytes, mapped shared and writable here.
+
+    Returns:
+        ``(fd, buffer)``: the memfd (close-on-exec; the caller closes it) and a :class:`HostBuffer` of kind
+        ``"memfd"`` (4 KiB shmem pages, faulted in by the reader threads, as for ``"torch"``) whose tensor is a
+        CPU uint8 tensor of ``nbytes`` bytes, page-aligned. Drop every reference to the tensor before
+        :func:`seal_shared`.
+
+    Raises:
+        OSError: memfd_create(2) or ftruncate(2) failed (``ENOMEM``, ``EMFILE``, ...); ValueError: ``nbytes`` <= 0.
+    """
+    if nbytes <= 0:
+        raise ValueError(f"a shared destination needs at least one byte, got {nbytes}")
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, nbytes)
+        storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=True, nbytes=nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    tensor = torch.empty(0, dtype=torch.uint8).set_(storage)
+    return fd, HostBuffer(tensor, False, "memfd")
+
+
+def seal_shared(fd: int) -> SharedHandle:
+    """Seal a filled :func:`shared_buffer` (:data:`SHARED_SEALS`) and describe it for the other processes.
+
+    Raises:
+        OSError: ``EBUSY`` while a writable shared mapping of it is still alive (a reference to the buffer's
+            tensor was kept); fcntl(2).
+    """
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SHARED_SEALS)
+    st = os.fstat(fd)
+    return SharedHandle(os.getpid(), fd, st.st_dev, st.st_ino, st.st_size)
+
+
+def map_shared(handle: SharedHandle) -> torch.Tensor:
+    """A private copy-on-write mapping of another process's sealed shared destination: the same physical pages
+    until this process writes one (then that page is its own), never a copy up front.
+
+    Returns:
+        A CPU uint8 tensor of ``handle.nbytes`` bytes that owns the mapping (unmapped with its last view);
+        writable, and writes stay in this process (mmap(2) ``MAP_PRIVATE``).
+
+    Raises:
+        OSError: the creator's descriptor cannot be opened from here (another pid namespace, ``EACCES``, the
+            process is gone: ``ENOENT``), or what was opened is not that memfd, or it is not sealed
+            (``ESTALE``, naming what differs).
+    """
+    fd = os.open(f"/proc/{handle.pid}/fd/{handle.fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if (st.st_dev, st.st_ino, st.st_size) != (handle.dev, handle.ino, handle.nbytes) or seals & SHARED_SEALS != SHARED_SEALS:
+            raise OSError(errno.ESTALE, f"/proc/{handle.pid}/fd/{handle.fd} is not the sealed shared memory of "
+                                        f"{handle.nbytes} bytes it should be (device/inode {st.st_dev}/{st.st_ino}, "
+                                        f"{st.st_size} bytes, seals {seals:#x})")
+        storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=False, nbytes=handle.nbytes)
+    finally:
+        os.close(fd)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
 def resident_nbytes() -> int:
     """This process's resident set size in bytes (``/proc/self/statm``), for tests and perf scripts."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-__all__ = ["HUGE_PAGE_NBYTES", "HostBuffer", "aligned_empty", "host_buffer", "resident_nbytes"]
+__all__ = ["HUGE_PAGE_NBYTES", "HostBuffer", "SharedHandle", "aligned_empty", "host_buffer", "map_shared",
+           "resident_nbytes", "seal_shared", "shared_buffer"]
