@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 
 import pytest
 import torch
@@ -101,3 +102,45 @@ def test_bad_setting_is_named(monkeypatch):
     monkeypatch.setenv("FLASHPACK_HUGE_PAGES", "maybe")
     with pytest.raises(flashpack.errors.SettingsError, match="FLASHPACK_HUGE_PAGES='maybe'"):
         flashpack.settings.settings()
+
+
+def test_shared_buffer_sealed_and_mapped_copy_on_write():
+    fd, b = memory.shared_buffer(3 * 4096 + 5, name="flashpack:test")
+    try:
+        assert (b.kind, b.nbytes, b.tensor.data_ptr() % 4096) == ("memfd", 3 * 4096 + 5, 0)
+        b.tensor.copy_(torch.arange(3 * 4096 + 5) % 251)
+        with pytest.raises(OSError) as busy:  # a writable shared mapping is alive: no write seal
+            memory.seal_shared(fd)
+        assert busy.value.errno == errno.EBUSY
+        del b
+        handle = memory.seal_shared(fd)
+        assert (handle.pid, handle.fd, handle.nbytes) == (os.getpid(), fd, 3 * 4096 + 5)
+        one, two = memory.map_shared(handle), memory.map_shared(handle)
+        expect = torch.arange(3 * 4096 + 5) % 251
+        assert torch.equal(one.long(), expect) and torch.equal(two.long(), expect)
+        one[4096] = 7  # private: the other mapping and the memory file keep the old byte
+        assert (int(one[4096]), int(two[4096]), int(memory.map_shared(handle)[4096])) == (7, 4096 % 251, 4096 % 251)
+        with pytest.raises(OSError):  # sealed: the bytes can no longer be written through the descriptor
+            os.pwrite(fd, b"x", 0)
+    finally:
+        os.close(fd)
+
+
+def test_map_shared_refuses_what_is_not_the_sealed_memory():
+    fd, b = memory.shared_buffer(4096)
+    try:
+        st = os.fstat(fd)
+        unsealed = memory.SharedHandle(os.getpid(), fd, st.st_dev, st.st_ino, 4096)
+        with pytest.raises(OSError) as e:
+            memory.map_shared(unsealed)
+        assert e.value.errno == errno.ESTALE and f"/proc/{os.getpid()}/fd/{fd} is not the sealed shared memory of 4096 bytes" in str(e.value)
+        del b
+        good = memory.seal_shared(fd)
+        wrong = memory.SharedHandle(good.pid, good.fd, good.dev, good.ino + 1, good.nbytes)
+        with pytest.raises(OSError) as e:
+            memory.map_shared(wrong)
+        assert e.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    with pytest.raises(FileNotFoundError):  # the creator closed it (or is gone)
+        memory.map_shared(good)
