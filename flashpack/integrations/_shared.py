@@ -5,6 +5,7 @@ read once per model)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -174,8 +175,48 @@ def resolve_device(device, device_map, owner: str) -> torch.device:
     return parse_device_map(device if device is not None else device_map)
 
 
+def stored_keys_match(model: torch.nn.Module, keys: list[str]) -> bool:
+    """Whether every key a pack stores names a parameter or persistent buffer of ``model`` (then the pack is in
+    the model's own layout and no checkpoint key conversion is looked for)."""
+    _, kinds = model_targets(model)
+    return all(k in kinds for k in keys)
+
+
+def rename_weight_map(wm: WeightMap, renames: dict[str, str]) -> WeightMap:
+    """The weight map with stored keys (and alias names) renamed: ``renames`` maps a stored key to the key the
+    model uses. Offsets, dtypes and shapes are unchanged, so the loaded tensors are still views of the file's
+    bytes (zero-copy); a sharded pack's merged map keeps its shards.
+
+    Args:
+        wm: the pack's weight map (:func:`flashpack.source.read_pack_map`).
+        renames: ``{stored key: model key}``; keys not in it keep their name.
+
+    Returns:
+        ``wm`` itself when ``renames`` is empty, else a renamed copy.
+
+    Raises:
+        ModelMismatchError (``ValueError``): two stored keys would get the same name (naming both and the target).
+    """
+    if not renames:
+        return wm
+    seen: dict[str, str] = {}
+
+    def new_name(key: str) -> str:
+        name = renames.get(key, key)
+        if seen.setdefault(name, key) != key:
+            raise ModelMismatchError(
+                f"{wm.path}: stored keys {seen[name]!r} and {key!r} both become {name!r} under the checkpoint key "
+                f"conversions of the installed library; the pack mixes two key layouts: re-pack the model")
+        return name
+
+    tensors = {new_name(k): dataclasses.replace(t, key=renames.get(k, k)) for k, t in wm.tensors.items()}
+    aliases = {new_name(a): renames.get(k, k) for a, k in wm.aliases.items()}
+    return dataclasses.replace(wm, tensors=tensors, aliases=aliases)
+
+
 def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path: str, device: torch.device,
-               *, tie: Callable[[torch.nn.Module], None] | None = None, assign: dict | None = None) -> torch.nn.Module:
+               *, tie: Callable[[torch.nn.Module], None] | None = None, assign: dict | None = None,
+               key_renames: Callable[[torch.nn.Module, WeightMap], dict[str, str]] | None = None) -> torch.nn.Module:
     """Build a model with meta parameters, fill it from ``pack_path`` and return it ready (eval mode).
 
     Args:
@@ -186,6 +227,9 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
         tie: re-ties the model's shared weights the library's way (called before and after the fill).
         assign: keywords for :func:`flashpack.assign_from_file` (fal's, from :func:`split_fal_options`);
             default ``strict=True``.
+        key_renames: ``key_renames(model, weight map)`` returns ``{stored key: model key}`` for a pack written in
+            an older key layout (the library's checkpoint key conversions); applied with
+            :func:`rename_weight_map` before the fill.
 
     Raises:
         ModelMismatchError: the pack does not fit the model, or something was left on the meta device.
@@ -195,6 +239,8 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
     model = build(main_float_dtype(wm))
     if tie is not None:
         tie(model)
+    if key_renames is not None:
+        wm = rename_weight_map(wm, key_renames(model, wm))
     match_file_dtypes(model, wm)
     assign_from_file(model, wm, device=device, **({"strict": True} | dict(assign or {})))
     if tie is not None:

@@ -53,6 +53,7 @@ from ._shared import (
     resolve_device,
     save_model_folder,
     split_fal_options,
+    stored_keys_match,
 )
 from .hub import pack_name, push_folder, resolve_folder, resolve_pack_folder, sub_patterns
 
@@ -136,6 +137,11 @@ class FlashPackDiffusersModelMixin:
 
         Raises:
             As :meth:`flashpack.integrations.transformers.FlashPackTransformersModelMixin.from_pretrained_flashpack`.
+
+        Notes:
+            A pack written under an older diffusers whose keys follow that version's layout loads when the
+            installed diffusers' ``from_pretrained`` would load the same keys: its checkpoint key renames are
+            applied to the pack's keys (:func:`checkpoint_key_renames`; the tensors stay views).
         """
 
         assign, hub_extra = split_fal_options(config_overrides)
@@ -157,11 +163,38 @@ class FlashPackDiffusersModelMixin:
                 raise TypeError(f"{cls.__name__}.from_pretrained_flashpack: unknown config overrides {unknown}")
             return model
 
-        model = load_model(build, pack, device, assign=assign)
+        model = load_model(build, pack, device, assign=assign,
+                           key_renames=lambda model, wm: checkpoint_key_renames(model, wm.keys()))
         model.register_to_config(_name_or_path=os.fspath(name_or_path))
         if want_dtype is not None and model.dtype != want_dtype:
             model = model.to(dtype=want_dtype)
         return model
+
+
+def checkpoint_key_renames(model, keys) -> dict[str, str]:
+    """The renames diffusers' own ``from_pretrained`` applies to the keys of a checkpoint of ``model``, so a pack
+    written under an older diffusers loads under the installed one.
+
+    Where the rules come from: the model's own ``ModelMixin._fix_state_dict_keys_on_load`` (diffusers 0.42: the
+    attention blocks built with ``_from_deprecated_attn_block``, e.g. ``AutoencoderKL``'s mid-block, take the
+    old ``query``/``key``/``value``/``proj_attn`` keys as ``to_q``/``to_k``/``to_v``/``to_out.0``), called on a
+    ``{key: key}`` dict so it renames names only. A diffusers without that method renames nothing (neither does
+    its own loader). diffusers' loader converts no tensors on load, so every rename here is zero-copy.
+
+    Args:
+        model: the model built from its config (meta parameters are fine).
+        keys: the keys the pack stores (aliases included).
+
+    Returns:
+        ``{stored key: model key}`` for the keys whose name changes; empty when every stored key is a model key.
+    """
+    keys = list(keys)
+    fix = getattr(model, "_fix_state_dict_keys_on_load", None)
+    if fix is None or stored_keys_match(model, keys):
+        return {}
+    names = {k: k for k in keys}
+    fix(names)  # renames in place: new key -> the stored key it came from
+    return {old: new for new, old in names.items() if new != old}
 
 
 def _flashpack_class(candidates) -> type | None:
@@ -495,4 +528,4 @@ def _dtype_kwarg(klass: type) -> str:
     return "torch_dtype"
 
 
-__all__ = ["FlashPackDiffusersModelMixin", "FlashPackDiffusionPipeline"]
+__all__ = ["FlashPackDiffusersModelMixin", "FlashPackDiffusionPipeline", "checkpoint_key_renames"]

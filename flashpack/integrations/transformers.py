@@ -23,10 +23,13 @@ transformers is imported only when a method runs; nothing in transformers is pat
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import re
 
 import torch
 
+from ..errors import ModelMismatchError
 from ..mixin import init_empty_weights
 from ._shared import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -36,6 +39,7 @@ from ._shared import (
     resolve_device,
     save_model_folder,
     split_fal_options,
+    stored_keys_match,
 )
 from .hub import pack_name, resolve_pack_folder, sub_patterns
 
@@ -106,8 +110,12 @@ class FlashPackTransformersModelMixin:
                                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                                   local_files_only: bool = False, token: str | bool | None = None,
                                   torch_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
-                                  **config_overrides):
+                                  key_mapping: dict[str, str] | None = None, **config_overrides):
         """Build the model from its config on the meta device and fill it from its pack.
+
+        A pack written under an older transformers, whose keys follow that version's layout, loads when the
+        installed transformers' ``from_pretrained`` would load the same keys from safetensors: its checkpoint key
+        renames are applied to the pack's keys (:func:`checkpoint_key_renames`; the tensors stay views).
 
         Args:
             name_or_path: a local folder, or a Hub repo id (only ``config.json``, ``generation_config.json`` and
@@ -119,6 +127,7 @@ class FlashPackTransformersModelMixin:
                 fal's ``force_download`` and ``local_dir`` go to ``snapshot_download``, ``proxies`` and
                 ``local_dir_use_symlinks`` are accepted and ignored (deprecated in huggingface_hub).
             torch_dtype, dtype: convert the loaded model to this dtype (``model.to(dtype)``); default: the pack's.
+            key_mapping: ``{regex: replacement}`` renames of the stored keys, as for ``from_pretrained``.
             silent, strict, strict_params, strict_buffers, keep_flash_ref_on_model, num_streams, chunk_bytes,
                 ignore_names, ignore_prefixes, ignore_suffixes, use_distributed_loading, distributed_sharded,
                 distributed_shard_strategy, rank, local_rank, world_size, coerce_dtype: fal's keywords, passed to
@@ -133,7 +142,10 @@ class FlashPackTransformersModelMixin:
             ModelNotFoundError (``FileNotFoundError``): no such folder, not cached offline, or no pack.
             UnsupportedDeviceMapError (``NotImplementedError``): a map over several devices.
             TypeError: a config override the config does not know.
-            ModelMismatchError and everything :func:`flashpack.assign_from_file` raises.
+            ModelMismatchError: the pack does not fit the model after the key renames (missing or unexpected keys,
+                shapes, dtypes), or stores keys in an older layout that transformers converts by merging or
+                splitting tensors (:func:`checkpoint_key_renames`).
+            Everything :func:`flashpack.assign_from_file` raises.
         """
         from transformers import AutoConfig, GenerationConfig
 
@@ -163,7 +175,11 @@ class FlashPackTransformersModelMixin:
             with init_empty_weights(), _no_init_weights():
                 return cls._from_config(config, **kwargs)
 
-        model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign)
+        def key_renames(model, wm):
+            return checkpoint_key_renames(model, wm.keys(), key_mapping=key_mapping,
+                                          strict=assign.get("strict") is not False, path=wm.path)
+
+        model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign, key_renames=key_renames)
         _init_unloaded_buffers(model)
         if model.can_generate() and os.path.isfile(os.path.join(folder, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(folder)
@@ -171,6 +187,141 @@ class FlashPackTransformersModelMixin:
         if want_dtype is not None and model.dtype != want_dtype:
             model = model.to(dtype=want_dtype)
         return model
+
+
+def checkpoint_key_renames(model, keys, *, key_mapping: dict[str, str] | None = None, strict: bool = True,
+                           path: str = "the pack") -> dict[str, str]:
+    """The renames transformers' own ``from_pretrained`` applies to the keys of a checkpoint of ``model``, so a
+    pack written under an older transformers (e.g. 4.57's ``CLIPTextModel`` stored ``text_model.embeddings...``,
+    5.x's has ``embeddings...``) loads under the installed one.
+
+    Where the rules come from: transformers >= 5 (``transformers.conversion_mapping.get_model_conversion_mapping``
+    and ``transformers.core_model_loading.rename_source_key``, as ``PreTrainedModel.from_pretrained`` calls them):
+    the model's registered conversions (by class name, then ``model_type``, scoped for sub-models), the legacy
+    ``LayerNorm.gamma``/``beta`` renames, a ``key_mapping``, and adding or stripping ``base_model_prefix``. Keys
+    are visited in transformers' order (``dot_natural_key``), as some renames depend on it. A FlashPack subclass
+    (``class X(FlashPackTransformersModelMixin, CLIPTextModel)``) is looked up as the transformers class it
+    extends. On a transformers without those functions (4.x) a fallback applies the rules that version's loader
+    had: ``key_mapping`` (else the model's ``_checkpoint_conversion_mapping``), the first matching regex per key,
+    the ``LayerNorm.gamma``/``beta`` renames, and ``base_model_prefix`` added or stripped.
+
+    Only pure renames are applied: the tensors stay views of the pack. A key that transformers converts by
+    merging or splitting tensors (a ``WeightConverter``: fused MoE experts, chunked projections) is refused.
+
+    Args:
+        model: the model built from its config (meta parameters are fine).
+        keys: the keys the pack stores (aliases included).
+        key_mapping: extra ``{regex: replacement}`` renames, as ``from_pretrained(key_mapping=)``.
+        strict: ``False``: keys needing a conversion are left as stored (then reported missing/unexpected by the
+            lenient load) instead of raising.
+        path: the pack, for messages.
+
+    Returns:
+        ``{stored key: model key}`` for the keys whose name changes; empty when the pack is in the model's layout
+        (every stored key is a model key) and no ``key_mapping`` is given.
+
+    Raises:
+        ModelMismatchError (``ValueError``): with ``strict``, stored keys that transformers converts with tensor
+            operations (naming the keys and the conversion).
+    """
+    keys = list(keys)
+    if key_mapping is None and stored_keys_match(model, keys):
+        return {}
+    model_keys = {k: True for k in model.state_dict()}  # transformers tests ``.get(key) is not None``
+    fns = _transformers_conversion_functions()
+    if fns is None:
+        return _legacy_key_renames(model, keys, model_keys, key_mapping)
+    get_mapping, rename_source_key, renaming_cls, converter_cls, order = fns
+    library_class = base_library_class(model, ("transformers",))
+    own_class = type(model)
+    try:  # looked up (by class name, and "custom code" by module) as the transformers class it extends
+        model.__class__ = library_class
+    except TypeError:  # a subclass whose instance layout differs (``__slots__``): looked up as itself
+        library_class = own_class
+    try:
+        transforms = get_mapping(model, key_mapping=key_mapping)
+    finally:
+        model.__class__ = own_class
+    renamings = [t for t in transforms if isinstance(t, renaming_cls)]
+    converters = [t for t in transforms if isinstance(t, converter_cls)]
+    prefix = model.base_model_prefix
+    renames: dict[str, str] = {}
+    converted: dict[str, str] = {}
+    for key in sorted(keys, key=order):
+        new, pattern = rename_source_key(key, renamings, converters, prefix, model_keys)
+        if new not in model_keys and key in model_keys:  # transformers' own retry: only the prefix
+            new, pattern = rename_source_key(key, [], [], prefix, model_keys)
+        if new not in model_keys:
+            continue  # left as stored: reported as unexpected (and the model's key as missing)
+        if pattern is not None:
+            converted[key] = new
+        elif new != key:
+            renames[key] = new
+    if converted and strict:
+        import transformers
+
+        shown = [f"{k} -> {v}" for k, v in list(converted.items())[:10]]
+        raise ModelMismatchError(
+            f"{path}: {len(converted)} stored key(s) are in an older layout that transformers "
+            f"{transformers.__version__} converts by merging or splitting tensors ({shown}"
+            f"{' ...' if len(converted) > 10 else ''}); flashpack loads a pack's tensors as views and applies key "
+            f"renames only. Re-pack under this transformers: `flashpack revert {path} <folder>/model.safetensors` "
+            f"(with this model's config.json in <folder>), load <folder> with {library_class.__name__}.from_pretrained "
+            f"and save it with save_pretrained_flashpack")
+    return renames
+
+
+def _transformers_conversion_functions():
+    """transformers' own conversion functions (5.x), or ``None`` when this transformers lacks them or they take
+    other arguments than the ones :func:`checkpoint_key_renames` passes."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+    except ImportError:
+        return None
+    try:
+        mapping_params = inspect.signature(get_model_conversion_mapping).parameters
+        rename_params = list(inspect.signature(rename_source_key).parameters)
+    except (TypeError, ValueError):
+        return None
+    if "key_mapping" not in mapping_params or rename_params[:5] != ["source_key", "weight_renamings",
+                                                                   "weight_converters", "base_model_prefix",
+                                                                   "meta_state_dict"]:
+        return None
+    return get_model_conversion_mapping, rename_source_key, WeightRenaming, WeightConverter, dot_natural_key
+
+
+def _legacy_key_renames(model, keys: list[str], model_keys: dict[str, bool],
+                        key_mapping: dict[str, str] | None) -> dict[str, str]:
+    """transformers 4.x's key renames on load (``PreTrainedModel._get_key_renaming_mapping``): the first matching
+    regex of ``key_mapping`` (else ``_checkpoint_conversion_mapping``), ``LayerNorm.gamma``/``beta`` ->
+    ``weight``/``bias``, then ``base_model_prefix`` stripped or added when that gives a model key."""
+    mapping = key_mapping if key_mapping is not None else (getattr(model, "_checkpoint_conversion_mapping", None) or {})
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    renames: dict[str, str] = {}
+    for key in keys:
+        new = key
+        for pattern, replacement in mapping.items():
+            new, n = re.subn(pattern, replacement, new)
+            if n:
+                break
+        if new.endswith("LayerNorm.gamma"):
+            new = new[:-len("gamma")] + "weight"
+        elif new.endswith("LayerNorm.beta"):
+            new = new[:-len("beta")] + "bias"
+        if prefix and new not in model_keys:
+            if new.startswith(prefix + ".") and new[len(prefix) + 1:] in model_keys:
+                new = new[len(prefix) + 1:]
+            elif f"{prefix}.{new}" in model_keys:
+                new = f"{prefix}.{new}"
+        if new != key and new in model_keys:
+            renames[key] = new
+    return renames
 
 
 def _no_init_weights():
@@ -208,4 +359,4 @@ def _init_unloaded_buffers(model) -> None:
         model.initialize_weights()
 
 
-__all__ = ["FlashPackTransformersModelMixin"]
+__all__ = ["FlashPackTransformersModelMixin", "checkpoint_key_renames"]
