@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .errors import FlashPackError, ModelMismatchError
+from .errors import FlashPackError, ModelMismatchError, ModelNotFoundError
 from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, torch_dtype, verify_chunk
 from .io import Extent, open_reader, read_all
 from .loading.common import LoadStats, aligned_empty, assemble, cache_mode, parse_device, prepare, reconstruct
@@ -24,6 +24,7 @@ from .loading.host import mmap_payload, read_into
 from .loading.memory import host_buffer
 from .loading.staged import load_payload_cuda
 from .progress import Progress
+from .remote import is_repo_id, resolve_hub_pack
 from .settings import CACHE_POLICIES, PAGE_NBYTES, settings
 from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, read_weight_map, resolve_pack_path
 
@@ -33,12 +34,21 @@ from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, r
 def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "cpu", backend: str | None = None,
          keys: Iterable[str] | None = None, verify: bool | None = None, mmap: bool = False,
          process_group=None, src_rank: int | None = None,
-         stats: LoadStats | None = None, progress=None, cache: str | None = None) -> dict[str, torch.Tensor]:
+         stats: LoadStats | None = None, progress=None, cache: str | None = None, subfolder: str | None = None,
+         revision: str | None = None, local_files_only: bool = False, cache_dir: str | os.PathLike | None = None,
+         token: str | bool | None = None) -> dict[str, torch.Tensor]:
     """Load a flashpack file (or a fal flashpack 0.2-0.4 file) into a state_dict.
 
     Args:
-        path: the file, or its :class:`~flashpack.format.WeightMap` from :func:`read_weight_map` (read once
-            and reused; the payload reads check it is still the same file).
+        path: the file, a sharded pack's index, a folder holding one pack, a Hugging Face Hub repo id
+            (``"org/name"``, see :func:`flashpack.remote.is_repo_id`; a local path of that name always wins), or
+            the file's :class:`~flashpack.format.WeightMap` from :func:`read_weight_map` (read once and reused;
+            the payload reads check it is still the same file). A repo id is fetched with
+            ``huggingface_hub.snapshot_download``: its ``model.flashpack`` (of a sharded pack, its index and the
+            shards holding ``keys``), else the one ``*.flashpack`` of the folder (:func:`flashpack.remote.resolve_hub_pack`).
+        subfolder: a folder inside the repo (or inside the local folder ``path``) holding the pack.
+        revision, local_files_only, cache_dir, token: for a repo id, as for ``huggingface_hub.snapshot_download``
+            (``HF_HUB_OFFLINE=1`` also keeps it offline); ignored for a local path.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
         backend: reader backend: ``"auto"`` (default, or ``FLASHPACK_BACKEND``), ``"uring"``, ``"threads"``.
         keys: load only these keys (aliases included); only their byte ranges (whole checksum chunks
@@ -84,8 +94,12 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         BackendUnavailableError (``RuntimeError``): the named backend cannot run here, with the reason.
         FlashPackError: ``device`` is CUDA but torch has no CUDA.
         ValueError: ``cache`` is not ``auto``, ``keep`` or ``bypass``.
+        ModelNotFoundError (``FileNotFoundError``): a repo id that is not cached while offline, cannot be
+            fetched, or holds no pack (naming the id and what to do); a missing ``subfolder``.
         No tensor is returned when anything fails.
     """
+    path = _local_pack(path, keys, subfolder=subfolder, revision=revision, local_files_only=local_files_only,
+                       cache_dir=cache_dir, token=token)
     dev = parse_device(device)
     cfg = settings()
     if cache is not None and cache not in CACHE_POLICIES:
@@ -136,6 +150,19 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         finally:
             bar.close()
     return assemble(job, buffer, plan)
+
+
+def _local_pack(path, keys, *, subfolder: str | None, **hub):
+    """``path`` as a local path: a Hub repo id fetched (:func:`flashpack.remote.resolve_hub_pack`), a local folder
+    with ``subfolder`` applied, anything else as it is."""
+    if is_repo_id(path):
+        return resolve_hub_pack(path, subfolder=subfolder, keys=keys, **hub)
+    if subfolder and path is not None and not isinstance(path, WeightMap):
+        folder = os.path.join(os.fspath(path), subfolder)
+        if not os.path.isdir(folder):
+            raise ModelNotFoundError(f"{folder}: no such folder; check subfolder={subfolder!r} and the path")
+        return folder
+    return path
 
 
 def _mmap_shards(job, stats: LoadStats) -> dict[str, torch.Tensor]:
