@@ -35,7 +35,7 @@ _LAZY: dict[str, str] = {
                      "FormatError", "ModelMismatchError", "NotAFlashPackError", "ReadError"], ".errors"),
     "backends": ".io",
     "FlashPackMixin": ".mixin",
-    "assign_from_file": ".mixin",
+    "assign_from_file": ".deserialization",
     "init_empty_weights": ".mixin",
     "iter_tensors": ".lazy",
     "safe_open": ".lazy",
@@ -64,8 +64,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
     from . import (atomic, commands, deserialization, errors, format, integrations, io, loading, mixin, plan,
                    serialization, settings, source, staging, testing, tools)
-    from .deserialization import (LoadStats, VerifyReport, get_flashpack_file_metadata, is_flashpack_file, load,
-                                  read_flashpack_file_distributed, read_weight_map, verify)
+    from .deserialization import (LoadStats, VerifyReport, assign_from_file, get_flashpack_file_metadata,
+                                  is_flashpack_file, load, read_flashpack_file_distributed, read_weight_map, verify)
     from .integrations import patch_integrations
     from .errors import (
         BackendUnavailableError,
@@ -79,5 +79,5 @@ if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
     )
     from .io import backends
     from .lazy import iter_tensors, safe_open
-    from .mixin import FlashPackMixin, assign_from_file, init_empty_weights
+    from .mixin import FlashPackMixin, init_empty_weights
     from .serialization import pack_to_file

@@ -1,20 +1,22 @@
-"""``flashpack.load`` and ``flashpack.verify``: the top of a load. It reads the weight map once
-(:mod:`flashpack.source`), plans the load once (:func:`flashpack.loading.common.prepare`) and hands it to one of
-the load stages: host memory (:mod:`flashpack.loading.host`), a private mapping (``mmap=True``), a CUDA device
-through the staging ring (:mod:`flashpack.loading.staged`) or the ranks of a process group
-(:mod:`flashpack.loading.distributed`). The module name is fal's.
+"""``flashpack.load``, ``flashpack.verify`` and ``assign_from_file`` (a pack into an ``nn.Module``; fal's flashpack
+defines it here too): the top of a load. It reads the weight map once (:mod:`flashpack.source`), plans the load once
+(:func:`flashpack.loading.common.prepare`) and hands it to one of the load stages: host memory
+(:mod:`flashpack.loading.host`), a private mapping (``mmap=True``), a CUDA device through the staging ring
+(:mod:`flashpack.loading.staged`) or the ranks of a process group (:mod:`flashpack.loading.distributed`).
+The module name is fal's.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
 
-from .errors import FlashPackError
-from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, verify_chunk
+from .errors import FlashPackError, ModelMismatchError, ModelNotFoundError
+from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, torch_dtype, verify_chunk
 from .io import Extent, open_reader, read_all
 from .loading.common import LoadStats, aligned_empty, assemble, cache_mode, parse_device, prepare, reconstruct
 from .loading.distributed import group_for, load_distributed
@@ -22,6 +24,7 @@ from .loading.host import mmap_payload, read_into
 from .loading.memory import host_buffer
 from .loading.staged import load_payload_cuda
 from .progress import Progress
+from .remote import is_repo_id, resolve_hub_pack
 from .settings import CACHE_POLICIES, PAGE_NBYTES, settings
 from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, read_weight_map, resolve_pack_path
 
@@ -31,12 +34,21 @@ from .source import ShardedWeightMap, is_index_path, read_pack, read_pack_map, r
 def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "cpu", backend: str | None = None,
          keys: Iterable[str] | None = None, verify: bool | None = None, mmap: bool = False,
          process_group=None, src_rank: int | None = None,
-         stats: LoadStats | None = None, progress=None, cache: str | None = None) -> dict[str, torch.Tensor]:
+         stats: LoadStats | None = None, progress=None, cache: str | None = None, subfolder: str | None = None,
+         revision: str | None = None, local_files_only: bool = False, cache_dir: str | os.PathLike | None = None,
+         token: str | bool | None = None) -> dict[str, torch.Tensor]:
     """Load a flashpack file (or a fal flashpack 0.2-0.4 file) into a state_dict.
 
     Args:
-        path: the file, or its :class:`~flashpack.format.WeightMap` from :func:`read_weight_map` (read once
-            and reused; the payload reads check it is still the same file).
+        path: the file, a sharded pack's index, a folder holding one pack, a Hugging Face Hub repo id
+            (``"org/name"``, see :func:`flashpack.remote.is_repo_id`; a local path of that name always wins), or
+            the file's :class:`~flashpack.format.WeightMap` from :func:`read_weight_map` (read once and reused;
+            the payload reads check it is still the same file). A repo id is fetched with
+            ``huggingface_hub.snapshot_download``: its ``model.flashpack`` (of a sharded pack, its index and the
+            shards holding ``keys``), else the one ``*.flashpack`` of the folder (:func:`flashpack.remote.resolve_hub_pack`).
+        subfolder: a folder inside the repo (or inside the local folder ``path``) holding the pack.
+        revision, local_files_only, cache_dir, token: for a repo id, as for ``huggingface_hub.snapshot_download``
+            (``HF_HUB_OFFLINE=1`` also keeps it offline); ignored for a local path.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
         backend: reader backend: ``"auto"`` (default, or ``FLASHPACK_BACKEND``), ``"uring"``, ``"threads"``.
         keys: load only these keys (aliases included); only their byte ranges (whole checksum chunks
@@ -82,8 +94,12 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         BackendUnavailableError (``RuntimeError``): the named backend cannot run here, with the reason.
         FlashPackError: ``device`` is CUDA but torch has no CUDA.
         ValueError: ``cache`` is not ``auto``, ``keep`` or ``bypass``.
+        ModelNotFoundError (``FileNotFoundError``): a repo id that is not cached while offline, cannot be
+            fetched, or holds no pack (naming the id and what to do); a missing ``subfolder``.
         No tensor is returned when anything fails.
     """
+    path = _local_pack(path, keys, subfolder=subfolder, revision=revision, local_files_only=local_files_only,
+                       cache_dir=cache_dir, token=token)
     dev = parse_device(device)
     cfg = settings()
     if cache is not None and cache not in CACHE_POLICIES:
@@ -136,6 +152,19 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
     return assemble(job, buffer, plan)
 
 
+def _local_pack(path, keys, *, subfolder: str | None, **hub):
+    """``path`` as a local path: a Hub repo id fetched (:func:`flashpack.remote.resolve_hub_pack`), a local folder
+    with ``subfolder`` applied, anything else as it is."""
+    if is_repo_id(path):
+        return resolve_hub_pack(path, subfolder=subfolder, keys=keys, **hub)
+    if subfolder and path is not None and not isinstance(path, WeightMap):
+        folder = os.path.join(os.fspath(path), subfolder)
+        if not os.path.isdir(folder):
+            raise ModelNotFoundError(f"{folder}: no such folder; check subfolder={subfolder!r} and the path")
+        return folder
+    return path
+
+
 def _mmap_shards(job, stats: LoadStats) -> dict[str, torch.Tensor]:
     """``mmap=True`` for a sharded pack: each shard mapped on its own (one mapping per shard file)."""
     wm = job.wm
@@ -152,6 +181,240 @@ def _mmap_shards(job, stats: LoadStats) -> dict[str, torch.Tensor]:
 
 def _name(path) -> str:
     return path.path if isinstance(path, WeightMap) else os.fspath(path) if path is not None else "<no path>"
+
+
+# --------------------------------------------------------------------------- into a model
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    mod_path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(mod_path) if mod_path else model), leaf
+
+
+def model_targets(model: torch.nn.Module):
+    """Parameters and persistent buffers by state_dict key; ties grouped by object identity.
+
+    Returns:
+        (groups, kinds): ``groups`` maps id(tensor) -> list of keys sharing that object (tied weights);
+        ``kinds`` maps key -> ("param"|"buffer", the current tensor).
+    """
+    groups: dict[int, list[str]] = {}
+    kinds: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+        kinds[name] = ("param", p)
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for bname, b in mod._buffers.items():
+            if b is None or bname in mod._non_persistent_buffers_set:
+                continue
+            key = f"{mod_name}.{bname}" if mod_name else bname
+            if key in kinds:
+                continue
+            groups.setdefault(id(b), []).append(key)
+            kinds[key] = ("buffer", b)
+    return groups, kinds
+
+
+def _default_device(model: torch.nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap, device=None,
+                     strict: bool | None = None, strict_params: bool = True, strict_buffers: bool = False,
+                     keep_flash_ref_on_model: bool = False, silent: bool = True, num_streams: int | None = None,
+                     chunk_bytes: int | None = None, ignore_names: Iterable[str] | None = None,
+                     ignore_prefixes: Iterable[str] | None = None, ignore_suffixes: Iterable[str] | None = None,
+                     use_distributed_loading: bool = False, distributed_sharded: bool = False,
+                     distributed_shard_strategy: str | None = None, rank: int | None = None,
+                     local_rank: int | None = None, world_size: int | None = None, coerce_dtype: bool = False, *,
+                     backend: str | None = None, verify: bool | None = None, mmap: bool = False,
+                     process_group=None, keys: Iterable[str] | None = None):
+    """Load a flashpack file and assign its tensors into ``model`` as zero-copy views.
+
+    Parameters become new ``nn.Parameter`` objects (``requires_grad`` kept) over the loaded memory;
+    persistent buffers are replaced by the loaded tensors; non-persistent buffers keep their values.
+    Parameters tied in the model (one object under several names) stay tied: every name gets the same
+    new ``Parameter``, filled from whichever of the names the file stores (aliases included).
+
+    Args:
+        model: the module, on any device or on ``meta`` (built without allocating weights).
+        path: the file, a sharded pack's index or a folder holding one pack (:func:`flashpack.source.read_pack`),
+            or a :class:`~flashpack.format.WeightMap` (read once and reused).
+        device: where the weights go; default: the device of the model's first non-meta tensor, else CPU.
+        strict: ``True``: raise when parameters or persistent buffers are missing or keys are unexpected;
+            ``False``: warn instead, naming anything left on the meta device. ``None`` (default, fal's rule):
+            ``strict_params`` decides for parameters, ``strict_buffers`` for buffers, and unexpected keys raise
+            when either is true.
+        strict_params: with ``strict=None``, raise on missing parameters (default ``True``).
+        strict_buffers: with ``strict=None``, raise on missing persistent buffers (default ``False``: a
+            missing buffer keeps the value the model's ``__init__`` gave it).
+        keep_flash_ref_on_model: also set ``model._flash_shared_storage`` (the loaded state_dict) and
+            ``model._flash_shared_storage_meta`` (the :class:`~flashpack.format.WeightMap`), as fal does.
+        silent: ``False`` prints one summary line on stdout (keys assigned, elements, ignored and missing).
+        num_streams, chunk_bytes: fal's performance knobs; accepted and ignored (this reader sizes its
+            queue and staging from the ``FLASHPACK_*`` settings, see :mod:`flashpack.settings`).
+        ignore_names, ignore_prefixes, ignore_suffixes: keys equal to / starting with / ending with one of
+            these are neither loaded from the file nor counted as missing in the model.
+        use_distributed_loading: load through ``torch.distributed`` (``process_group="default"``), first
+            initialising the default group from ``rank``/``local_rank``/``world_size`` (or the ``RANK``,
+            ``LOCAL_RANK``, ``WORLD_SIZE`` variables) when it is not yet initialised and the world is > 1.
+        distributed_sharded: with distributed loading, every rank reads about 1/world_size of the file
+            (``True``) or rank 0 reads it all and broadcasts (``False``, fal's default).
+        distributed_shard_strategy: fal's ``"contiguous"`` or ``"windows"``; accepted, the division is this
+            library's own (validated, otherwise ignored).
+        rank, local_rank, world_size: for ``use_distributed_loading`` (see above).
+        coerce_dtype: on a dtype difference, cast the file's tensor to the model's dtype (a copy) instead of
+            raising.
+        backend, verify, mmap, process_group: as for :func:`load`.
+        keys: assign only these keys (the rest count as missing).
+
+    Returns:
+        ``torch.nn.modules.module._IncompatibleKeys(missing_keys, unexpected_keys)``, like ``load_state_dict``.
+
+    Raises:
+        ModelMismatchError (``ValueError``): a shape or dtype differs (naming the key and both values),
+            tied names hold different values in the file, or (strict) keys are missing/unexpected.
+            Checked before the model is changed: on error the model is untouched.
+        ValueError: ``distributed_shard_strategy`` is not ``"contiguous"``, ``"windows"`` or ``None``.
+        Everything :func:`load` raises.
+    """
+    if distributed_shard_strategy not in (None, "contiguous", "windows"):
+        raise ValueError(f"distributed_shard_strategy must be 'contiguous', 'windows' or None, "
+                         f"got {distributed_shard_strategy!r}")
+    if isinstance(path, WeightMap):
+        wm = path
+    else:
+        where = resolve_pack_path(path)  # a folder: its one pack
+        # a sharded pack: the merged map of only the shards holding ``keys``
+        wm = read_pack_map(where, keys=keys, missing_ok=True) if is_index_path(where) else read_weight_map(where)
+    path = wm.path
+    dev = torch.device(device) if device is not None else _default_device(model)
+    groups, kinds = model_targets(model)
+    ignored = ignore_filter(ignore_names, ignore_prefixes, ignore_suffixes)
+    src_rank = None
+    if use_distributed_loading:
+        process_group = process_group if process_group is not None else _init_distributed(rank, local_rank,
+                                                                                            world_size)
+        src_rank = None if distributed_sharded or process_group is None else 0
+
+    file_keys = {k for k in wm.keys() if not ignored(k)}
+    unexpected = [k for k in wm.keys() if k not in kinds and k in file_keys]
+    if keys is not None:  # only these are assigned: every other model key counts as missing
+        keys = list(dict.fromkeys([keys] if isinstance(keys, str) else keys))
+        file_keys &= set(keys)
+    missing = [k for k in kinds if k not in file_keys and not ignored(k)]
+    # A tie whose names are partly in the file is not missing: the stored name fills all (case C03a).
+    tied_ok = {k for names in groups.values() if any(n in file_keys for n in names) for k in names}
+    missing = [k for k in missing if k not in tied_ok]
+    strict_p = strict_params if strict is None else strict
+    strict_b = strict_buffers if strict is None else strict
+    strict_u = (strict_params or strict_buffers) if strict is None else strict
+    fatal_missing = [k for k in missing if (strict_p if kinds[k][0] == "param" else strict_b)]
+    if fatal_missing or (strict_u and unexpected):
+        raise ModelMismatchError(
+            f"{path} does not match {type(model).__name__}: missing keys {fatal_missing[:20]}"
+            f"{' ...' if len(fatal_missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''}; pass strict=False to load what matches"
+            + ("" if strict is not None else " (strict=None: missing buffers are allowed unless strict_buffers=True)")
+        )
+    coerce: set[str] = set()
+    for k in (set(kinds) & file_keys):
+        t, (_, cur) = wm.tensors[wm.aliases.get(k, k)], kinds[k]
+        if tuple(cur.shape) != t.shape:
+            raise ModelMismatchError(f"{path}: key {k!r}: shape {list(t.shape)} in the file, {list(cur.shape)} in the model")
+        fdt = torch_dtype(t.dtype, key=k, path=path)
+        if fdt != cur.dtype:
+            if coerce_dtype:
+                coerce.add(k)
+                continue
+            raise ModelMismatchError(f"{path}: key {k!r}: dtype {fdt} in the file, {cur.dtype} in the model; "
+                                     f"build the model with the file's dtype, repack with target_dtype, "
+                                     f"or pass coerce_dtype=True to cast while loading")
+    load_keys = [k for k in wm.keys() if k in kinds and k in file_keys]
+    # The weight map checked above is the one loaded: a file replaced in between is detected, not mixed in.
+    sd = load(wm, device=dev, backend=backend, keys=load_keys, verify=verify, mmap=mmap, process_group=process_group,
+              src_rank=src_rank)
+    for k in coerce:  # coerce_dtype: one cast copy per differing key
+        sd[k] = sd[k].to(kinds[k][1].dtype)
+
+    sources = []  # check every tie before changing the model: on error it stays untouched
+    for names in groups.values():
+        present = [n for n in names if n in sd]
+        if not present:
+            continue
+        src = sd[present[0]]
+        for n in present[1:]:
+            other = sd[n]
+            if other is not src and not torch.equal(other, src):
+                raise ModelMismatchError(
+                    f"{path}: {present[0]!r} and {n!r} are tied in the model but hold different values in the file; "
+                    f"untie them in the model or repack the file"
+                )
+        sources.append((names, src))
+    used: set[int] = set()
+    for i, (names, src) in enumerate(sources):
+        if id(src) in used:  # tied (aliased) in the file but not in the model: give each its own memory
+            src = src.clone()
+            sources[i] = (names, src)
+        used.add(id(src))
+    for names, src in sources:
+        kind, cur = kinds[names[0]]
+        new = torch.nn.Parameter(src, requires_grad=cur.requires_grad) if kind == "param" else src
+        for n in names:
+            mod, leaf = _owner(model, n)
+            if kind == "param":
+                mod._parameters[leaf] = new
+            else:
+                mod._buffers[leaf] = new
+
+    if dev.type != "meta":  # non-persistent buffers built elsewhere follow the weights
+        for mod in model.modules():
+            for bname in list(mod._non_persistent_buffers_set):
+                b = mod._buffers.get(bname)
+                if b is not None and b.device.type != "meta" and b.device != dev:
+                    mod._buffers[bname] = b.to(dev)
+    if keep_flash_ref_on_model:
+        model._flash_shared_storage = sd
+        model._flash_shared_storage_meta = wm
+    still_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"] \
+        if (missing or unexpected) else []
+    if missing or unexpected:
+        if strict is False or unexpected or still_meta:
+            warnings.warn(
+                f"{path}: loaded {'with strict=False' if strict is False else 'leniently'}: missing keys "
+                f"{missing[:20]}, unexpected keys {unexpected[:20]}"
+                + (f"; still on the meta device (no data): {still_meta[:20]}" if still_meta else ""),
+                stacklevel=2,
+            )
+    if not silent:
+        n_elems = sum(t.numel() for t in sd.values())
+        print(f"flashpack: assigned {len(sd)} keys ({n_elems} elements) from {path} to {type(model).__name__} on "
+              f"{dev}; {len(missing)} missing, {len(unexpected)} unexpected, "
+              f"{len(wm.keys()) - len([k for k in wm.keys() if not ignored(k)])} ignored")
+    return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def _init_distributed(rank: int | None, local_rank: int | None, world_size: int | None):
+    """fal's ``use_distributed_loading``: the default process group, initialised from the arguments or the
+    ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` variables when it is not yet; ``None`` (a plain load) for a world of 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return "default"
+    rank = rank if rank is not None else int(os.environ.get("RANK", 0))
+    local_rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", rank))
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1:
+        return None
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size)
+    else:
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size)
+    return "default"
 
 
 # --------------------------------------------------------------------------- verification
@@ -389,6 +652,6 @@ def _verify_sharded(path: str, *, backend: str | None, buffer_nbytes: int) -> Ve
     return total
 
 
-__all__ = ["LoadStats", "VerifyReport", "fal_metadata", "get_flashpack_file_metadata", "ignore_filter",
-           "is_flashpack_file", "iterate_from_flash_tensor", "load", "read_flashpack_file",
-           "read_flashpack_file_distributed", "read_weight_map", "revert_from_file", "verify"]
+__all__ = ["LoadStats", "VerifyReport", "assign_from_file", "fal_metadata", "get_flashpack_file_metadata",
+           "ignore_filter", "is_flashpack_file", "iterate_from_flash_tensor", "load", "model_targets",
+           "read_flashpack_file", "read_flashpack_file_distributed", "read_weight_map", "revert_from_file", "verify"]

@@ -8,6 +8,7 @@ from torch import nn
 
 import flashpack
 from flashpack import deserialization
+import flashpack.deserialization
 import flashpack.mixin
 from flashpack.errors import ModelMismatchError, ReadError
 
@@ -76,7 +77,7 @@ def _replace_after_weight_map(monkeypatch, path, other):
         return wm
 
     monkeypatch.setattr(deserialization, "read_weight_map", then_replace)
-    monkeypatch.setattr(flashpack.mixin, "read_weight_map", then_replace)  # assign_from_file reads it there
+    monkeypatch.setattr(flashpack.deserialization, "read_weight_map", then_replace)  # assign_from_file reads it there
 
 
 @pytest.mark.parametrize("kw", [{}, {"verify": False}, {"mmap": True}, {"backend": "threads"}])

@@ -199,12 +199,61 @@ def test_pt_nested_state_dict_and_refused_pickle(tmp_path, capsys):
     torch.save({"state_dict": {"a": torch.ones(2)}, "epoch": 3}, tmp_path / "ckpt.pth")
     assert cli.main(["convert", str(tmp_path / "ckpt.pth"), "--quiet"]) == 0
     assert list(flashpack.load(tmp_path / "ckpt.flashpack")) == ["a"]
+    assert "dropped its other entries: 'epoch' (int)" in capsys.readouterr().err
 
     torch.save({"a": torch.ones(2), "opt": {"lr": 0.1}}, tmp_path / "mixed.bin")
     assert cli.main(["convert", str(tmp_path / "mixed.bin"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "mixed.bin" in err and "not tensors" in err
     assert not (tmp_path / "mixed.flashpack").exists()
+
+
+def test_wrapped_pt_says_which_entries_convert_dropped(tmp_path, capsys):
+    torch.save({"state_dict": {"a": torch.ones(2)}, "epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "ckpt.pt")
+    assert cli.main(["convert", str(tmp_path / "ckpt.pt"), "--quiet"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"flashpack: note: {tmp_path / 'ckpt.pt'}: converted the state_dict it wraps and dropped its other "
+                   f"entries: 'epoch' (int), 'optimizer' (dict) (listed in the pack's metadata under "
+                   f"'flashpack.convert.dropped_entries'); save them separately if you need them"]
+    wm = flashpack.read_weight_map(tmp_path / "ckpt.flashpack")
+    assert json.loads(wm.metadata["flashpack.convert.dropped_entries"]) == {"ckpt.pt": ["'epoch' (int)",
+                                                                                       "'optimizer' (dict)"]}
+    assert list(flashpack.load(tmp_path / "ckpt.flashpack")) == ["a"]
+
+    torch.save({"a": torch.ones(2)}, tmp_path / "plain.pt")  # nothing dropped: no note, no metadata entry
+    assert cli.main(["convert", str(tmp_path / "plain.pt"), "--quiet"]) == 0
+    assert "note" not in capsys.readouterr().err
+    assert flashpack.read_weight_map(tmp_path / "plain.flashpack").metadata == {}
+
+
+class Hostile:
+    """A class in a pickle: ``weights_only`` refuses it, and torch's message carries ``ESC[1m ... ESC[0m``."""
+
+
+def test_torch_ansi_codes_never_reach_the_cli_error(tmp_path, capsys):
+    torch.save({"a": torch.ones(2), "x": Hostile()}, tmp_path / "hostile.pt")
+    assert cli.main(["convert", str(tmp_path / "hostile.pt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x1b" not in err.encode("unicode_escape").decode()  # neither the byte nor its escape
+    assert err.count("\n") == 1 and "hostile.pt" in err and "Unsupported global" in err and "Hostile" in err
+    p = run("convert", tmp_path / "hostile.pt", "--quiet")  # the real process, stderr as the terminal gets it
+    assert p.returncode == 2 and "\x1b" not in p.stderr and "\\x1b" not in p.stderr and "Unsupported global" in p.stderr
+
+
+def test_any_torch_load_error_with_ansi_codes_is_shown_plain(tmp_path, capsys, monkeypatch):
+    import pickle
+
+    (tmp_path / "odd.pt").write_bytes(b"not really a checkpoint")
+    for exc in (pickle.UnpicklingError("\x1b[31mbad\x1b[0m opcode \x1b]8;;http://x\x07link\x1b]8;;\x07"),
+                KeyError("\x1b[1mstorage\x1b[0m")):
+        def fail(*a, exc=exc, **k):
+            raise exc
+
+        monkeypatch.setattr(torch, "load", fail)
+        assert cli.main(["convert", str(tmp_path / "odd.pt"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "\x1b" not in err and "x1b" not in err and "\x07" not in err and "odd.pt" in err
+        assert ("bad opcode link" in err) if isinstance(exc, pickle.UnpicklingError) else ("storage" in err)
 
 
 def test_dtype_casts_floating_only(st_file, tmp_path):

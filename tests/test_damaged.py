@@ -17,6 +17,7 @@ from torch import nn
 import flashpack
 from flashpack import LoadStats, ReadError, assign_from_file, read_weight_map
 from flashpack import deserialization
+import flashpack.deserialization
 import flashpack.mixin
 from flashpack import format as fmt
 from flashpack.errors import (
@@ -277,7 +278,7 @@ def test_c30_assign_truncated_model_untouched(good, monkeypatch):
             os.truncate(path, 4096)
         return wm
 
-    monkeypatch.setattr(flashpack.mixin, "read_weight_map", truncate_on_second)  # where assign_from_file reads it
+    monkeypatch.setattr(flashpack.deserialization, "read_weight_map", truncate_on_second)  # where assign_from_file reads it
     m = M()
     w = m.a
     with pytest.raises(ReadError):

@@ -45,3 +45,16 @@ def test_diffusers_builtin_use_flashpack_round_trip(tmp_path):
     a, b = vae.state_dict(), again.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_assign_from_file_importable_from_deserialization_as_in_fal(tmp_path):
+    from flashpack.deserialization import assign_from_file as from_deserialization
+    from flashpack.mixin import assign_from_file as from_mixin
+
+    assert from_deserialization is from_mixin is flashpack.assign_from_file  # one implementation
+    src = torch.nn.Linear(3, 2)
+    flashpack.pack_to_file(src, tmp_path / "d.flashpack")
+    dst = torch.nn.Linear(3, 2)
+    result = from_deserialization(dst, str(tmp_path / "d.flashpack"), "cpu", None, True, False)  # fal's positions
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(dst.weight, src.weight) and torch.equal(dst.bias, src.bias)

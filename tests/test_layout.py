@@ -22,6 +22,7 @@ STAGES = {
     "flashpack.source": 3,
     "flashpack.plan": 3,
     "flashpack.io": 4,
+    "flashpack.remote": 4,
     "flashpack.staging": 5,
     "flashpack.loading.memory": 6,
     "flashpack.loading.common": 6,

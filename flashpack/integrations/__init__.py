@@ -1,8 +1,10 @@
 """Hugging Face integrations: thin mixins over transformers and diffusers classes.
 
 - :mod:`flashpack.integrations.transformers`: ``FlashPackTransformersModelMixin``.
-- :mod:`flashpack.integrations.diffusers`: ``FlashPackDiffusersModelMixin`` and ``FlashPackDiffusionPipeline``.
-- :mod:`flashpack.integrations.hub`: ``snapshot_download`` / ``HfApi`` helpers shared by both.
+- :mod:`flashpack.integrations.diffusers`: ``FlashPackDiffusersModelMixin``, ``FlashPackDiffusionPipeline`` and
+  ``AutoFlashPackModel``.
+- :mod:`flashpack.integrations.hub`: ``snapshot_download`` / ``HfApi`` helpers shared by both (the download side
+  lives in :mod:`flashpack.remote`, which ``flashpack.load`` uses too).
 
 transformers and diffusers are imported only inside those modules' functions (importing this package, or even
 :mod:`flashpack.integrations.transformers`, needs neither installed), and nothing in them is patched globally.

@@ -42,6 +42,7 @@ import tempfile
 import torch
 
 from ..atomic import atomic_path
+from ..errors import ModelNotFoundError
 from ..mixin import init_empty_weights
 from ..source import INDEX_SUFFIX, read_index
 from ._shared import (
@@ -195,6 +196,76 @@ def checkpoint_key_renames(model, keys) -> dict[str, str]:
     names = {k: k for k in keys}
     fix(names)  # renames in place: new key -> the stored key it came from
     return {old: new for new, old in names.items() if new != old}
+
+
+class AutoFlashPackModel:
+    """fal's ``flashpack.integrations.diffusers.auto_model.AutoFlashPackModel`` (here importable from
+    :mod:`flashpack.integrations.diffusers`): diffusers' ``AutoModel`` for FlashPack folders. The model class is
+    read from the folder's ``config.json`` (``_class_name``) or, with ``subfolder``, from ``model_index.json``;
+    a class without the mixin is given it (``FlashPack<Class>``). Not instantiated directly.
+    Unlike fal's, it patches nothing, loads diffusers classes only (no ``trust_remote_code``; a transformers
+    config raises, use :class:`~flashpack.integrations.transformers.FlashPackTransformersModelMixin`)."""
+
+    def __init__(self, *args, **kwargs):
+        raise OSError(f"{type(self).__name__} is built with {type(self).__name__}.from_pretrained(name_or_path) "
+                      f"or .from_pretrained_flashpack(name_or_path), not instantiated")
+
+    @classmethod
+    def model_class(cls, name_or_path: str | os.PathLike, *, subfolder: str | None = None, **hub) -> type:
+        """The FlashPack-enabled diffusers class the folder's config names.
+
+        Args:
+            name_or_path: a local folder or a Hub repo id. subfolder: a component folder (``"unet"``).
+            **hub: ``revision``, ``cache_dir``, ``local_files_only``, ``token``, as for ``from_pretrained``.
+
+        Returns:
+            A subclass of :class:`FlashPackDiffusersModelMixin` and the diffusers class.
+
+        Raises:
+            ModelNotFoundError: no ``config.json`` there. ValueError: the config names no diffusers class.
+        """
+        import diffusers
+
+        folder = resolve_folder(name_or_path, allow_patterns=sub_patterns(subfolder, [CONFIG_NAME]),
+                                subfolder=subfolder, **hub)
+        config_path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise ModelNotFoundError(f"{name_or_path}: no {CONFIG_NAME} in {folder}; pass subfolder= for a "
+                                     f"pipeline component (unet, vae, ...)")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        name = str(config.get("_class_name", "")).removeprefix("FlashPack")
+        klass = getattr(diffusers, name, None) if name else None
+        if not (isinstance(klass, type) and issubclass(klass, diffusers.ModelMixin)):
+            kind = "a transformers config" if "model_type" in config else f"_class_name {name!r}"
+            raise ValueError(f"{config_path}: {kind} names no diffusers model class; AutoFlashPackModel loads "
+                             f"diffusers models (use FlashPackTransformersModelMixin for transformers models)")
+        if issubclass(klass, FlashPackDiffusersModelMixin):
+            return klass
+        return type(f"FlashPack{klass.__name__}", (FlashPackDiffusersModelMixin, klass), {"__module__": __name__})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_or_path: str | os.PathLike, use_flashpack: bool = False, **kwargs):
+        """fal's: the config's class, loaded with ``from_pretrained_flashpack`` when ``use_flashpack`` is true,
+        else with its ordinary ``from_pretrained``; ``kwargs`` go to that call (``subfolder``, ``revision``,
+        ``cache_dir``, ``local_files_only`` and ``token`` also locate the config).
+
+        Returns:
+            The model.
+        """
+        hub = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        klass = cls.model_class(pretrained_model_or_path, subfolder=kwargs.get("subfolder"), **hub)
+        load = klass.from_pretrained_flashpack if use_flashpack else klass.from_pretrained
+        return load(pretrained_model_or_path, **kwargs)
+
+    @classmethod
+    def from_pretrained_flashpack(cls, pretrained_model_or_path: str | os.PathLike, **kwargs):
+        """``from_pretrained(..., use_flashpack=True)``, as in fal.
+
+        Returns:
+            The model, filled from its pack.
+        """
+        return cls.from_pretrained(pretrained_model_or_path, use_flashpack=True, **kwargs)
 
 
 def _flashpack_class(candidates) -> type | None:
@@ -528,4 +599,4 @@ def _dtype_kwarg(klass: type) -> str:
     return "torch_dtype"
 
 
-__all__ = ["FlashPackDiffusersModelMixin", "FlashPackDiffusionPipeline", "checkpoint_key_renames"]
+__all__ = ["AutoFlashPackModel", "FlashPackDiffusersModelMixin", "FlashPackDiffusionPipeline", "checkpoint_key_renames"]

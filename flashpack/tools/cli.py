@@ -60,9 +60,11 @@ COMMAND_HELP = {
 
 Convert a checkpoint into one .flashpack file, streaming one source file at a time.
 
-  <src>   a .safetensors file; a .pt/.bin/.pth file (torch.load(weights_only=True)); a folder of
-          shards with its *.index.json; a transformers or diffusers model folder; or a Hub repo id
-          org/name (only the needed files are downloaded). A path starting with ., / or ~ is never
+  <src>   a .safetensors file; a .pt/.bin/.pth file (torch.load(weights_only=True); of a dict wrapping
+          the state_dict, {"state_dict": ..., "epoch": 3}, the other entries are dropped with a note and
+          listed in the metadata as flashpack.convert.dropped_entries); a folder of shards with its
+          *.index.json; a transformers or diffusers model folder; or a Hub repo id org/name (only the
+          needed files are downloaded). A path starting with ., / or ~ is never
           looked up on the Hub.
   <dst>   default: next to the source (model.safetensors -> model.flashpack; a folder ->
           <folder>/model[.<variant>].flashpack; a Hub repo -> ./<name>[-<subfolder>][.<variant>].flashpack).

@@ -12,6 +12,7 @@ torch, safetensors and huggingface_hub are imported inside the functions that ne
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -30,6 +31,9 @@ _WEIGHT_NAMES = {
 }
 _WEIGHT_NAMES[None] = [_WEIGHT_NAMES["transformers"][0], _WEIGHT_NAMES["diffusers"][0],
                        _WEIGHT_NAMES["transformers"][1], _WEIGHT_NAMES["diffusers"][1]]
+#: Metadata key of the top-level entries of a wrapped ``.pt`` (``{"state_dict": ..., "epoch": 3}``) that convert
+#: left out: JSON ``{file name: ["'epoch' (int)", ...]}``.
+DROPPED_KEY = "flashpack.convert.dropped_entries"
 #: The file name the transformers/diffusers integrations load (``model.flashpack``, ``model.<variant>.flashpack``).
 DEFAULT_PACK_STEM = "model"
 _SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024
@@ -342,7 +346,7 @@ def _hub_source(repo_id: str, *, subfolder: str | None, variant: str | None, fra
         try:
             local = huggingface_hub.snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=ignore)
         except Exception as e:  # noqa: BLE001 - every Hub failure becomes one actionable line
-            first = (str(e).strip().splitlines() or [""])[0]
+            first = plain_text((str(e).strip().splitlines() or [""])[0])
             raise UsageError(f"{repo_id}: could not download from the Hugging Face Hub ({type(e).__name__}: {first}); "
                              f"check the repo id, your token (HF_TOKEN or `hf auth login`) and the network") from None
         folder = os.path.join(local, subfolder) if subfolder else local
@@ -394,9 +398,58 @@ def _safe_open(path: str):
         raise UsageError(f"{path}: not a readable safetensors file ({e}); check that the download completed") from None
 
 
-def torch_state_dict(path: str, *, mmap: bool = True) -> dict:
+#: Terminal escape sequences: CSI (``ESC [ ... m``, colours and bold), OSC (``ESC ] ... BEL`` or ``ESC ] ... ESC \\``,
+#: hyperlinks, titles), and the other two-byte ``ESC x`` sequences.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def plain_text(text: str) -> str:
+    """A library's message (torch's, huggingface_hub's) as plain one-line text: terminal escape sequences
+    (torch wraps a warning in ``ESC[1m ... ESC[0m``) removed, other control characters and runs of whitespace
+    turned into one space. What a file supplies is still escaped by the CLI when printed
+    (:func:`flashpack.tools.cli.safe_text`); this only keeps a library's formatting out of the message.
+
+    Args:
+        text: the message.
+
+    Returns:
+        The text without escape sequences or control characters, on one line.
+    """
+    return " ".join(_CONTROLS.sub(" ", _ANSI.sub("", text)).split())
+
+
+def unpickling_reason(e: BaseException) -> str:
+    """The line of a ``weights_only`` refusal that says why (torch >= 2.6: ``WeightsUnpickler error: Unsupported
+    global: GLOBAL __main__.Foo ...``, up to its first sentence), else the message's first line; as
+    :func:`plain_text`, at most 300 characters.
+
+    Args:
+        e: the ``pickle.UnpicklingError`` ``torch.load`` raised.
+
+    Returns:
+        One line of plain text.
+    """
+    lines = [ln.strip() for ln in str(e).strip().splitlines()]
+    why = next((ln for ln in lines if ln.startswith("WeightsUnpickler error:")), None)
+    if why is not None:
+        why = why.split(". ", 1)[0].rstrip(".")
+    text = plain_text(why if why is not None else (lines or [""])[0])
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+def torch_state_dict(path: str, *, mmap: bool = True, dropped: list[str] | None = None) -> dict:
     """``torch.load(path, weights_only=True)`` (memory-mapped when the file allows), reduced to its
     mapping of key -> tensor (a top-level ``state_dict``/``model``/``module`` entry is accepted).
+
+    Args:
+        path: the ``.pt`` / ``.bin`` / ``.pth`` file.
+        mmap: map the file instead of reading it (falls back to reading for the legacy format).
+        dropped: when given and the tensors came from a wrapping entry (``{"state_dict": ..., "epoch": 3}``),
+            the names of the file's other top-level entries, which are left out, are appended here.
+
+    Returns:
+        The state_dict: key -> tensor.
 
     Raises:
         UsageError: the pickle holds objects ``weights_only`` refuses, or no state_dict of tensors.
@@ -413,18 +466,20 @@ def torch_state_dict(path: str, *, mmap: bool = True) -> dict:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise UsageError(f"{path}: torch.load(weights_only=True) refused it ({first}); only state_dicts of tensors "
-                         f"are converted: re-save it with torch.save(model.state_dict(), ...)") from None
+        raise UsageError(f"{path}: torch.load(weights_only=True) refused it ({unpickling_reason(e)}); only state_dicts "
+                         f"of tensors are converted: re-save it with torch.save(model.state_dict(), ...)") from None
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except Exception as e:  # noqa: BLE001 - torch's loader lets KeyError, IndexError, struct.error... through
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+        first = plain_text((text.strip().splitlines() or [""])[0])[:200]  # KeyError's str() is a repr
         raise UsageError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first}); "
                          f"check that the file is complete") from None
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for k in ("state_dict", "model", "module"):
             if isinstance(obj.get(k), dict):
+                if dropped is not None:
+                    dropped += [f"{o!r} ({type(v).__name__})" for o, v in obj.items() if o != k]
                 obj = obj[k]
                 break
     if not isinstance(obj, dict):
@@ -461,7 +516,7 @@ def _plan_safetensors(files: list[str], loaded: Callable[[int], None]):
 
             lazy[key] = LazyTensor(shape, dt, load)
         del h
-    return lazy, metadata, opened
+    return lazy, metadata, opened, {}
 
 
 def _numel(shape) -> int:
@@ -476,8 +531,11 @@ def _plan_torch(files: list[str], loaded: Callable[[int], None]):
 
     opened = _OneOpen(torch_state_dict)
     lazy: dict = {}
+    dropped: dict[str, list[str]] = {}
     for path in files:
-        sd = torch_state_dict(path)
+        sd = torch_state_dict(path, dropped=dropped.setdefault(path, []))
+        if not dropped[path]:
+            del dropped[path]
         seen: dict = {}
         for key, t in sd.items():
             if key in lazy:
@@ -497,7 +555,7 @@ def _plan_torch(files: list[str], loaded: Callable[[int], None]):
             if ident is not None:
                 seen[ident] = key
         del sd
-    return lazy, {}, opened
+    return lazy, {}, opened, dropped
 
 
 #: A parameter path as ``nn.Module.state_dict`` writes it: dotted identifiers (``layers.0.attn.weight``).
@@ -689,11 +747,16 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     plan = _plan_safetensors if source.kind == "safetensors" else _plan_torch
-    lazy, metadata, opened = plan(source.files, bar.update)
+    lazy, metadata, opened, dropped = plan(source.files, bar.update)
     notes: list[str] = []
     try:
         if metadata:
             _alias_from_metadata(lazy, metadata, notes)
+        if dropped:  # added after the alias records are read, so it is never taken for one
+            notes += [f"{path}: converted the state_dict it wraps and dropped its other entries: "
+                      f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''} (listed in the pack's metadata "
+                      f"under {DROPPED_KEY!r}); save them separately if you need them" for path, names in dropped.items()]
+            metadata[DROPPED_KEY] = json.dumps({os.path.basename(p): names for p, names in dropped.items()})
         if framework == "transformers":
             _, note = _transformers_ties(source.folder, lazy)
             if note:
