@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 
 from .deserialization import ignore_filter, load, read_weight_map
-from .errors import ModelMismatchError
+from .errors import ModelMismatchError, UsageError
 from .format import WeightMap, torch_dtype
 from .serialization import pack_to_file
 from .source import is_index_path, read_pack_map, resolve_pack_path
@@ -60,6 +60,25 @@ def _default_device(model: torch.nn.Module) -> torch.device:
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
+
+
+def check_mmap_device(device, where) -> None:
+    """The rule of ``mmap=True`` for models: the weights stay in a private mapping of the pack in CPU memory, so the
+    target must be the CPU. Checked before any file is opened or any CUDA call is made.
+
+    Args:
+        device: the target (anything ``torch.device`` accepts, or ``None`` for the CPU).
+        where: the pack or folder, named in the message.
+
+    Raises:
+        UsageError (``ValueError``): ``device`` is not the CPU; the message names ``where`` and what to pass instead.
+    """
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type != "cpu":
+        raise UsageError(
+            f"{os.fspath(where)}: mmap=True keeps the weights in a private mapping of the pack in CPU memory, but the "
+            f"target device is {dev}; load to the CPU (device_map='cpu') for a zero-copy load, or leave mmap=False to "
+            f"load onto {dev}")
 
 
 def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap, device=None,
@@ -108,7 +127,13 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
         rank, local_rank, world_size: for ``use_distributed_loading`` (see above).
         coerce_dtype: on a dtype difference, cast the file's tensor to the model's dtype (a copy) instead of
             raising.
-        backend, verify, mmap, process_group: as for :func:`load`.
+        backend, verify, process_group: as for :func:`load`.
+        mmap: zero-copy CPU load (:func:`load`'s ``mmap=True``): the parameters and buffers become views of a
+            private copy-on-write mapping of the pack, nothing is copied up front; they are writable and writes
+            never reach the file. ``device`` (or the model's device) must be the CPU. Checksums are checked (every
+            chunk read once with pread before the mapping is handed out) only with ``verify=True``. Caveat: if
+            the file is truncated or replaced in place while the model is alive, touching a lost page raises
+            SIGBUS and kills the process (mmap(2)); keep the pack unchanged while the model uses it.
         keys: assign only these keys (the rest count as missing).
 
     Returns:
@@ -119,11 +144,15 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
             tied names hold different values in the file, or (strict) keys are missing/unexpected.
             Checked before the model is changed: on error the model is untouched.
         ValueError: ``distributed_shard_strategy`` is not ``"contiguous"``, ``"windows"`` or ``None``.
+        UsageError (``ValueError``): ``mmap=True`` with a device other than the CPU (before any file is read).
         Everything :func:`load` raises.
     """
     if distributed_shard_strategy not in (None, "contiguous", "windows"):
         raise ValueError(f"distributed_shard_strategy must be 'contiguous', 'windows' or None, "
                          f"got {distributed_shard_strategy!r}")
+    dev = torch.device(device) if device is not None else _default_device(model)
+    if mmap:
+        check_mmap_device(dev, path.path if isinstance(path, WeightMap) else path)
     if isinstance(path, WeightMap):
         wm = path
     else:
@@ -131,7 +160,6 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
         # a sharded pack: the merged map of only the shards holding ``keys``
         wm = read_pack_map(where, keys=keys, missing_ok=True) if is_index_path(where) else read_weight_map(where)
     path = wm.path
-    dev = torch.device(device) if device is not None else _default_device(model)
     groups, kinds = model_targets(model)
     ignored = ignore_filter(ignore_names, ignore_prefixes, ignore_suffixes)
     src_rank = None
@@ -347,12 +375,19 @@ class FlashPackMixin:
                 ``local_rank`` and ``world_size`` are also passed to a constructor that takes them.
             device: where the weights go (``None`` means CPU, fal's default).
             init_fn: a callable that builds the module (fal's).
+            mmap: zero-copy CPU load: the parameters are views of a private copy-on-write mapping of the pack
+                (writable, writes never reach the file; checksums only with ``verify=True``). ``device`` must be
+                the CPU. SIGBUS caveat as for :func:`flashpack.assign_from_file`: keep the pack unchanged while
+                the module lives.
             Everything else: as for :func:`flashpack.assign_from_file`; the ``ignore_*`` and ``coerce_dtype``
-            defaults come from the class attributes.
+                defaults come from the class attributes.
 
         Raises:
+            UsageError (``ValueError``): ``mmap=True`` with a device other than the CPU (before the module is built).
             Everything :func:`flashpack.assign_from_file` raises; no partially loaded module is returned.
         """
+        if mmap:
+            check_mmap_device(device, path)
         if init_fn is None:
             init_fn = getattr(cls, cls.flashpack_init_method) if cls.flashpack_init_method else cls
         try:
@@ -380,4 +415,5 @@ class FlashPackMixin:
         return module.eval()
 
 
-__all__ = ["FlashPackMixin", "assign_from_file", "ignore_filter", "init_empty_weights", "model_targets"]
+__all__ = ["FlashPackMixin", "assign_from_file", "check_mmap_device", "ignore_filter", "init_empty_weights",
+           "model_targets"]
