@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .errors import FlashPackError, ModelMismatchError, ModelNotFoundError
+from .errors import FlashPackError, ModelMismatchError, ModelNotFoundError, UsageError
 from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, torch_dtype, verify_chunk
 from .io import Extent, open_reader, read_all
 from .loading.common import LoadStats, aligned_empty, assemble, cache_mode, parse_device, prepare, reconstruct
@@ -222,6 +222,25 @@ def _default_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_mmap_device(device, where) -> None:
+    """The rule of ``mmap=True`` for models: the weights stay in a private mapping of the pack in CPU memory, so the
+    target must be the CPU. Checked before any file is opened or any CUDA call is made.
+
+    Args:
+        device: the target (anything ``torch.device`` accepts, or ``None`` for the CPU).
+        where: the pack or folder, named in the message.
+
+    Raises:
+        UsageError (``ValueError``): ``device`` is not the CPU; the message names ``where`` and what to pass instead.
+    """
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type != "cpu":
+        raise UsageError(
+            f"{os.fspath(where)}: mmap=True keeps the weights in a private mapping of the pack in CPU memory, but the "
+            f"target device is {dev}; load to the CPU (device_map='cpu') for a zero-copy load, or leave mmap=False to "
+            f"load onto {dev}")
+
+
 def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap, device=None,
                      strict: bool | None = None, strict_params: bool = True, strict_buffers: bool = False,
                      keep_flash_ref_on_model: bool = False, silent: bool = True, num_streams: int | None = None,
@@ -268,7 +287,13 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
         rank, local_rank, world_size: for ``use_distributed_loading`` (see above).
         coerce_dtype: on a dtype difference, cast the file's tensor to the model's dtype (a copy) instead of
             raising.
-        backend, verify, mmap, process_group: as for :func:`load`.
+        backend, verify, process_group: as for :func:`load`.
+        mmap: zero-copy CPU load (:func:`load`'s ``mmap=True``): the parameters and buffers become views of a
+            private copy-on-write mapping of the pack, nothing is copied up front; they are writable and writes
+            never reach the file. ``device`` (or the model's device) must be the CPU. Checksums are checked (every
+            chunk read once with pread before the mapping is handed out) only with ``verify=True``. Caveat: if
+            the file is truncated or replaced in place while the model is alive, touching a lost page raises
+            SIGBUS and kills the process (mmap(2)); keep the pack unchanged while the model uses it.
         keys: assign only these keys (the rest count as missing).
 
     Returns:
@@ -279,11 +304,15 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
             tied names hold different values in the file, or (strict) keys are missing/unexpected.
             Checked before the model is changed: on error the model is untouched.
         ValueError: ``distributed_shard_strategy`` is not ``"contiguous"``, ``"windows"`` or ``None``.
+        UsageError (``ValueError``): ``mmap=True`` with a device other than the CPU (before any file is read).
         Everything :func:`load` raises.
     """
     if distributed_shard_strategy not in (None, "contiguous", "windows"):
         raise ValueError(f"distributed_shard_strategy must be 'contiguous', 'windows' or None, "
                          f"got {distributed_shard_strategy!r}")
+    dev = torch.device(device) if device is not None else _default_device(model)
+    if mmap:
+        check_mmap_device(dev, path.path if isinstance(path, WeightMap) else path)
     if isinstance(path, WeightMap):
         wm = path
     else:
@@ -291,7 +320,6 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
         # a sharded pack: the merged map of only the shards holding ``keys``
         wm = read_pack_map(where, keys=keys, missing_ok=True) if is_index_path(where) else read_weight_map(where)
     path = wm.path
-    dev = torch.device(device) if device is not None else _default_device(model)
     groups, kinds = model_targets(model)
     ignored = ignore_filter(ignore_names, ignore_prefixes, ignore_suffixes)
     src_rank = None
@@ -652,6 +680,6 @@ def _verify_sharded(path: str, *, backend: str | None, buffer_nbytes: int) -> Ve
     return total
 
 
-__all__ = ["LoadStats", "VerifyReport", "assign_from_file", "fal_metadata", "get_flashpack_file_metadata",
+__all__ = ["LoadStats", "VerifyReport", "assign_from_file", "check_mmap_device", "fal_metadata", "get_flashpack_file_metadata",
            "ignore_filter", "is_flashpack_file", "iterate_from_flash_tensor", "load", "model_targets",
            "read_flashpack_file", "read_flashpack_file_distributed", "read_weight_map", "revert_from_file", "verify"]

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from .deserialization import assign_from_file, ignore_filter, model_targets
+from .deserialization import assign_from_file, check_mmap_device, ignore_filter, model_targets
 from .serialization import pack_to_file
 
 _patch_lock = threading.RLock()
@@ -113,12 +113,19 @@ class FlashPackMixin:
                 ``local_rank`` and ``world_size`` are also passed to a constructor that takes them.
             device: where the weights go (``None`` means CPU, fal's default).
             init_fn: a callable that builds the module (fal's).
+            mmap: zero-copy CPU load: the parameters are views of a private copy-on-write mapping of the pack
+                (writable, writes never reach the file; checksums only with ``verify=True``). ``device`` must be
+                the CPU. SIGBUS caveat as for :func:`flashpack.assign_from_file`: keep the pack unchanged while
+                the module lives.
             Everything else: as for :func:`flashpack.assign_from_file`; the ``ignore_*`` and ``coerce_dtype``
-            defaults come from the class attributes.
+                defaults come from the class attributes.
 
         Raises:
+            UsageError (``ValueError``): ``mmap=True`` with a device other than the CPU (before the module is built).
             Everything :func:`flashpack.assign_from_file` raises; no partially loaded module is returned.
         """
+        if mmap:
+            check_mmap_device(device, path)
         if init_fn is None:
             init_fn = getattr(cls, cls.flashpack_init_method) if cls.flashpack_init_method else cls
         try:
@@ -146,4 +153,5 @@ class FlashPackMixin:
         return module.eval()
 
 
-__all__ = ["FlashPackMixin", "assign_from_file", "ignore_filter", "init_empty_weights", "model_targets"]
+__all__ = ["FlashPackMixin", "assign_from_file", "check_mmap_device", "ignore_filter", "init_empty_weights",
+           "model_targets"]

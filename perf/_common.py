@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -404,16 +403,33 @@ def resident_fraction(path: str) -> float:
 # --------------------------------------------------------------------------- one load per fresh subprocess
 
 
+def peak_rss_nbytes() -> int:
+    """This process's own peak resident set size so far (``VmHWM`` of /proc/self/status), in bytes; 0 if unknown.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``, nor what ``wait4(2)`` returns for a child: on Linux execve(2) carries
+    the spawning address space's high-water mark into the new process's ``ru_maxrss`` (``exec_mmap`` records the old
+    mm's peak, fork and vfork alike), so every child of a parent that once held 2 GiB reports at least 2 GiB,
+    whatever it did itself. ``VmHWM`` belongs to the address space execve created, so it is the process's own.
+    """
+    return int((_proc_field("/proc/self/status", "VmHWM").split() or [0])[0]) * 1024
+
+
 @dataclass
 class ChildResult:
-    """One child process: its result line, exit status, wall time and own peak RSS."""
+    """One child process: its result line, exit status, wall time and own peak RSS.
+
+    ``peak_rss_nbytes`` is the child's own peak (its ``VmHWM`` after its body, reported in its result line by
+    :func:`child_main` or :func:`module_argv`; ``None`` when it printed none). ``wait4_maxrss_nbytes`` is what
+    ``wait4(2)`` says, which is at least the parent's own peak (see :func:`peak_rss_nbytes`): kept for reference,
+    never a child's figure."""
 
     returncode: int
     wall_s: float
-    peak_rss_nbytes: int
+    peak_rss_nbytes: int | None
     result: dict[str, Any] | None
     stdout: str = ""
     stderr: str = ""
+    wait4_maxrss_nbytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -428,8 +444,10 @@ class ChildResult:
 
 def run_child(argv: Sequence[str], timeout_s: float = 600, cwd: str | None = None) -> ChildResult:
     """Run ``argv`` in a fresh process; return its ``PERF-RESULT`` line (:func:`child_main`), wall time and
-    peak RSS. The peak RSS is the child's own ``ru_maxrss`` from ``wait4(2)`` (``RUSAGE_CHILDREN`` would keep
-    the maximum over every child ever waited for). A child past ``timeout_s`` is killed."""
+    peak RSS. The peak RSS is the one the child reports for itself (``peak_rss_nbytes`` of its result line, its
+    ``VmHWM``), not ``ru_maxrss`` from ``wait4(2)``, which starts at this parent's own peak (see
+    :func:`peak_rss_nbytes`). A command that is not one of our children reports it when run through
+    :func:`module_argv`. A child past ``timeout_s`` is killed."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(argv), stdout=out, stderr=err, cwd=cwd, start_new_session=True)
@@ -450,13 +468,35 @@ def run_child(argv: Sequence[str], timeout_s: float = 600, cwd: str | None = Non
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     lines = [ln[len(RESULT_PREFIX):] for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    return ChildResult(proc.returncode, wall_s, ru.ru_maxrss * 1024, json.loads(lines[-1]) if lines else None,
-                       stdout[-4000:], stderr[-4000:])
+    result = json.loads(lines[-1]) if lines else None
+    own = result.get("peak_rss_nbytes") if isinstance(result, dict) else None
+    return ChildResult(proc.returncode, wall_s, own if isinstance(own, int) and own > 0 else None, result,
+                       stdout[-4000:], stderr[-4000:], ru.ru_maxrss * 1024)
+
+
+_RUN_MODULE = """\
+import atexit, json, runpy, sys
+def _report():
+    with open("/proc/self/status") as f:
+        hwm = next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")), None)
+    print(%r + json.dumps({"peak_rss_nbytes": hwm}), flush=True)
+atexit.register(_report)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+""" % RESULT_PREFIX
+
+
+def module_argv(module: str, *args: str) -> list[str]:
+    """``python -m module args...`` for :func:`run_child`, that also prints the process's own peak RSS
+    (``VmHWM``, bytes) as its last ``PERF-RESULT`` line when it exits (``sys.exit`` included), so that
+    :attr:`ChildResult.peak_rss_nbytes` is that command's own figure."""
+    return [sys.executable, "-c", _RUN_MODULE, module, *args]
 
 
 def child_main(fn: Callable[[], dict[str, Any]]) -> int:
-    """Run a child's body and print its result line ``PERF-RESULT {json}`` with its own peak RSS; an
-    exception becomes ``{"error": ...}`` and exit status 1."""
+    """Run a child's body and print its result line ``PERF-RESULT {json}`` with its own peak RSS
+    (``peak_rss_nbytes``: :func:`peak_rss_nbytes` after the body, bytes); an exception becomes ``{"error": ...}``
+    and exit status 1."""
     try:
         result, rc = dict(fn()), 0
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -464,7 +504,7 @@ def child_main(fn: Callable[[], dict[str, Any]]) -> int:
 
         traceback.print_exc()
         result, rc = {"error": f"{type(e).__name__}: {e}"[:500]}, 1
-    result.setdefault("self_peak_rss_nbytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result.setdefault("peak_rss_nbytes", peak_rss_nbytes())
     print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
     return rc
 

@@ -77,18 +77,18 @@ def main(argv=None) -> int:
             writes.append(write_ceiling(ceiling, nbytes))
             if args.cold:
                 C.evict([src])
-            res = C.run_child([sys.executable, "-m", "flashpack", "convert", src, dst, "--force", "--quiet"],
-                              cwd=C.REPO_ROOT)
+            res = C.run_child(C.module_argv("flashpack", "convert", src, dst, "--force", "--quiet"), cwd=C.REPO_ROOT)
             if res.returncode:
                 print(res.stdout, res.stderr, sep="\n", file=sys.stderr)
                 return 1
             m = re.search(r" in ([0-9.]+) s ", res.stdout)
             walls.append(res.wall_s)
             convs.append(float(m.group(1)) if m and float(m.group(1)) > 0 else res.wall_s)  # tiny inputs: "0.000 s"
-            rss = max(rss, res.peak_rss_nbytes)
+            rss = max(rss, res.peak_rss_nbytes or 0)  # the convert process's own VmHWM
             print(f"sample {r}: write+fsync {writes[-1]:.3f} s ({C.speed(nbytes, writes[-1])}); convert {convs[-1]:.3f} s "
                   f"({C.speed(nbytes, convs[-1])}, own timer), {walls[-1]:.3f} s whole subprocess", flush=True)
-        print(f"convert stdout (last): {res.stdout.strip()}")
+        out = "\n".join(ln for ln in res.stdout.splitlines() if not ln.startswith(C.RESULT_PREFIX))
+        print(f"convert stdout (last): {out.strip()}")
         w, c, wall = C.median(writes), C.median(convs), C.median(walls)
         print(f"disk buffered write (os.write + fsync), median of {args.runs}: {C.speed(nbytes, w)}")
         print(f"convert, median of {args.runs} (own timer: resolve, plan, read, hash, write, fsync): {C.speed(nbytes, c)};"

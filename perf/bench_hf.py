@@ -12,7 +12,8 @@ subprocess, three cache states in the same run, methods interleaved:
 
 Times (seconds, imports excluded): ``load_s`` until the load call returns; ``ready_s`` until one byte of every
 4 KiB page of every weight has been read too (a lazily mmapped checkpoint pays its reads there). Throughput is weight-file
-bytes / ``load_s``, in Gbps (10^9 bit/s) and GiB/s.
+bytes / ``load_s``, in Gbps (10^9 bit/s) and GiB/s. Peak RSS: each child's own ``VmHWM`` after its load
+(``_common.peak_rss_nbytes``), the median per model, cache state and method.
 
 Usage::
 
@@ -206,15 +207,17 @@ def main(argv=None) -> int:
                 ready = C.summary([s["ready_s"] for s in ok])
                 nb = ok[0]["file_nbytes"] if ok else 0
                 med[method] = (load["median"], ready["median"])
+                rss = C.median([s["peak_rss_nbytes"] for s in ok])  # each child's own VmHWM
                 rows.append([kind, cache, method, C.human_nbytes(nb), C.fmt(load["median"], 3),
                              f"{C.fmt(load['min'], 3)}-{C.fmt(load['max'], 3)}", C.fmt(ready["median"], 3),
-                             C.fmt(C.gbps(nb, load["median"])), C.fmt(C.gibps(nb, load["median"])), load["n"]])
+                             C.fmt(C.gbps(nb, load["median"])), C.fmt(C.gibps(nb, load["median"])),
+                             C.fmt(rss / C.MiB, 0), load["n"]])
             speed_load = med["safetensors"][0] / med["flashpack"][0] if med["flashpack"][0] else float("nan")
             speed_ready = med["safetensors"][1] / med["flashpack"][1] if med["flashpack"][1] else float("nan")
             summary.append({"model": kind, "cache": cache, "speedup_load": speed_load, "speedup_ready": speed_ready})
     print()
     print(C.markdown_table(["model", "cache", "method", "weights", "load_s median", "load_s min-max", "ready_s median",
-                            "Gbps", "GiB/s", "n"], rows))
+                            "Gbps", "GiB/s", "peak RSS MiB median", "n"], rows))
     print()
     print(C.markdown_table(["model", "cache", "flashpack speedup (load)", "flashpack speedup (ready)"],
                            [[s["model"], s["cache"], C.fmt(s["speedup_load"]) + "x", C.fmt(s["speedup_ready"]) + "x"]

@@ -8,7 +8,9 @@ Usage:
 Every load runs in a fresh subprocess and ends with every byte resident in memory on the CPU: each
 loader's result is touched (one byte per 4096, ``_common.touch``), which is what makes a lazy (mmap)
 load read its bytes; flashpack verifies its xxh3 chunk checksums (``verify=True``). The time is the load
-plus the touch inside the child, not the interpreter start. Per loader and round: ``cold`` (the file
+plus the touch inside the child, not the interpreter start; ``peak_rss`` is that child's own peak resident
+set (its ``VmHWM`` after the load and touch, ``_common.peak_rss_nbytes``; not ``wait4``'s ``ru_maxrss``, which
+starts at this parent's peak), the table shows its median per loader and mode. Per loader and round: ``cold`` (the file
 evicted after the child's imports), then ``restart`` (a new process right after that load: the page
 cache is what the loader itself left), then ``warm`` (the child first reads the file buffered).
 Loaders alternate A B C ... A B C ... so drift hits each alike; medians over ``--runs`` rounds.

@@ -72,6 +72,9 @@ def test_perf_script_smoke(script, tmp_path):
         if script == "bench_hf.py":  # every cache state, both methods, no failed child
             assert {(s["cache"], s["method"]) for s in data["samples"] if "load_s" in s} == {
                 (c, m) for c in ("cold", "restart", "cached") for m in ("safetensors", "flashpack")}
+            # each child's own peak RSS (VmHWM) is in its row and holds at least the weight file it loaded
+            assert all(s["peak_rss_nbytes"] >= s["file_nbytes"] for s in data["samples"]), data["samples"]
+            assert re.search(r"\| peak RSS MiB median \|", text), text[-3000:]
     elif script == "bench_shards.py":
         with open(os.path.join(d, "smoke.json")) as f:
             data = json.load(f)
@@ -100,6 +103,8 @@ def _check_ours(script: str, text: str, d: str) -> None:
     assert {s["mode"] for s in samples} == {"cold", "restart", "warm"}
     for s in samples:
         assert s["load_s"] and all(t > 0 for t in s["load_s"]) and s["peak_rss_nbytes"] > 0, s
+        # the child's own peak (VmHWM): at least its RSS after the imports plus the bytes it loaded and touched
+        assert s["peak_rss_nbytes"] >= s["baseline_rss_nbytes"] + s["nbytes"], s
         assert s["nbytes"] == data.get("payload_nbytes", s["nbytes"]) and s["nbytes"] > 3 * 2 ** 20, s
         if s["loader"].startswith(("flashpack[threads]", "flashpack[uring]")):
             assert s["chunks_verified"] >= 1, s
@@ -115,6 +120,52 @@ def _check_ours(script: str, text: str, d: str) -> None:
     if script != "bench_load.py":
         with open(os.path.join(d, "smoke.png"), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+#: A parent that holds 256 MiB, then runs children through run_child: an idle one, one that touches 32 MiB of fresh
+#: anonymous memory, and ``python -m json.tool`` through module_argv. Prints what run_child reported as JSON.
+PARENT_WITH_BALLAST = r"""
+import json, mmap, sys
+sys.path.insert(0, sys.argv[1])
+import _common as C
+
+ballast = mmap.mmap(-1, 256 * C.MiB)
+for _ in range(256):
+    ballast.write(b"\1" * C.MiB)  # every page resident: this parent's peak RSS is > 256 MiB
+child = ("import mmap, sys; sys.path.insert(0, %r); import _common as C\n"
+         "def body():\n"
+         "    n = int(sys.argv[1]) * C.MiB\n"
+         "    m = mmap.mmap(-1, max(n, C.PAGE_NBYTES))\n"
+         "    for i in range(0, n, C.PAGE_NBYTES):\n"
+         "        m[i] = 1\n"
+         "    return {'touched_nbytes': n}\n"
+         "sys.exit(C.child_main(body))" % sys.argv[1])
+runs = [C.run_child([sys.executable, "-c", child, str(mib)]) for mib in (0, 32)]
+runs.append(C.run_child(C.module_argv("json.tool", "--help")))
+print(json.dumps({"parent_peak_rss_nbytes": C.peak_rss_nbytes(),
+                  "children": [{"rc": r.returncode, "peak": r.peak_rss_nbytes, "result": r.result,
+                                "wait4": r.wait4_maxrss_nbytes} for r in runs]}))
+"""
+
+
+def test_run_child_reports_the_child_own_peak_rss(tmp_path):
+    """A child's peak RSS is its own (VmHWM), not the parent's: Linux's ru_maxrss of an exec'd child (wait4 or
+    RUSAGE_SELF) starts at the parent's peak, so a parent holding 256 MiB made every child read >= 256 MiB."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_WITH_BALLAST)
+    out = subprocess.run([sys.executable, str(script), PERF], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    idle, busy, module = data["children"]
+    mib = 2 ** 20
+    assert data["parent_peak_rss_nbytes"] > 256 * mib
+    assert [c["rc"] for c in (idle, busy, module)] == [0, 0, 0], data
+    for c in (idle, busy):  # the figure is the one the child printed, not wait4's
+        assert c["peak"] == c["result"]["peak_rss_nbytes"], c
+    assert idle["result"]["touched_nbytes"] == 0 and busy["result"]["touched_nbytes"] == 32 * mib
+    assert 0 < idle["peak"] < 128 * mib, data  # an interpreter with numpy: nowhere near the parent's 256 MiB
+    assert 30 * mib <= busy["peak"] - idle["peak"] < 40 * mib, data  # the 32 MiB it touched, give or take a few pages
+    assert 0 < module["peak"] < 128 * mib and module["result"] == {"peak_rss_nbytes": module["peak"]}, data
 
 
 def test_common_units_and_synthetic():

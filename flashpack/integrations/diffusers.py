@@ -43,7 +43,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import ModelNotFoundError
-from ..mixin import init_empty_weights
+from ..mixin import check_mmap_device, init_empty_weights
 from ..source import INDEX_SUFFIX, read_index
 from ._shared import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -115,7 +115,7 @@ class FlashPackDiffusersModelMixin:
                                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                                   local_files_only: bool = False, token: str | bool | None = None,
                                   torch_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
-                                  **config_overrides):
+                                  mmap: bool = False, verify: bool | None = None, **config_overrides):
         """Build the model from ``config.json`` on the meta device and fill it from its pack.
 
         Args:
@@ -127,6 +127,13 @@ class FlashPackDiffusersModelMixin:
                 fal's ``force_download`` and ``local_dir`` go to ``snapshot_download``, ``proxies`` and
                 ``local_dir_use_symlinks`` are accepted and ignored (deprecated in huggingface_hub).
             torch_dtype, dtype: convert the loaded model to this dtype (``model.to(dtype)``); default: the pack's.
+            mmap: zero-copy CPU load (default ``False``): the parameters are views of a private copy-on-write
+                mapping of the pack (writable; writes never reach the file). CPU only: a CUDA ``device_map`` raises
+                ``UsageError`` before anything is downloaded or built. SIGBUS caveat: if the pack is truncated or
+                overwritten in place while the model lives, touching a lost page kills the process. Details as for
+                :meth:`flashpack.integrations.transformers.FlashPackTransformersModelMixin.from_pretrained_flashpack`.
+            verify: check the chunk checksums; default ``FLASHPACK_VERIFY`` (on); with ``mmap=True`` only
+                ``verify=True`` does (a damaged pack is then a ``ChecksumMismatchError``).
             silent, strict, strict_params, strict_buffers, keep_flash_ref_on_model, num_streams, chunk_bytes,
                 ignore_names, ignore_prefixes, ignore_suffixes, use_distributed_loading, distributed_sharded,
                 distributed_shard_strategy, rank, local_rank, world_size, coerce_dtype: fal's keywords, passed to
@@ -144,9 +151,11 @@ class FlashPackDiffusersModelMixin:
             installed diffusers' ``from_pretrained`` would load the same keys: its checkpoint key renames are
             applied to the pack's keys (:func:`checkpoint_key_renames`; the tensors stay views).
         """
-
         assign, hub_extra = split_fal_options(config_overrides)
         device = resolve_device(device, device_map, f"{cls.__name__}.from_pretrained_flashpack")
+        if mmap:
+            check_mmap_device(device, name_or_path)
+        assign.update(mmap=mmap, verify=verify)
         want_dtype = dtype if dtype is not None else torch_dtype
         name = pack_name(variant)
         folder = resolve_pack_folder(name_or_path, pack=name, **hub_extra,
@@ -493,7 +502,8 @@ class FlashPackDiffusionPipeline:
     def from_pretrained_flashpack(cls, name_or_path: str | os.PathLike, device=None, *, device_map=None,
                                   variant: str | None = None, torch_dtype: torch.dtype | None = None,
                                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                                  local_files_only: bool = False, token: str | bool | None = None, **kwargs):
+                                  local_files_only: bool = False, token: str | bool | None = None,
+                                  mmap: bool = False, verify: bool | None = None, **kwargs):
         """Load a pipeline: FlashPack-enabled components from their packs, the rest with their ordinary
         ``from_pretrained`` through diffusers' own ``DiffusionPipeline.from_pretrained`` (which receives the
         FlashPack components ready-made).
@@ -507,6 +517,14 @@ class FlashPackDiffusionPipeline:
                 differs, in which case they are converted after loading.
             device: fal's second positional argument: the same as ``device_map``.
             revision, cache_dir, local_files_only, token: for the Hub.
+            mmap: zero-copy CPU load of every packed component (default ``False``): its parameters are views of a
+                private copy-on-write mapping of its pack (writable; writes never reach the file). Components
+                loaded the ordinary way (tokenizers, plain models, packed classes without a pack) are not
+                affected. CPU only: with a CUDA ``device_map`` it raises ``UsageError`` before anything is fetched
+                or loaded. SIGBUS caveat: if a pack is truncated or overwritten in place while the pipeline lives,
+                touching a lost page kills the process.
+            verify: passed to every pack's load (default ``FLASHPACK_VERIFY``; with ``mmap=True`` only
+                ``verify=True`` checks the checksums).
             num_streams, chunk_bytes, ignore_names, ignore_prefixes, ignore_suffixes, silent, strict,
                 use_distributed_loading, distributed_sharded, distributed_shard_strategy, rank, local_rank,
                 world_size, coerce_dtype: fal's keywords, passed to every pack's load
@@ -517,11 +535,17 @@ class FlashPackDiffusionPipeline:
         Returns:
             The pipeline, all components on the device, ready to call.
 
+        Raises:
+            UsageError (``ValueError``): ``mmap=True`` with a device other than the CPU.
+            UnsupportedDeviceMapError, and whatever the components' loads raise.
+
         Notes:
             A FlashPack-enabled component whose folder has no pack but ordinary weights is loaded with the
             annotated class's ordinary ``from_pretrained`` (case C36).
         """
         device = resolve_device(device, device_map, f"{cls.__name__}.from_pretrained_flashpack")
+        if mmap:
+            check_mmap_device(device, name_or_path)
         if torch_dtype is None:
             torch_dtype = kwargs.pop("dtype", None)
         assign, _ = split_fal_options(kwargs)
@@ -553,7 +577,8 @@ class FlashPackDiffusionPipeline:
             klass = _flashpack_class(types.get(name, ()))
             has_pack = os.path.isfile(os.path.join(sub, pname)) or os.path.isfile(os.path.join(sub, pname + INDEX_SUFFIX))
             if klass is not None and has_pack:
-                comp = klass.from_pretrained_flashpack(sub, device_map=device, variant=variant, **assign)
+                comp = klass.from_pretrained_flashpack(sub, device_map=device, variant=variant, mmap=mmap,
+                                                       verify=verify, **assign)
                 if torch_dtype is not None and comp.dtype != torch_dtype:
                     comp = comp.to(dtype=torch_dtype)
                 components[name] = comp

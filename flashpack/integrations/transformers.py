@@ -30,7 +30,7 @@ import re
 import torch
 
 from ..errors import ModelMismatchError
-from ..mixin import init_empty_weights
+from ..mixin import check_mmap_device, init_empty_weights
 from ._shared import (
     DEFAULT_MAX_SHARD_SIZE,
     base_library_class,
@@ -110,7 +110,8 @@ class FlashPackTransformersModelMixin:
                                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                                   local_files_only: bool = False, token: str | bool | None = None,
                                   torch_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
-                                  key_mapping: dict[str, str] | None = None, **config_overrides):
+                                  key_mapping: dict[str, str] | None = None, mmap: bool = False,
+                                  verify: bool | None = None, **config_overrides):
         """Build the model from its config on the meta device and fill it from its pack.
 
         A pack written under an older transformers, whose keys follow that version's layout, loads when the
@@ -128,6 +129,19 @@ class FlashPackTransformersModelMixin:
                 ``local_dir_use_symlinks`` are accepted and ignored (deprecated in huggingface_hub).
             torch_dtype, dtype: convert the loaded model to this dtype (``model.to(dtype)``); default: the pack's.
             key_mapping: ``{regex: replacement}`` renames of the stored keys, as for ``from_pretrained``.
+            mmap: zero-copy CPU load (default ``False``): every parameter and persistent buffer is a view of a
+                private copy-on-write mapping of the pack, like ``torch.load(mmap=True)``; nothing is copied up
+                front, pages are read from the file (or the page cache) when first touched. The parameters are
+                writable (fine-tuning works) and writes never reach the file. CPU only: with a CUDA
+                ``device_map``/``device`` it raises ``UsageError`` before anything is downloaded or built (it is
+                not silently ignored: drop ``mmap=True`` to load onto the GPU). A dtype conversion
+                (``torch_dtype``/``dtype`` differing from the pack's, ``coerce_dtype``) copies what it converts.
+                SIGBUS caveat: the mapping stays backed by the file for the model's life; if the pack is truncated
+                or overwritten in place meanwhile (a save into the same folder renames a new file in and is safe),
+                touching a lost page raises SIGBUS and kills the process.
+            verify: check the pack's chunk checksums; default ``FLASHPACK_VERIFY`` (on). With ``mmap=True`` only
+                ``verify=True`` checks them (every chunk read once with ``pread(2)`` before the mapping is handed
+                out), so a damaged pack is a ``ChecksumMismatchError``, not wrong weights.
             silent, strict, strict_params, strict_buffers, keep_flash_ref_on_model, num_streams, chunk_bytes,
                 ignore_names, ignore_prefixes, ignore_suffixes, use_distributed_loading, distributed_sharded,
                 distributed_shard_strategy, rank, local_rank, world_size, coerce_dtype: fal's keywords, passed to
@@ -141,17 +155,20 @@ class FlashPackTransformersModelMixin:
         Raises:
             ModelNotFoundError (``FileNotFoundError``): no such folder, not cached offline, or no pack.
             UnsupportedDeviceMapError (``NotImplementedError``): a map over several devices.
+            UsageError (``ValueError``): ``mmap=True`` with a device other than the CPU.
             TypeError: a config override the config does not know.
             ModelMismatchError: the pack does not fit the model after the key renames (missing or unexpected keys,
                 shapes, dtypes), or stores keys in an older layout that transformers converts by merging or
                 splitting tensors (:func:`checkpoint_key_renames`).
-            Everything :func:`flashpack.assign_from_file` raises.
+            ChecksumMismatchError and everything :func:`flashpack.assign_from_file` raises.
         """
         from transformers import AutoConfig, GenerationConfig
 
-
         assign, hub_extra = split_fal_options(config_overrides)
         device = resolve_device(device, device_map, f"{cls.__name__}.from_pretrained_flashpack")
+        if mmap:
+            check_mmap_device(device, name_or_path)
+        assign.update(mmap=mmap, verify=verify)
         want_dtype = dtype if dtype is not None else torch_dtype
         name = pack_name(variant)
         folder = resolve_pack_folder(name_or_path, pack=name, **hub_extra,
