@@ -10,17 +10,22 @@ Test modules import these as ``from _helpers import ...`` (pytest puts ``tests/`
 - position-dependent bytes (a misplaced or stale page never matches): ``position_bytes``, ``raw``;
   and for raw reader tests ``pattern_bytes``, ``make_file``, ``aligned``, ``split``.
 - ``CUDA``: the ``cuda`` marker plus a skip with the reason where torch has no usable CUDA device.
+- the Hub: ``FakeHub`` (``HfApi.create_repo`` / ``HfApi.upload_folder``, and with a store a filtering
+  ``snapshot_download`` serving what was pushed), ``files_under`` (a folder's files, relative).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import importlib.util
 import json
 import os
+import shutil
 import struct
 import tempfile
 import time
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -216,3 +221,70 @@ def uring_faults(monkeypatch, **fault) -> object:
     monkeypatch.setattr(uring, "_uring", mod)
     monkeypatch.setattr(uring, "setup_ring", setup_with_fault)
     return mod
+
+
+# --------------------------------------------------------------------------- the Hub (no network)
+
+
+def files_under(folder) -> set[str]:
+    """Every file under ``folder``, as paths relative to it."""
+    out = set()
+    for root, _, names in os.walk(folder):
+        for n in names:
+            out.add(os.path.relpath(os.path.join(root, n), folder))
+    return out
+
+
+class FakeHub:
+    """Stands in for ``HfApi.create_repo`` / ``HfApi.upload_folder`` (the calls a push makes); records the files
+    present at upload time. With a ``store`` folder, pushed folders are also copied to ``store/<repo id>`` and
+    ``install(monkeypatch, serve=True)`` replaces ``huggingface_hub.snapshot_download`` with
+    :meth:`snapshot_download`, which hands back what was pushed."""
+
+    def __init__(self, namespace="me", store=None):
+        self.namespace = namespace
+        self.store = None if store is None else os.fspath(store)
+        self.created: list[dict] = []
+        self.uploads: list[dict] = []
+        self.downloads: list[dict] = []
+
+    def install(self, monkeypatch, *, serve: bool = False):
+        import huggingface_hub
+
+        hub = self
+
+        def create_repo(api, repo_id, **kw):
+            hub.created.append({"repo_id": repo_id, **kw})
+            full = repo_id if "/" in repo_id else f"{hub.namespace}/{repo_id}"
+            return SimpleNamespace(repo_id=full, url=f"https://huggingface.co/{full}")
+
+        def upload_folder(api, *, repo_id, folder_path, **kw):
+            hub.uploads.append({"repo_id": repo_id, "folder_path": str(folder_path), "files": files_under(folder_path),
+                                **kw})
+            if hub.store is not None:
+                shutil.copytree(folder_path, os.path.join(hub.store, repo_id), dirs_exist_ok=True)
+            return SimpleNamespace(oid="0" * 40)
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        if serve:
+            monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
+        return self
+
+    def snapshot_download(self, repo_id, *, allow_patterns=None, **kwargs) -> str:
+        """Like the Hub: a fresh snapshot folder holding the pushed files that match ``allow_patterns``; records
+        (repo id, patterns, files fetched)."""
+        src = os.path.join(self.store, repo_id)
+        if not os.path.isdir(src):
+            raise AssertionError(f"the fake Hub has no repo {repo_id!r}")
+        dst = os.path.join(self.store, ".snapshots", str(len(self.downloads)), repo_id)
+        got = []
+        for rel in sorted(files_under(src)):
+            posix = rel.replace(os.sep, "/")
+            if allow_patterns is None or any(fnmatch.fnmatch(posix, p) for p in allow_patterns):
+                os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+                shutil.copy2(os.path.join(src, rel), os.path.join(dst, rel))
+                got.append(posix)
+        os.makedirs(dst, exist_ok=True)
+        self.downloads.append({"repo_id": repo_id, "allow_patterns": allow_patterns, "files": got})
+        return dst

@@ -1,6 +1,8 @@
 """Tiny diffusers/transformers components built from configs (no downloads), shared by
-test_hf_diffusers.py and test_hf_hub.py: the FlashPack-enabled classes as the user docs write them, a mixed
-pipeline whose text encoder is a plain class (case C36), and builders for a 64-pixel Stable Diffusion.
+test_hf_diffusers.py, test_hf_hub.py and others: the FlashPack-enabled classes as the user docs write them, a mixed
+pipeline whose text encoder is a plain class (case C36), builders for a 64-pixel Stable Diffusion and a tiny SDXL
+(``sdxl_components``), and ``write_sdxl_repo``: a folder laid out like stabilityai/stable-diffusion-xl-base-1.0
+with an ``fp16`` variant (test_user_docs_examples.py).
 
 Importing this module needs diffusers and transformers: import it after ``pytest.importorskip``."""
 
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -15,6 +19,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -29,6 +34,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from _helpers import files_under  # noqa: F401  (re-exported for the diffusers tests)
 from flashpack.integrations.diffusers import FlashPackDiffusersModelMixin, FlashPackDiffusionPipeline
 from flashpack.integrations.transformers import FlashPackTransformersModelMixin
 
@@ -149,13 +155,13 @@ def tiny_vae(cls=FlashPackAutoencoderKL):
                sample_size=SIZE, norm_num_groups=32, layers_per_block=1)
 
 
-def tiny_unet(**kw):
+def tiny_unet(cls=FlashPackUNet2DConditionModel, **kw):
     base = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 2, in_channels=4, out_channels=4,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 4),
                 norm_num_groups=32)
     base.update(kw)
-    return FlashPackUNet2DConditionModel(**base)
+    return cls(**base)
 
 
 def ddim():
@@ -169,15 +175,44 @@ def sd_components(tmp_path, text_encoder_cls=FlashPackCLIPTextModel):
                 tokenizer=make_tokenizer(tmp_path / "tok"), unet=tiny_unet().eval(), scheduler=ddim())
 
 
+def sdxl_components(tmp_path, *, flashpack: bool = True, sample_size: int = SIZE // 2) -> dict:
+    """A tiny SDXL's components (two CLIP text encoders, two tokenizers, an added-conditions UNet): the FlashPack
+    classes above, or the plain library classes with ``flashpack=False``. The pipeline's default image is
+    ``2 * sample_size`` pixels square."""
+    torch.manual_seed(0)
+    fp = flashpack
+    return dict(
+        vae=tiny_vae(FlashPackAutoencoderKL if fp else AutoencoderKL).eval(),
+        text_encoder=(FlashPackCLIPTextModel if fp else CLIPTextModel)(clip_config()).eval(),
+        text_encoder_2=(FlashPackCLIPTextModelWithProjection if fp else CLIPTextModelWithProjection)(
+            clip_config(projection_dim=32)).eval(),
+        tokenizer=make_tokenizer(tmp_path / "tok"),
+        tokenizer_2=make_tokenizer(tmp_path / "tok2"),
+        unet=tiny_unet(FlashPackUNet2DConditionModel if fp else UNet2DConditionModel, cross_attention_dim=64,
+                       use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                       transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                       sample_size=sample_size).eval(),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                         beta_schedule="scaled_linear", timestep_spacing="leading"),
+    )
+
+
+def write_sdxl_repo(folder, *, sample_size: int = 8) -> StableDiffusionXLPipeline:
+    """A folder laid out like the Hub repo stabilityai/stable-diffusion-xl-base-1.0: plain library classes in
+    ``model_index.json``, every model's float32 weights plus an ``fp16`` variant (``*.fp16.safetensors``), configs
+    from the float32 save (so every component loads in one dtype). Returns the float32 pipeline it wrote."""
+    import copy
+
+    os.makedirs(folder, exist_ok=True)
+    pipe = StableDiffusionXLPipeline(**sdxl_components(Path(folder) / ".tok", flashpack=False,
+                                                       sample_size=sample_size), add_watermarker=False)
+    copy.deepcopy(pipe).to(torch.float16).save_pretrained(folder, variant="fp16")
+    pipe.save_pretrained(folder)
+    shutil.rmtree(Path(folder) / ".tok")
+    return pipe
+
+
 def image(pipe) -> np.ndarray:
     gen = torch.Generator("cpu").manual_seed(0)
     with torch.no_grad():
         return pipe(PROMPT, num_inference_steps=2, generator=gen, height=SIZE, width=SIZE, output_type="np").images
-
-
-def files_under(folder) -> set[str]:
-    out = set()
-    for root, _, names in os.walk(folder):
-        for n in names:
-            out.add(os.path.relpath(os.path.join(root, n), folder))
-    return out

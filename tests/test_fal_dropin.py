@@ -1,6 +1,6 @@
 """fal's flashpack 0.4.5 public surface works here unchanged (issue 13): names, keywords, positional forms, the CLI's
-short flags and filters, metadata JSON, broken pipes, diffusers' own ``use_flashpack=True`` in a fresh process,
-and the documented pipeline recipe (components built as the annotated FlashPack classes, fal ``["defs", ...]``
+short flags and filters, metadata JSON, broken pipes, diffusers' own ``use_flashpack=True`` in a fresh process (a
+model and a whole pipeline), and the documented pipeline recipe (components built as the annotated FlashPack classes, fal ``["defs", ...]``
 index entries)."""
 
 from __future__ import annotations
@@ -179,6 +179,60 @@ def test_diffusers_use_flashpack_fresh_process_with_fal_kwargs(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "['config.json', 'model.flashpack'] True"
+
+
+PIPELINE_SCRIPT = r"""
+import os, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+
+src, out = sys.argv[1], sys.argv[2]
+def image(pipe):
+    gen = torch.Generator("cpu").manual_seed(0)
+    return pipe("a red cat", num_inference_steps=2, generator=gen, height=32, width=32, output_type="np").images
+
+pipe = DiffusionPipeline.from_pretrained(src)
+expected = image(pipe)
+pipe.save_pretrained(out, use_flashpack=True)
+again = DiffusionPipeline.from_pretrained(out, use_flashpack=True, device_map="cpu",
+                                          flashpack_kwargs=dict(silent=True, num_streams=2, chunk_bytes=1 << 20,
+                                                                strict=True, coerce_dtype=False))
+same = all(torch.equal(a, again.components[n].state_dict()[k]) for n in ("vae", "unet", "text_encoder")
+           for k, a in pipe.components[n].state_dict().items())
+print(sorted(os.listdir(os.path.join(out, "unet"))), sorted(os.listdir(os.path.join(out, "vae"))),
+      "model.safetensors" in os.listdir(os.path.join(out, "text_encoder")), same, np.array_equal(image(again), expected),
+      "flashpack.integrations" in sys.modules)
+"""
+
+
+def test_diffusers_pipeline_use_flashpack_fresh_process_with_fal_kwargs(tmp_path):
+    """diffusers' own switch on a whole pipeline: ``DiffusionPipeline.save_pretrained(dir, use_flashpack=True)``
+    packs its diffusers models (transformers components stay ordinary), ``from_pretrained(dir, use_flashpack=True,
+    flashpack_kwargs={fal's keywords})`` loads them, in a process where only diffusers imports flashpack. (diffusers
+    0.42.1's pipeline ``from_pretrained`` does not hand ``flashpack_kwargs`` on to its models: it warns that they
+    are ignored; the model-level test above covers them reaching ``assign_from_file``.)"""
+    pytest.importorskip("diffusers")
+    from _tiny_diffusers import clip_config, make_tokenizer
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=(2, 4), norm_num_groups=8)
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=CLIPTextModel(clip_config()).eval(),
+                                   tokenizer=make_tokenizer(tmp_path / "tok"), unet=unet.eval(),
+                                   scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(tmp_path / "src"), str(tmp_path / "fp")],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == (
+        "['config.json', 'model.flashpack'] ['config.json', 'model.flashpack'] True True True False")
 
 
 def test_documented_pipeline_recipe_packs_and_fal_defs_index_loads(tmp_path):

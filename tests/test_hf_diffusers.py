@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
 from flashpack import read_weight_map  # noqa: E402
@@ -31,11 +31,10 @@ from _tiny_diffusers import (  # noqa: E402
     FlashPackStableDiffusionXLPipeline,
     FlashPackUNet2DConditionModel,
     MixedStableDiffusionPipeline,
-    clip_config,
     files_under,
     image,
-    make_tokenizer,
     sd_components,
+    sdxl_components,
     tiny_unet,
     tiny_vae,
 )
@@ -153,19 +152,7 @@ def test_sd_pipeline_images_bitwise_equal(sd_source, sd_saved):
 
 @pytest.mark.slow
 def test_sdxl_pipeline_images_bitwise_equal(tmp_path):
-    torch.manual_seed(0)
-    comps = dict(
-        vae=tiny_vae().eval(),
-        text_encoder=FlashPackCLIPTextModel(clip_config()).eval(),
-        text_encoder_2=FlashPackCLIPTextModelWithProjection(clip_config(projection_dim=32)).eval(),
-        tokenizer=make_tokenizer(tmp_path / "tok"),
-        tokenizer_2=make_tokenizer(tmp_path / "tok2"),
-        unet=tiny_unet(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
-                       addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-                       projection_class_embeddings_input_dim=80).eval(),
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                         beta_schedule="scaled_linear", timestep_spacing="leading"),
-    )
+    comps = sdxl_components(tmp_path)
     pipe = FlashPackStableDiffusionXLPipeline(**comps)
     expected = image(pipe)
     pipe.save_pretrained_flashpack(tmp_path / "sdxl")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from flashpack.integrations.transformers import FlashPackTransformersModelMixin 
 
 from transformers import CLIPTextModel  # noqa: E402
 
+from _helpers import FakeHub  # noqa: E402
 from _tiny_diffusers import (  # noqa: E402
     FlashPackAutoencoderKL,
     FlashPackStableDiffusionPipeline,
@@ -71,32 +71,6 @@ class FakeSnapshot:
     def __call__(self, repo_id, **kwargs):
         self.calls.append({"repo_id": repo_id, **kwargs})
         return self.folder
-
-
-class FakeHub:
-    """Stands in for ``HfApi.create_repo`` / ``HfApi.upload_folder``; records the files present at upload time."""
-
-    def __init__(self, namespace="me"):
-        self.namespace = namespace
-        self.created: list[dict] = []
-        self.uploads: list[dict] = []
-
-    def install(self, monkeypatch):
-        hub = self
-
-        def create_repo(api, repo_id, **kw):
-            hub.created.append({"repo_id": repo_id, **kw})
-            full = repo_id if "/" in repo_id else f"{hub.namespace}/{repo_id}"
-            return SimpleNamespace(repo_id=full, url=f"https://huggingface.co/{full}")
-
-        def upload_folder(api, *, repo_id, folder_path, **kw):
-            hub.uploads.append({"repo_id": repo_id, "folder_path": str(folder_path), "files": files_under(folder_path),
-                                **kw})
-            return SimpleNamespace(oid="0" * 40)
-
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-        return self
 
 
 # --------------------------------------------------------------------------- helpers
