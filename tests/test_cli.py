@@ -460,10 +460,18 @@ def test_c37_existing_destination_and_atomic_writes(st_file, tmp_path, monkeypat
     dst = tmp_path / "out.flashpack"
     dst.write_bytes(b"precious")
     assert cli.main(["convert", str(src), str(dst)]) == 2
-    assert "already exists; pass --force" in capsys.readouterr().err
+    assert f"{dst}: already exists and is not a flashpack file; pass --force to replace it" in capsys.readouterr().err
     assert dst.read_bytes() == b"precious"
     assert cli.main(["convert", str(src), str(dst), "--force", "--quiet"]) == 0
     assert cli.main(["convert", str(src), str(dst), "--force", "--quiet"]) == 0  # twice into the same place
+    assert_equal_sd(flashpack.load(dst), sd)
+    capsys.readouterr()
+    # an existing pack is replaced without --force, as fal's convert does (its documented commands, run in order)
+    assert cli.main(["convert", str(src), str(dst), "--dtype", "float16", "--quiet"]) == 0
+    assert f"{dst}: replaced the existing pack" in capsys.readouterr().err
+    assert {k: v.dtype for k, v in flashpack.load(dst).items()} == {k: torch.float16 if v.is_floating_point()
+                                                                     else v.dtype for k, v in sd.items()}
+    assert cli.main(["convert", str(src), str(dst), "--quiet"]) == 0
     assert_equal_sd(flashpack.load(dst), sd)
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "out.flashpack"]  # no temporary files
 

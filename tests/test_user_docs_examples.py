@@ -594,3 +594,22 @@ def test_fal_app_diffusers_integration(workdir, hub, monkeypatch, fal):
     out = app.generate("A sunset over mountains")
     assert type(out["image"]) is fal.toolkit.Image
     assert out["image"].pil.mode == "RGB" and out["image"].pil.size == (16, 16)
+
+
+def test_cli_blocks_run_top_to_bottom_in_one_folder(tmp_path, my_model, upstream):
+    """The docs' CLI commands as one script in one folder, in their order: the third ``convert`` writes into the
+    pack the first made (fal's convert replaces it; so does ours, atomically, saying so), and ``revert`` ends it."""
+    shutil.copytree(upstream / "stabilityai", tmp_path / "stabilityai")
+    r = flashpack_cli(tmp_path, """
+        flashpack convert ./my_model ./my_model.flashpack
+        flashpack convert stabilityai/stable-diffusion-xl-base-1.0 \\
+          --subfolder unet --use-diffusers
+        flashpack convert ./my_model ./my_model.flashpack --dtype float16
+        flashpack metadata ./my_model.flashpack
+        flashpack metadata ./my_model.flashpack --show-index --json > index.json
+        flashpack revert ./my_model.flashpack ./my_model.safetensors
+    """)
+    assert f"{tmp_path / 'my_model.flashpack'}: replaced the existing pack" in r.stderr
+    half = {k: v.half() if v.is_floating_point() else v for k, v in my_model.items()}
+    assert_same_tensors(load_file(str(tmp_path / "my_model.safetensors")), half)
+    assert json.loads((tmp_path / "index.json").read_text())["tensors"] == len(my_model)

@@ -68,7 +68,8 @@ Convert a checkpoint into one .flashpack file, streaming one source file at a ti
           looked up on the Hub.
   <dst>   default: next to the source (model.safetensors -> model.flashpack; a folder ->
           <folder>/model[.<variant>].flashpack; a Hub repo -> ./<name>[-<subfolder>][.<variant>].flashpack).
-          Never the source; an existing file only with --force; written atomically.
+          Never the source; an existing flashpack file is replaced (as fal's convert does),
+          any other existing file only with --force; written atomically.
 
 Options:
   --subfolder=<name>  Folder inside the model folder or repo.

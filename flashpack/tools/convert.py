@@ -667,22 +667,33 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def check_destination(dst: str, sources: list[str], force: bool) -> None:
-    """Refuse a destination that is one of the sources (cases C31, C32), or exists without ``force``.
+def check_destination(dst: str, sources: list[str], force: bool) -> bool:
+    """Refuse a destination that is one of the sources (cases C31, C32), or an existing file that is not a
+    flashpack file without ``force``. An existing flashpack file (:func:`flashpack.is_flashpack_file`) is
+    replaced, atomically, as fal's ``convert`` replaces it (a script that converts twice into one path runs).
+
+    Returns:
+        ``True`` when an existing flashpack file will be replaced (the caller says so).
 
     Raises:
         UsageError naming the file and the fix.
     """
+    from ..deserialization import is_flashpack_file
+
     for s in sources:
         if _same_file(dst, s):
             raise UsageError(f"{dst}: the destination is the source file; give another destination")
     if os.path.isdir(dst):
         raise UsageError(f"{dst}: is a folder; give a file name for the destination")
-    if os.path.lexists(dst) and not force:
-        raise UsageError(f"{dst}: already exists; pass --force to replace it, or give another destination")
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise UsageError(f"{dst}: folder {parent} does not exist; create it first")
+    if not os.path.lexists(dst) or force:
+        return os.path.lexists(dst)
+    if os.path.isfile(dst) and not os.path.islink(dst) and is_flashpack_file(dst):
+        return True
+    raise UsageError(f"{dst}: already exists and is not a flashpack file; pass --force to replace it, or give "
+                     f"another destination")
 
 
 def shard_limit(max_shard_size, files: list[str]) -> int | None:
@@ -715,7 +726,8 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
         dst: the destination file; default: next to the source (``model.safetensors`` -> ``model.flashpack``;
             a folder -> ``<folder>/model[.<variant>].flashpack``; a Hub repo -> ``./<name>.flashpack``).
         dtype: a floating ``torch.dtype`` (or its name): cast floating tensors only.
-        force: replace an existing ``dst``.
+        force: replace an existing ``dst`` that is not a flashpack file (an existing flashpack file is always
+            replaced, atomically, as by fal's ``convert``; ``notes`` says so).
         progress: show a tqdm bar on stderr.
         ignore: ``key -> bool``; keys for which it is true are left out (fal's ``--ignore-*`` filters, see
             :func:`flashpack.deserialization.ignore_filter`).
@@ -734,7 +746,7 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
         dtype = parse_dtype(dtype)
     source = resolve_source(src, subfolder=subfolder, variant=variant, framework=framework)
     dst = os.path.abspath(os.path.expanduser(dst)) if dst else source.default_dst
-    check_destination(dst, source.files + ([source.index] if source.index else []), force)
+    replacing = check_destination(dst, source.files + ([source.index] if source.index else []), force)
     limit = shard_limit(max_shard_size, source.files)
     if limit is not None and os.path.lexists(dst + ".index.json") and not force:
         raise UsageError(f"{dst}.index.json: already exists; pass --force to replace it, or give another destination")
@@ -748,7 +760,7 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
                disable=not progress, dynamic_ncols=True)
     plan = _plan_safetensors if source.kind == "safetensors" else _plan_torch
     lazy, metadata, opened, dropped = plan(source.files, bar.update)
-    notes: list[str] = []
+    notes: list[str] = [f"{dst}: replaced the existing pack"] if replacing else []
     try:
         if metadata:
             _alias_from_metadata(lazy, metadata, notes)
