@@ -34,7 +34,8 @@ import time
 
 import _common as C
 
-METHODS = ("safetensors", "flashpack")
+#: ``flashpack-mmap`` is ``from_pretrained_flashpack(..., mmap=True)`` (zero-copy CPU load, opt-in), CPU only.
+METHODS = ("safetensors", "flashpack", "flashpack-mmap")
 CACHES = ("cold", "restart", "cached")
 
 
@@ -59,7 +60,7 @@ def classes(kind: str):
 
 
 def weight_files(folder: str, method: str) -> list[str]:
-    ext = ".safetensors" if method == "safetensors" else ".flashpack"
+    ext = ".safetensors" if method == "safetensors" else ".flashpack"  # flashpack, flashpack-mmap
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(ext))
 
 
@@ -82,7 +83,8 @@ def child(args) -> int:
         if args.method == "safetensors":
             model = cls.from_pretrained(args.folder, dtype="auto", device_map=args.device)
         else:
-            model = cls.from_pretrained_flashpack(args.folder, device_map=args.device)
+            model = cls.from_pretrained_flashpack(args.folder, device_map=args.device,
+                                                  mmap=args.method == "flashpack-mmap")
         t1 = time.perf_counter()
         touched = C.touch([*model.parameters(), *model.buffers()])
         if args.device.startswith("cuda"):
@@ -174,10 +176,11 @@ def main(argv=None) -> int:
     samples = []
     for kind in (("bert" if k == "bert" else "llama") for k in kinds):
         st, fp = prepare(kind, workdir, nbytes)
-        folders = {"safetensors": st, "flashpack": fp}
+        folders = {"safetensors": st, "flashpack": fp, "flashpack-mmap": fp}
+        methods = METHODS if args.device == "cpu" else METHODS[:2]
         for rep in range(args.repeats):
             for cache in CACHES:
-                for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
+                for method in (methods if rep % 2 == 0 else methods[::-1]):
                     argv = [sys.executable, os.path.abspath(__file__), "--child", "--kind", kind, "--method", method,
                             "--folder", folders[method], "--device", args.device]
                     if cache == "restart":  # the same method's own cold load first, in its own process
@@ -197,10 +200,11 @@ def main(argv=None) -> int:
                              if "load_s" in row else f"ERROR {row['error']}"), flush=True)
 
     rows, summary = [], []
+    present = [m for m in METHODS if any(s["method"] == m for s in samples)]
     for kind in sorted({s["model"] for s in samples}):
         for cache in CACHES:
             med = {}
-            for method in METHODS:
+            for method in present:
                 ok = [s for s in samples if s["model"] == kind and s["cache"] == cache and s["method"] == method
                       and "load_s" in s]
                 load = C.summary([s["load_s"] for s in ok])
@@ -212,16 +216,19 @@ def main(argv=None) -> int:
                              f"{C.fmt(load['min'], 3)}-{C.fmt(load['max'], 3)}", C.fmt(ready["median"], 3),
                              C.fmt(C.gbps(nb, load["median"])), C.fmt(C.gibps(nb, load["median"])),
                              C.fmt(rss / C.MiB, 0), load["n"]])
-            speed_load = med["safetensors"][0] / med["flashpack"][0] if med["flashpack"][0] else float("nan")
-            speed_ready = med["safetensors"][1] / med["flashpack"][1] if med["flashpack"][1] else float("nan")
-            summary.append({"model": kind, "cache": cache, "speedup_load": speed_load, "speedup_ready": speed_ready})
+            for method in present[1:]:
+                speed_load = med["safetensors"][0] / med[method][0] if med[method][0] else float("nan")
+                speed_ready = med["safetensors"][1] / med[method][1] if med[method][1] else float("nan")
+                summary.append({"model": kind, "cache": cache, "method": method, "speedup_load": speed_load,
+                                "speedup_ready": speed_ready})
     print()
     print(C.markdown_table(["model", "cache", "method", "weights", "load_s median", "load_s min-max", "ready_s median",
                             "Gbps", "GiB/s", "peak RSS MiB median", "n"], rows))
     print()
-    print(C.markdown_table(["model", "cache", "flashpack speedup (load)", "flashpack speedup (ready)"],
-                           [[s["model"], s["cache"], C.fmt(s["speedup_load"]) + "x", C.fmt(s["speedup_ready"]) + "x"]
-                            for s in summary]))
+    print(C.markdown_table(["model", "cache", "method", "speedup over from_pretrained (load)",
+                            "speedup (ready)"],
+                           [[s["model"], s["cache"], s["method"], C.fmt(s["speedup_load"]) + "x",
+                             C.fmt(s["speedup_ready"]) + "x"] for s in summary]))
     if args.json:
         C.write_json(args.json, {"environment": env, "args": vars(args), "samples": samples, "summary": summary})
     return 0 if all("load_s" in s for s in samples) else 1

@@ -429,41 +429,46 @@ def summarize(records: list[dict], ceilings: list[dict], payload: int, modes: li
 
 
 def targets(summ: dict, file_nbytes: int) -> list[dict]:
-    """Issue 7's targets, judged on this run's medians."""
+    """The targets (issue 12), judged on this run's medians of flashpack's best copying backend (not ``mmap``):
+
+    - cold >= 0.95x the disk ceiling (fio io_uring O_DIRECT);
+    - restart and warm (cached) >= 0.5x the buffered-read ceiling, and >= 1.5x the fastest peer returning private
+      anonymous memory (tensorizer, fal eager, fastsafetensors, Run:ai);
+    - zero-copy (``mmap=True``) warm within 1.2x torch.load(mmap=True);
+    - peak RSS growth over the child's RSS after its imports (torch alone is ~280 MiB) <= file + 256 MiB.
+    """
     L, out = summ["loaders"], []
     anon = {n for n, ld in loaders().items() if ld.private_anon and not ld.ours}
-    for mode, need in (("cold", 1.3), ("warm", 2.0)):
+    for mode in ("cold", "restart", "warm"):
         best = summ["best_flashpack"].get(mode)
         if not best:
             continue
         fp = L[f"{best}|{mode}"]["gbps_median"]
         peers = {d["loader"]: d["gbps_median"] for d in L.values()
                  if d["mode"] == mode and d["load_s"] and not d["loader"].startswith("flashpack")}
-        top = max(peers.items(), key=lambda kv: kv[1], default=(None, float("nan")))
         top_anon = max(((k, v) for k, v in peers.items() if k in anon), key=lambda kv: kv[1], default=(None, 0))
         if mode == "cold":
             disk = next((c["gbps_median"] for k, c in summ["ceilings"].items() if k.startswith("disk")), float("nan"))
-            ref = disk if math.isnan(top[1]) else max(disk, top[1])
-            out.append({"target": "cold >= 0.95x max(disk ceiling, fastest peer)", "pass": fp >= 0.95 * ref,
-                        "detail": f"{best} {fp:.2f} Gbps; disk {disk:.2f}, fastest peer {top[0]} {top[1]:.2f} "
-                                  f"-> {fp / ref:.2f}x"})
-        else:
-            buf = summ["ceilings"].get("buffered", {}).get("gbps_median", float("nan"))
-            out.append({"target": "warm >= 0.8x buffered read", "pass": fp >= 0.8 * buf,
-                        "detail": f"{best} {fp:.2f} Gbps vs buffered {buf:.2f} -> {fp / buf:.2f}x"})
+            out.append({"target": "cold >= 0.95x disk ceiling", "pass": fp >= 0.95 * disk,
+                        "detail": f"{best} {fp:.2f} Gbps vs disk {disk:.2f} -> {fp / disk:.2f}x"})
+            continue
+        buf = summ["ceilings"].get("buffered", {}).get("gbps_median", float("nan"))
+        out.append({"target": f"{mode} >= 0.5x buffered read", "pass": fp >= 0.5 * buf,
+                    "detail": f"{best} {fp:.2f} Gbps vs buffered {buf:.2f} -> {fp / buf:.2f}x"})
         if top_anon[0]:
-            out.append({"target": f"{mode} >= {need}x fastest private-anonymous peer", "pass": fp >= need * top_anon[1],
+            out.append({"target": f"{mode} >= 1.5x fastest private-anonymous peer", "pass": fp >= 1.5 * top_anon[1],
                         "detail": f"{best} {fp:.2f} Gbps vs {top_anon[0]} {top_anon[1]:.2f} -> {fp / top_anon[1]:.2f}x"})
     mm, tl = L.get("flashpack[mmap]|warm"), L.get("torch.load(mmap)|warm")
     if mm and tl and mm["load_s"] and tl["load_s"]:
         ratio = mm["load_s_median"] / tl["load_s_median"]
         out.append({"target": "zero-copy warm within 1.2x torch.load(mmap)", "pass": ratio <= 1.2,
                     "detail": f"{mm['load_s_median']:.3f} s vs {tl['load_s_median']:.3f} s -> {ratio:.2f}x the time"})
-    rss = [x for d in L.values() if d["loader"].startswith("flashpack[") and d["loader"] != "flashpack[mmap]"
-           for x in d["peak_rss_nbytes"] if x]
-    if rss:
-        out.append({"target": "flashpack peak RSS <= file + 256 MiB", "pass": max(rss) <= file_nbytes + 256 * C.MiB,
-                    "detail": f"max {max(rss) / C.MiB:.0f} MiB vs {(file_nbytes + 256 * C.MiB) / C.MiB:.0f} MiB"})
+    growth = [p - b for d in L.values() if d["loader"].startswith("flashpack[") and d["loader"] != "flashpack[mmap]"
+              for p, b in zip(d["peak_rss_nbytes"], d["baseline_rss_nbytes"]) if p and b]
+    if growth:
+        out.append({"target": "flashpack peak RSS growth over its imports <= file + 256 MiB",
+                    "pass": max(growth) <= file_nbytes + 256 * C.MiB,
+                    "detail": f"max {max(growth) / C.MiB:.0f} MiB vs {(file_nbytes + 256 * C.MiB) / C.MiB:.0f} MiB"})
     return out
 
 
@@ -574,7 +579,7 @@ def main(argv=None) -> int:
     summ = summarize(records, ceilings, payload, modes)
     table = render_table(summ, modes, payload)
     verdicts = targets(summ, os.path.getsize(files["flashpack"]))
-    print("\n" + table + "\n\n### targets (issue 7)\n\n" + C.verdict_table(verdicts) + "\n")
+    print("\n" + table + "\n\n### targets (issue 12)\n\n" + C.verdict_table(verdicts) + "\n")
     name = args.name or f"compare-{C.human_nbytes(size).replace(' ', '')}"
     stem = os.path.join(args.out_dir, name)
     C.write_json(stem + ".json", {"script": "perf/compare.py", "argv": sys.argv, "environment": env, "size_nbytes": size,

@@ -69,9 +69,9 @@ def test_perf_script_smoke(script, tmp_path):
         with open(os.path.join(d, "smoke.json")) as f:
             data = json.load(f)
         assert data["environment"]["cores"] >= 1
-        if script == "bench_hf.py":  # every cache state, both methods, no failed child
+        if script == "bench_hf.py":  # every cache state, every method, no failed child
             assert {(s["cache"], s["method"]) for s in data["samples"] if "load_s" in s} == {
-                (c, m) for c in ("cold", "restart", "cached") for m in ("safetensors", "flashpack")}
+                (c, m) for c in ("cold", "restart", "cached") for m in ("safetensors", "flashpack", "flashpack-mmap")}
             # each child's own peak RSS (VmHWM) is in its row and holds at least the weight file it loaded
             assert all(s["peak_rss_nbytes"] >= s["file_nbytes"] for s in data["samples"]), data["samples"]
             assert re.search(r"\| peak RSS MiB median \|", text), text[-3000:]
