@@ -59,13 +59,14 @@ def fal_flashpack():
 # --------------------------------------------------------------------------- loaders (run in children)
 
 
-def load_flashpack(path: str, backend: str):
+def load_flashpack(path: str, backend: str, cache: str | None = None):
     import flashpack as fp
 
     stats = fp.LoadStats()
-    sd = fp.load(path, backend=backend, verify=True, stats=stats)
+    sd = fp.load(path, backend=backend, verify=True, stats=stats, cache=cache)
     return sd, None, {"backend": stats.backend, "bytes_direct": stats.bytes_direct,
-                      "bytes_buffered": stats.bytes_buffered, "chunks_verified": stats.chunks_verified}
+                      "bytes_buffered": stats.bytes_buffered, "chunks_verified": stats.chunks_verified,
+                      "cache": stats.cache}
 
 
 def load_flashpack_mmap(path: str):
@@ -142,6 +143,11 @@ def loaders() -> dict[str, Loader]:
         Loader("flashpack[threads]", "flashpack", "main", lambda p: load_flashpack(p, "threads"),
                "private anonymous, checksums verified", ours=True, private_anon=True),
         Loader("flashpack[uring]", "flashpack", "main", lambda p: load_flashpack(p, "uring"),
+               "private anonymous, checksums verified", ours=True, private_anon=True),
+        # the page-cache policy forced to bypass (O_DIRECT, nothing left cached); the two above run the default, auto
+        Loader("flashpack[uring/bypass]", "flashpack", "main", lambda p: load_flashpack(p, "uring", "bypass"),
+               "private anonymous, checksums verified", ours=True, private_anon=True),
+        Loader("flashpack[threads/bypass]", "flashpack", "main", lambda p: load_flashpack(p, "threads", "bypass"),
                "private anonymous, checksums verified", ours=True, private_anon=True),
         Loader("flashpack[mmap]", "flashpack", "main", load_flashpack_mmap,
                "private copy-on-write mapping (zero-copy mode)", ours=True),
