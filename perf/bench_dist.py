@@ -76,6 +76,7 @@ def _rank(rank: int, world: int, port: int, path: str, exchange: str, backend: s
     dist.all_gather_object(got, h.intdigest())
     q.put((rank, load_s, wall_s, stats.bytes_read, stats.bytes_direct, stats.backend, len(set(got)) == 1, disk,
            stats.cache))
+    dist.barrier()  # gloo may abort a rank that tears down while its peer already has
     dist.destroy_process_group()
 
 
