@@ -144,3 +144,15 @@ def test_map_shared_refuses_what_is_not_the_sealed_memory():
         os.close(fd)
     with pytest.raises(FileNotFoundError):  # the creator closed it (or is gone)
         memory.map_shared(good)
+
+
+def test_shared_buffer_cuts_a_name_memfd_create_would_refuse():
+    # memfd_create(2) takes at most 249 bytes of name: the distributed load names the memory after the file's
+    # basename, which may be up to 255 bytes long (a 246-byte one failed the load with EINVAL on every rank)
+    fd, b = memory.shared_buffer(4096, name="flashpack:" + "é" * 150)
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+        assert link.startswith("/memfd:flashpack:é") and b.kind == "memfd"
+    finally:
+        del b
+        os.close(fd)

@@ -149,6 +149,10 @@ def aligned_empty(nbytes: int, align: int = PAGE_NBYTES) -> torch.Tensor:
 SHARED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
+#: The longest name memfd_create(2) accepts, in bytes (NAME_MAX less the "memfd:" prefix); longer ones are cut.
+MEMFD_NAME_MAX = 249
+
+
 @dataclass(frozen=True)
 class SharedHandle:
     """Where another process of this host finds a sealed shared destination: the creating process's ``pid``
@@ -177,7 +181,8 @@ def shared_buffer(nbytes: int, name: str = "flashpack") -> tuple[int, HostBuffer
     """
     if nbytes <= 0:
         raise ValueError(f"a shared destination needs at least one byte, got {nbytes}")
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    # memfd_create(2) refuses (EINVAL) a name over 249 bytes; the name is only a label (/proc/<pid>/maps)
+    fd = os.memfd_create(os.fsencode(name)[:MEMFD_NAME_MAX], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, nbytes)
         storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", shared=True, nbytes=nbytes)
