@@ -180,8 +180,16 @@ def resolve_hub_pack(repo_id: str, *, subfolder: str | None = None, revision: st
     """
     hub = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
     names = (_MODEL_PACK, _MODEL_PACK + INDEX_SUFFIX)
-    folder = resolve_pack_folder(repo_id, pack=_MODEL_PACK, allow_patterns=[], subfolder=subfolder, keys=keys, **hub)
-    if any(os.path.isfile(os.path.join(folder, n)) for n in names):
+    try:
+        folder = resolve_pack_folder(repo_id, pack=_MODEL_PACK, allow_patterns=[], subfolder=subfolder, keys=keys,
+                                     **hub)
+    except ModelNotFoundError:
+        if not subfolder:
+            raise
+        # online, a snapshot holds only what the patterns matched: no model.flashpack under ``subfolder`` leaves
+        # no such folder at all, though it may hold a pack of another name (the fetch below says if it is missing)
+        folder = None
+    if folder is not None and any(os.path.isfile(os.path.join(folder, n)) for n in names):
         return folder
     folder = resolve_folder(repo_id, allow_patterns=sub_patterns(subfolder, ["*.flashpack", "*" + INDEX_SUFFIX]),
                             ignore_patterns=sub_patterns(subfolder, ["*/*"]), subfolder=subfolder, **hub)

@@ -124,3 +124,21 @@ def test_import_flashpack_and_help_import_neither_torch_nor_huggingface_hub():
                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_subfolder_pack_of_another_name_downloads_from_the_hub(tmp_path, monkeypatch):
+    # online, snapshot_download fetches only what the patterns match: the first fetch (model.flashpack and its
+    # index) brings nothing of ``vae/``, which must not end the search with "no subfolder 'vae'"
+    from _helpers import FakeHub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.chdir(tmp_path)
+    other = sd(6, seed=2)
+    repo = tmp_path / "store" / "org" / "pipe"
+    (repo / "vae").mkdir(parents=True)
+    flashpack.pack_to_file(other, repo / "vae" / "weights.flashpack")
+    hub = FakeHub(store=tmp_path / "store").install(monkeypatch, serve=True)
+    assert same(flashpack.load("org/pipe", subfolder="vae"), other)
+    assert hub.downloads[-1]["files"] == ["vae/weights.flashpack"]
+    with pytest.raises(ModelNotFoundError, match=r"org/pipe: no subfolder 'unet'"):  # really missing: still said
+        flashpack.load("org/pipe", subfolder="unet")
