@@ -410,6 +410,22 @@ def test_c31_convert_pt_never_overwrites_source(tmp_path, capsys):
     assert digest(tmp_path / "weights.pt") == before
 
 
+def test_c31_convert_never_replaces_or_removes_the_source_index(tmp_path, capsys):
+    # a sharded source folder converted to <folder>/model.safetensors: the pack's index name, dst + ".index.json",
+    # is the source's index, which pack_to_file replaces (sharded) or removes as a stale set (one file)
+    save_file({"a": torch.randn(10)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.randn(10)}, tmp_path / "model-00002-of-00002.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                                 "b": "model-00002-of-00002.safetensors"}}))
+    before = digest(index)
+    for extra in ([], ["--force"], ["--max-shard-size=keep", "--force"]):
+        assert cli.main(["convert", str(tmp_path), str(tmp_path / "model.safetensors"), "--quiet", *extra]) == 2
+        assert "would replace the source's index" in capsys.readouterr().err
+        assert index.exists() and digest(index) == before
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_c32_revert_never_destroys_source(tmp_path, capsys):
     sd = {"w": torch.randn(3, 3)}
     flashpack.pack_to_file(sd, tmp_path / "model.pack")

@@ -680,9 +680,15 @@ def check_destination(dst: str, sources: list[str], force: bool) -> bool:
     """
     from ..deserialization import is_flashpack_file
 
+    from ..source import index_path_for
+
+    index = index_path_for(dst)  # written (sharded) or removed as stale (one file) by pack_to_file
     for s in sources:
         if _same_file(dst, s):
             raise UsageError(f"{dst}: the destination is the source file; give another destination")
+        if _same_file(index, s):
+            raise UsageError(f"{dst}: its pack index {index} would replace the source's index; give another "
+                             f"destination")
     if os.path.isdir(dst):
         raise UsageError(f"{dst}: is a folder; give a file name for the destination")
     parent = os.path.dirname(os.path.abspath(dst))
