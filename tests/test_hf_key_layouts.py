@@ -142,6 +142,32 @@ def test_clip_old_layout_in_a_sharded_pack_loads(tmp_path):
     assert_same_weights(clip, loaded)
 
 
+def test_clip_old_layout_in_a_sharded_pack_loads_with_mmap(tmp_path):
+    # mmap=True maps each shard on its own and looks the keys up in the shard's weight map: the renames must
+    # reach the shards' maps too (it was a KeyError on the first renamed key)
+    clip = tiny_clip()
+    clip.save_pretrained_flashpack(tmp_path / "te")
+    path = tmp_path / "te" / "model.flashpack"
+    old = {"text_model." + k: v.clone() for k, v in flashpack.load(path).items()}
+    os.remove(path)
+    pack_to_file(old, path, max_shard_nbytes=20_000)
+    loaded = FlashPackCLIPTextModel.from_pretrained_flashpack(tmp_path / "te", mmap=True, verify=True)
+    assert_same_weights(clip, loaded)
+    assert "model-" in _mapping_of(loaded.embeddings.token_embedding.weight)  # a view of a shard's mapping
+
+
+def _mapping_of(t) -> str:
+    """The /proc/self/maps path of the mapping holding ``t``'s first byte ('' when anonymous)."""
+    addr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= addr < hi:
+                return parts[5].strip() if len(parts) > 5 else ""
+    return ""
+
+
 def test_bert_tensorflow_era_gamma_beta_and_task_prefix(tmp_path):
     """``LayerNorm.gamma``/``beta`` (transformers' legacy renames) and a ``bert.`` prefix (a task model's
     checkpoint loaded as the base model: ``base_model_prefix`` stripped), together."""

@@ -211,7 +211,11 @@ def rename_weight_map(wm: WeightMap, renames: dict[str, str]) -> WeightMap:
 
     tensors = {new_name(k): dataclasses.replace(t, key=renames.get(k, k)) for k, t in wm.tensors.items()}
     aliases = {new_name(a): renames.get(k, k) for a, k in wm.aliases.items()}
-    return dataclasses.replace(wm, tensors=tensors, aliases=aliases)
+    extra = {}
+    if getattr(wm, "shards", None):  # a sharded pack: mmap=True looks keys up in each shard's own map
+        extra["shards"] = [rename_weight_map(s, {k: v for k, v in renames.items() if k in s.tensors or k in s.aliases})
+                           for s in wm.shards]
+    return dataclasses.replace(wm, tensors=tensors, aliases=aliases, **extra)
 
 
 def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path: str, device: torch.device,
