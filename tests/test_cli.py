@@ -426,6 +426,21 @@ def test_c31_convert_never_replaces_or_removes_the_source_index(tmp_path, capsys
     assert not (tmp_path / "model.safetensors").exists()
 
 
+def test_revert_replaces_an_existing_pack_only_with_force(tmp_path, capsys):
+    # convert replaces an existing pack as fal's does; revert keeps "an existing file only with --force" (its
+    # help): another model's pack at the destination is not silently overwritten
+    flashpack.pack_to_file({"a": torch.ones(3)}, tmp_path / "a.flashpack")
+    flashpack.pack_to_file({"b": torch.zeros(5)}, tmp_path / "b.flashpack")
+    before = digest(tmp_path / "b.flashpack")
+    assert cli.main(["revert", str(tmp_path / "a.flashpack"), str(tmp_path / "b.flashpack"), "--format", "fal",
+                     "--quiet"]) == 2
+    assert f"{tmp_path / 'b.flashpack'}: already exists; pass --force" in capsys.readouterr().err
+    assert digest(tmp_path / "b.flashpack") == before
+    assert cli.main(["revert", str(tmp_path / "a.flashpack"), str(tmp_path / "b.flashpack"), "--format", "fal",
+                     "--force", "--quiet"]) == 0
+    assert list(flashpack.load(tmp_path / "b.flashpack")) == ["a"]
+
+
 def test_c32_revert_never_destroys_source(tmp_path, capsys):
     sd = {"w": torch.randn(3, 3)}
     flashpack.pack_to_file(sd, tmp_path / "model.pack")

@@ -667,10 +667,11 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def check_destination(dst: str, sources: list[str], force: bool) -> bool:
-    """Refuse a destination that is one of the sources (cases C31, C32), or an existing file that is not a
-    flashpack file without ``force``. An existing flashpack file (:func:`flashpack.is_flashpack_file`) is
-    replaced, atomically, as fal's ``convert`` replaces it (a script that converts twice into one path runs).
+def check_destination(dst: str, sources: list[str], force: bool, *, replace_pack: bool = False) -> bool:
+    """Refuse a destination that is one of the sources (cases C31, C32), or an existing file without ``force``.
+    With ``replace_pack`` (``convert``), an existing flashpack file (:func:`flashpack.is_flashpack_file`) is
+    replaced without ``force``, atomically, as fal's ``convert`` replaces it (a script that converts twice into
+    one path runs); ``revert`` keeps the rule that any existing file needs ``force``.
 
     Returns:
         ``True`` when an existing flashpack file will be replaced (the caller says so).
@@ -680,15 +681,9 @@ def check_destination(dst: str, sources: list[str], force: bool) -> bool:
     """
     from ..deserialization import is_flashpack_file
 
-    from ..source import index_path_for
-
-    index = index_path_for(dst)  # written (sharded) or removed as stale (one file) by pack_to_file
     for s in sources:
         if _same_file(dst, s):
             raise UsageError(f"{dst}: the destination is the source file; give another destination")
-        if _same_file(index, s):
-            raise UsageError(f"{dst}: its pack index {index} would replace the source's index; give another "
-                             f"destination")
     if os.path.isdir(dst):
         raise UsageError(f"{dst}: is a folder; give a file name for the destination")
     parent = os.path.dirname(os.path.abspath(dst))
@@ -696,6 +691,8 @@ def check_destination(dst: str, sources: list[str], force: bool) -> bool:
         raise UsageError(f"{dst}: folder {parent} does not exist; create it first")
     if not os.path.lexists(dst) or force:
         return os.path.lexists(dst)
+    if not replace_pack:
+        raise UsageError(f"{dst}: already exists; pass --force to replace it, or give another destination")
     if os.path.isfile(dst) and not os.path.islink(dst) and is_flashpack_file(dst):
         return True
     raise UsageError(f"{dst}: already exists and is not a flashpack file; pass --force to replace it, or give "
@@ -752,7 +749,13 @@ def convert(src: str, dst: str | None = None, *, subfolder: str | None = None, v
         dtype = parse_dtype(dtype)
     source = resolve_source(src, subfolder=subfolder, variant=variant, framework=framework)
     dst = os.path.abspath(os.path.expanduser(dst)) if dst else source.default_dst
-    replacing = check_destination(dst, source.files + ([source.index] if source.index else []), force)
+    sources = source.files + ([source.index] if source.index else [])
+    replacing = check_destination(dst, sources, force, replace_pack=True)
+    from ..source import index_path_for
+
+    index = index_path_for(dst)  # pack_to_file writes it (sharded) or removes it as a stale set (one file)
+    if any(_same_file(index, s) for s in sources):
+        raise UsageError(f"{dst}: its pack index {index} would replace the source's index; give another destination")
     limit = shard_limit(max_shard_size, source.files)
     if limit is not None and os.path.lexists(dst + ".index.json") and not force:
         raise UsageError(f"{dst}.index.json: already exists; pass --force to replace it, or give another destination")
