@@ -368,7 +368,7 @@ def test_reader_over_shards_splits_queue_depth(tmp_path):
 
 
 DIST_CHILD = textwrap.dedent("""
-    import hashlib, sys, torch, torch.distributed as dist
+    import hashlib, os, sys, torch, torch.distributed as dist
     import flashpack
     from flashpack.testing import init_local_group
     rank, world, port, path, cache = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -380,8 +380,13 @@ DIST_CHILD = textwrap.dedent("""
         h.update(k.encode()); h.update(sd[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     tied = sd["tied"] is sd["w3"]
     print(f"result rank={rank} digest={h.hexdigest()} bytes_read={stats.bytes_read} tied={tied}", flush=True)
-    dist.barrier()  # gloo may abort a rank that tears down while its peer already has ("terminate called ...")
+    dist.barrier()
     dist.destroy_process_group()
+    # skip interpreter teardown: after a distributed load, about 1 exit in 10 on the development VM aborts with
+    # "terminate called without an active exception" once destroy_process_group has returned (both the shared-memory
+    # and the exchange path, and the code before them; not root-caused, see the README's distributed notes)
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 
