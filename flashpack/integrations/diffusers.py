@@ -210,7 +210,7 @@ def checkpoint_key_renames(model, keys) -> dict[str, str]:
 class AutoFlashPackModel:
     """fal's ``flashpack.integrations.diffusers.auto_model.AutoFlashPackModel`` (here importable from
     :mod:`flashpack.integrations.diffusers`): diffusers' ``AutoModel`` for FlashPack folders. The model class is
-    read from the folder's ``config.json`` (``_class_name``) or, with ``subfolder``, from ``model_index.json``;
+    read from the folder's ``config.json`` (``_class_name``; with ``subfolder``, from ``<subfolder>/config.json``);
     a class without the mixin is given it (``FlashPack<Class>``). Not instantiated directly.
     Unlike fal's, it patches nothing, loads diffusers classes only (no ``trust_remote_code``; a transformers
     config raises, use :class:`~flashpack.integrations.transformers.FlashPackTransformersModelMixin`)."""

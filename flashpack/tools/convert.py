@@ -674,7 +674,8 @@ def check_destination(dst: str, sources: list[str], force: bool, *, replace_pack
     one path runs); ``revert`` keeps the rule that any existing file needs ``force``.
 
     Returns:
-        ``True`` when an existing flashpack file will be replaced (the caller says so).
+        ``True`` when an existing flashpack file will be replaced (the caller says so); ``False`` when nothing
+        exists there, or ``force`` replaces some other file.
 
     Raises:
         UsageError naming the file and the fix.
@@ -689,8 +690,10 @@ def check_destination(dst: str, sources: list[str], force: bool, *, replace_pack
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise UsageError(f"{dst}: folder {parent} does not exist; create it first")
-    if not os.path.lexists(dst) or force:
-        return os.path.lexists(dst)
+    if not os.path.lexists(dst):
+        return False
+    if force:
+        return os.path.isfile(dst) and is_flashpack_file(dst)
     if not replace_pack:
         raise UsageError(f"{dst}: already exists; pass --force to replace it, or give another destination")
     if os.path.isfile(dst) and not os.path.islink(dst) and is_flashpack_file(dst):
