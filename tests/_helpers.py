@@ -288,3 +288,17 @@ class FakeHub:
         os.makedirs(dst, exist_ok=True)
         self.downloads.append({"repo_id": repo_id, "allow_patterns": allow_patterns, "files": got})
         return dst
+
+
+def mapping_of(t) -> str:
+    """The /proc/self/maps path of the mapping holding tensor ``t``'s first byte ('' when anonymous, empty or None)."""
+    if t is None or not t.numel():
+        return ""
+    addr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= addr < hi:
+                return parts[5].strip() if len(parts) > 5 else ""
+    return ""

@@ -18,6 +18,7 @@ import torch
 import xxhash
 
 import flashpack
+from _helpers import mapping_of
 from flashpack.deserialization import LoadStats
 from flashpack.plan import make_plan
 from flashpack.plan import share_bounds, share_nbytes, share_plan
@@ -126,7 +127,7 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
         res[label] = {"digests": digests(sd), "bytes_read": stats.bytes_read, "chunks": stats.chunks_verified,
                       "storages": len(ptrs), "alias_same": sd.get("alias_f32") is sd.get("f32") if sd else None,
                       "cache": stats.cache, "cache_reason": stats.cache_reason, "direct": stats.bytes_direct,
-                      "memory": stats.memory, "maps": _mapping_of(next(iter(sd.values()), None))}
+                      "memory": stats.memory, "maps": mapping_of(next(iter(sd.values()), None))}
         return sd
 
     for name in ("mixed", "huge", "zeros_only", "empty", "tied"):
@@ -201,20 +202,6 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
     dist.destroy_process_group()
     with open(out, "wb") as f:
         pickle.dump(res, f)
-
-
-def _mapping_of(t) -> str:
-    """The /proc/self/maps path of the mapping holding ``t``'s first byte ('' when anonymous or none)."""
-    if t is None or not t.numel():
-        return ""
-    addr = t.data_ptr()
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(maxsplit=5)
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= addr < hi:
-                return parts[5].strip() if len(parts) > 5 else ""
-    return ""
 
 
 def _spawn(world: int, files: dict[str, str], folder: Path) -> list[dict]:

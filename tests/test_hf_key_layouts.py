@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
+from _helpers import mapping_of  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
@@ -153,19 +154,7 @@ def test_clip_old_layout_in_a_sharded_pack_loads_with_mmap(tmp_path):
     pack_to_file(old, path, max_shard_nbytes=20_000)
     loaded = FlashPackCLIPTextModel.from_pretrained_flashpack(tmp_path / "te", mmap=True, verify=True)
     assert_same_weights(clip, loaded)
-    assert "model-" in _mapping_of(loaded.embeddings.token_embedding.weight)  # a view of a shard's mapping
-
-
-def _mapping_of(t) -> str:
-    """The /proc/self/maps path of the mapping holding ``t``'s first byte ('' when anonymous)."""
-    addr = t.data_ptr()
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(maxsplit=5)
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= addr < hi:
-                return parts[5].strip() if len(parts) > 5 else ""
-    return ""
+    assert "model-" in mapping_of(loaded.embeddings.token_embedding.weight)  # a view of a shard's mapping
 
 
 def test_bert_tensorflow_era_gamma_beta_and_task_prefix(tmp_path):
