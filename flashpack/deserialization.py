@@ -142,11 +142,13 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
                 buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
                                            progress=bar, cache=mode)
             else:
-                dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages)
+                dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages,
+                                   fill=cfg.userfaultfd and mode == "keep")
                 stats.memory = dest.kind
                 buffer = dest.tensor
                 read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg, progress=bar,
-                          populate=None if dest.kind == "torch" else dest.populate, cache=mode)
+                          populate=None if dest.kind in ("torch", "uffd") else dest.populate, cache=mode,
+                          fill=dest.region)
         finally:
             bar.close()
     return assemble(job, buffer, plan)

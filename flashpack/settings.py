@@ -24,6 +24,11 @@ variable                        default      meaning
                                              ahead of the reads: ``on``, ``auto`` (when free 2 MiB blocks
                                              cover twice the load, /proc/buddyinfo), ``off`` (4 KiB pages
                                              from torch's allocator, faulted in by the reader threads)
+``FLASHPACK_USERFAULTFD``       ``1``        fill fresh host destinations of ``keep`` loads with userfaultfd's
+                                             ``UFFDIO_COPY`` straight from the page cache (no zeroed page
+                                             and no fault per 4 KiB; falls back by itself where the kernel
+                                             or a seccomp filter refuses); ``0``: never
+                                             (:mod:`flashpack.io.uffd`)
 ``FLASHPACK_PROGRESS``          ``1``        ``0``: no tqdm bar for loads and saves over 1 GiB (a bar is
                                              shown only when stderr is a terminal)
 ``FLASHPACK_CACHE``             ``auto``     page-cache policy of a load: ``keep`` (read through the page
@@ -114,6 +119,7 @@ class Settings:
     huge_pages: str = "off"
     progress: bool = True
     cache: str = "auto"
+    userfaultfd: bool = True
 
 
 def settings() -> Settings:
@@ -170,6 +176,7 @@ def settings() -> Settings:
         huge_pages=huge,
         progress=_env_bool("FLASHPACK_PROGRESS", True),
         cache=cache,
+        userfaultfd=_env_bool("FLASHPACK_USERFAULTFD", True),
     )
 
 

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import threading
 from typing import ClassVar, Iterable
@@ -80,17 +81,24 @@ class FileHandles:
         cache: ``"bypass"`` (``direct`` decides) or ``"keep"``: no O_DIRECT; the extents whose pages are
             mostly not cached (mincore(2) at open) are read ahead into the page cache by a
             :class:`~flashpack.io.pagecache.Prefetcher` (:meth:`prefetch`) before being copied out of it.
+        fill: ``None``, or a :class:`~flashpack.io.uffd.FillRegion` (``cache="keep"`` only): extents whose
+            destination lies in it are copied with ``UFFDIO_COPY`` from a read-only shared mapping of the file
+            (:meth:`fill_copy`) instead of preadv(2).
 
     Raises:
         OSError: the file cannot be opened (errno and filename set).
         ValueError: ``cache`` is not ``keep`` or ``bypass``.
     """
 
-    def __init__(self, path: str | os.PathLike, direct: str = "auto", cache: str = "bypass"):
+    def __init__(self, path: str | os.PathLike, direct: str = "auto", cache: str = "bypass", fill=None):
         if cache not in ("keep", "bypass"):
             raise ValueError(f"cache={cache!r}: a reader takes 'keep' or 'bypass' (loads resolve 'auto')")
+        if fill is not None and cache != "keep":
+            raise ValueError("fill= needs cache='keep' (an O_DIRECT read cannot write into a registered region)")
         self.path = os.fspath(path)
         self.cache = cache
+        self.fill = fill
+        self._source = 0  # address of the read-only mapping UFFDIO_COPY copies from (0: none)
         self._prefetcher: pagecache.Prefetcher | None = None
         # O_NONBLOCK: a FIFO swapped in under the path cannot hang open(2) (the identity check then refuses
         # it); cleared again at once, since io_uring returns EAGAIN for O_NONBLOCK files instead of waiting.
@@ -102,6 +110,9 @@ class FileHandles:
             if cache == "keep":
                 self._resident = pagecache.ResidencyMap(self.fd, self.file_nbytes)
                 self._prefetcher = pagecache.Prefetcher(self.fd, self.file_nbytes)
+                if fill is not None and self.file_nbytes:
+                    addr = pagecache.libc.mmap(None, self.file_nbytes, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, 0)
+                    self._source = 0 if addr is None or addr == pagecache.MAP_FAILED else addr
             elif direct != "off":
                 try:
                     self.direct_fd = _blocking(_open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT
@@ -145,6 +156,32 @@ class FileHandles:
             return None
         return self._prefetcher.add(file_offset, nbytes)
 
+    def fill_copy(self, address: int, file_offset: int, nbytes: int, stats: ReaderStats) -> int:
+        """Copy file bytes ``[file_offset, file_offset + nbytes)`` to ``address`` with ``UFFDIO_COPY`` when
+        ``address`` lies in :attr:`fill` (both page-aligned; the last page is copied whole: past the end of the
+        file it holds zeros).
+
+        Returns:
+            Bytes done from the start of the range (a multiple of 4096, or ``nbytes``): 0 when the range is not
+            for the fill. When a copy fails (``EFAULT``: the file was truncated; any other refusal) the region
+            is released first, so the caller reads the rest with preadv(2) and meets the error, if any, itself.
+        """
+        region = self.fill
+        if region is None or not self._source or nbytes <= 0 or file_offset % PAGE_NBYTES or address % PAGE_NBYTES:
+            return 0
+        length = nbytes + (-nbytes) % PAGE_NBYTES
+        if file_offset + length > self.file_nbytes + (-self.file_nbytes) % PAGE_NBYTES or \
+                not region.covers(address, length):
+            return 0
+        done, err = region.copy(address, self._source + file_offset, length)
+        stats.bytes_filled += min(done, nbytes)
+        stats.bytes_buffered += min(done, nbytes)
+        if err:
+            log.debug("flashpack: UFFDIO_COPY of %s at byte offset %d stopped (%s); reading the rest with preadv",
+                      self.path, file_offset + done, os.strerror(err))
+            region.release()
+        return min(done, nbytes)
+
     def drop_direct(self, reason: str) -> None:
         """Stop using O_DIRECT for this file (a read was refused); one notice per file.
 
@@ -160,6 +197,9 @@ class FileHandles:
         prefetcher, self._prefetcher = getattr(self, "_prefetcher", None), None
         if prefetcher is not None:
             prefetcher.close()  # before the descriptor it reads ahead on
+        source, self._source = getattr(self, "_source", 0), 0
+        if source:
+            pagecache.libc.munmap(source, self.file_nbytes)
         for name in ("direct_fd", "_dropped_fd", "fd"):
             fd = getattr(self, name, -1)
             if fd >= 0:
@@ -192,8 +232,9 @@ def read_buffered(files: FileHandles, mv: memoryview, file_offset: int, done: in
 def read_extent(files: FileHandles, ext: Extent, stats: ReaderStats) -> None:
     """Read one extent completely and synchronously (the ``threads`` backend's unit of work).
 
-    The page-aligned body goes through the O_DIRECT descriptor when :meth:`FileHandles.use_direct`
-    says so; the unaligned tail, and everything after a refused or unaligned direct read, goes
+    A destination in the handles' fill region is copied with ``UFFDIO_COPY`` (:meth:`FileHandles.fill_copy`),
+    the rest of it (after a failed copy) with preadv(2). The page-aligned body goes through the O_DIRECT
+    descriptor when :meth:`FileHandles.use_direct` says so; the unaligned tail, and everything after a refused or unaligned direct read, goes
     through the buffered descriptor at the exact offset reached.
 
     Raises:
@@ -202,6 +243,11 @@ def read_extent(files: FileHandles, ext: Extent, stats: ReaderStats) -> None:
     mv = ext.dest[: ext.nbytes] if ext.dest.nbytes != ext.nbytes else ext.dest
     off, nbytes, done = ext.file_offset, ext.nbytes, 0
     stats.extents += 1
+    if files.fill is not None:
+        done = files.fill_copy(buffer_address(mv), off, nbytes, stats)
+        if done:
+            read_buffered(files, mv, off, done, nbytes, stats)
+            return
     if files.use_direct(off, nbytes, buffer_address(mv)):
         body = nbytes - nbytes % PAGE_NBYTES
         while done < body:
@@ -273,6 +319,8 @@ class ReaderBase:
         threads: worker threads, 1 to ``MAX_THREADS`` (default ``cfg.threads``).
         expect: ``None``, or the (st_dev, st_ino, st_size, st_mtime_ns) the opened file must have.
         cache: ``"bypass"`` (default) or ``"keep"`` (see :class:`FileHandles`).
+        fill: ``None`` or a :class:`~flashpack.io.uffd.FillRegion` the destinations lie in (``cache="keep"``;
+            see :class:`FileHandles`).
 
     Raises:
         OSError: the file cannot be opened (errno and filename set).
@@ -287,12 +335,12 @@ class ReaderBase:
 
     def __init__(self, path: str | os.PathLike, *, cfg: Settings | None = None, direct: str | None = None,
                  queue_depth: int | None = None, threads: int | None = None, expect: FileIdentity | None = None,
-                 cache: str = "bypass"):
+                 cache: str = "bypass", fill=None):
         cfg = cfg if cfg is not None else settings()
         queue_depth = check_count("queue_depth", cfg.queue_depth if queue_depth is None else queue_depth,
                                   MAX_QUEUE_DEPTH)
         threads = check_count("threads", cfg.threads if threads is None else threads, MAX_THREADS)
-        files = FileHandles(path, direct or cfg.direct, cache)
+        files = FileHandles(path, direct or cfg.direct, cache, fill)
         if expect is not None:
             try:
                 check_identity(files.fd, expect, files.path)

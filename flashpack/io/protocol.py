@@ -66,7 +66,8 @@ class ReaderStats:
     """Byte counts of one reader; ``bytes_read`` is what came from the file for this load.
 
     ``bytes_prefetched``: bytes read ahead into the page cache (``cache="keep"``) before their copy, and
-    ``prefetch`` how (``"populate_read"``, ``"willneed"``, ``""`` when nothing was).
+    ``prefetch`` how (``"populate_read"``, ``"willneed"``, ``""`` when nothing was). ``bytes_filled``: of
+    ``bytes_buffered``, those copied from the page cache with userfaultfd's ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`).
     """
 
     bytes_direct: int = 0
@@ -75,6 +76,7 @@ class ReaderStats:
     direct_fallbacks: int = 0
     bytes_prefetched: int = 0
     prefetch: str = ""
+    bytes_filled: int = 0
 
     @property
     def bytes_read(self) -> int:
@@ -87,6 +89,7 @@ class ReaderStats:
         self.direct_fallbacks += other.direct_fallbacks
         self.bytes_prefetched += other.bytes_prefetched
         self.prefetch = other.prefetch or self.prefetch
+        self.bytes_filled += other.bytes_filled
 
 
 @runtime_checkable

@@ -340,6 +340,10 @@ class UringReader(ReaderBase):
                 self._cancelled.append(Completion(ext, ValueError(f"bad extent at byte offset {ext.file_offset} "
                                                                   f"of {self.path}: {e}")))
                 continue
+            fill = self._files.fill
+            if fill is not None and ext.nbytes and fill.covers(addr, ext.nbytes):
+                self._copy(ext)  # UFFDIO_COPY by the copier's threads: a ring read cannot write into the region
+                continue
             direct = self._files.use_direct(ext.file_offset, ext.nbytes, addr)
             if not direct and ext.nbytes >= POOL_MIN_NBYTES:
                 self._copy(ext)

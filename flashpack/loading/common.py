@@ -35,6 +35,8 @@ class LoadStats:
         bytes_prefetched: bytes read ahead into the page cache before their copy (``keep``), and ``prefetch``
             how: ``"populate_read"`` (madvise(2) ``MADV_POPULATE_READ``), ``"willneed"`` (posix_fadvise(2),
             when the kernel refuses the former), ``""`` when nothing was.
+        bytes_filled: of ``bytes_buffered``, bytes copied from the page cache into a ``"uffd"`` destination with
+            userfaultfd's ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`).
     """
 
     backend: str = ""
@@ -47,6 +49,7 @@ class LoadStats:
     cache_reason: str = ""
     bytes_prefetched: int = 0
     prefetch: str = ""
+    bytes_filled: int = 0
 
     def add_reader(self, rs: ReaderStats) -> None:
         """Add a reader's byte counts."""
@@ -55,6 +58,7 @@ class LoadStats:
         self.bytes_buffered += rs.bytes_buffered
         self.bytes_prefetched += rs.bytes_prefetched
         self.prefetch = rs.prefetch or self.prefetch
+        self.bytes_filled += rs.bytes_filled
 
 
 def cache_mode(policy: str | None, nbytes: int, cfg: Settings, stats: LoadStats) -> str:

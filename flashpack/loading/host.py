@@ -69,7 +69,8 @@ def _read_windowed(reader, plan: LoadPlan, extents: list[Extent], on_complete, p
 
 
 def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str | None, verify: bool,
-              stats: LoadStats, cfg: Settings, populate=None, progress=None, cache: str = "bypass") -> None:
+              stats: LoadStats, cfg: Settings, populate=None, progress=None, cache: str = "bypass",
+              fill=None) -> None:
     """Read a plan's extents into ``dest``, verifying chunks as they complete.
 
     Args:
@@ -82,6 +83,9 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
             64 MiB window at a time, each populated first. ``None``: all at once, faulted by the reads.
         progress: ``None`` or a :class:`flashpack.progress.Progress` told the bytes of each finished extent.
         cache: the reader's page-cache mode, ``"bypass"`` or ``"keep"`` (:func:`flashpack.loading.common.cache_mode`).
+        fill: ``None``, or the :class:`~flashpack.io.uffd.FillRegion` ``dest`` lies in (``cache="keep"``): the
+            reader fills it with ``UFFDIO_COPY``; it is released here once every read has finished (or failed),
+            so ``dest`` is ordinary memory when this returns or raises.
 
     Raises:
         ChecksumMismatchError, ReadError (``ESTALE`` when the file changed since its weight map was read),
@@ -101,16 +105,21 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
                 verify_chunk(wm, c, buf[bo:bo + c.nbytes])
                 stats.chunks_verified += 1
 
-    with open_pack_reader(wm, backend, cfg=cfg, cache=cache) as reader:  # a sharded pack: every shard in one load
-        stats.backend = reader.name
-        try:
-            counting = counted(reader, progress)
-            if populate is None:
-                read_all(counting, _extents(plan, buf), done if verify else None)
-            else:
-                _read_windowed(counting, plan, _extents(plan, buf), done if verify else None, populate)
-        finally:
-            stats.add_reader(reader.stats)
+    try:
+        with open_pack_reader(wm, backend, cfg=cfg, cache=cache, **({} if fill is None else {"fill": fill})) \
+                as reader:  # a sharded pack: every shard in one load
+            stats.backend = reader.name
+            try:
+                counting = counted(reader, progress)
+                if populate is None:
+                    read_all(counting, _extents(plan, buf), done if verify else None)
+                else:
+                    _read_windowed(counting, plan, _extents(plan, buf), done if verify else None, populate)
+            finally:
+                stats.add_reader(reader.stats)
+    finally:
+        if fill is not None:
+            fill.release()  # after every read: nothing may touch a still-registered missing page
 
 
 def mmap_payload(wm: WeightMap, plan: LoadPlan, verify: bool, stats: LoadStats) -> tuple[torch.Tensor, LoadPlan]:

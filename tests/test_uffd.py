@@ -1,0 +1,212 @@
+"""Filling fresh destinations with userfaultfd's UFFDIO_COPY (flashpack/io/uffd.py, FileHandles.fill_copy,
+memory.host_buffer(fill=True), FLASHPACK_USERFAULTFD): the region itself, loads through it on both backends,
+what happens on a truncated file, on a refusal, on a failed copy, and the settings that turn it off.
+
+Loads here are 40 MiB (above memory.MIN_FILL_NBYTES) with cache="keep". Test doubles (a refusing kernel, a copy
+that stops) live here. The truncation case runs in a child process: a SIGBUS or a thread waiting forever on a
+registered page would otherwise take the test run down with it."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import flashpack
+from flashpack.errors import ChecksumMismatchError
+from flashpack.io import uffd
+from flashpack.io.pagecache import drop_from_cache
+from flashpack.loading import memory
+from flashpack.settings import MiB
+
+OK, WHY = uffd.probe()
+pytestmark = pytest.mark.skipif(not OK, reason=f"userfaultfd unavailable here: {WHY}")
+
+#: 40 MiB of float32: five 8 MiB extents.
+NUMEL = 10 * MiB
+
+
+@pytest.fixture
+def pack(tmp_path):
+    torch.manual_seed(0)
+    sd = {"w": torch.randn(NUMEL), "b": torch.arange(1000, dtype=torch.int64), "h": torch.randn(33, 7).half()}
+    path = str(tmp_path / "m.flashpack")
+    flashpack.pack_to_file(sd, path)
+    return path, sd
+
+
+@pytest.fixture(autouse=True)
+def fresh_refusal(monkeypatch):
+    monkeypatch.setattr(memory, "_fill_refused", "")
+
+
+def test_region_copy_fill_release():
+    region = uffd.FillRegion.create(3 * 4096 + 1)
+    assert region.nbytes == 4 * 4096 and region.address % 4096 == 0 and not region.released
+    src = torch.arange(4 * 4096, dtype=torch.uint8)
+    assert region.covers(region.address, 4 * 4096) and not region.covers(region.address + 4096, 4 * 4096)
+    assert region.copy(region.address, src.data_ptr(), 2 * 4096) == (2 * 4096, 0)
+    # a page already present is not overwritten: EEXIST, nothing copied
+    assert region.copy(region.address + 4096, src.data_ptr(), 4096) == (0, errno.EEXIST)
+    region.release()
+    region.release()  # idempotent
+    assert region.released and not region.covers(region.address, 4096)
+    assert region.copy(region.address + 2 * 4096, src.data_ptr(), 4096) == (0, errno.ENOENT)
+    t = region.tensor
+    assert torch.equal(t[:2 * 4096], src[:2 * 4096])
+    assert int(t[2 * 4096:].sum()) == 0  # never filled: ordinary zeroed pages once released, no wait
+    t[-1] = 5  # and writable
+    assert int(t[-1]) == 5
+
+
+def test_region_copy_from_an_unreadable_source_is_efault_not_sigbus(tmp_path):
+    f = tmp_path / "short"
+    f.write_bytes(b"x" * 4096)
+    with open(f, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), 4096, prot=mmap.PROT_READ)
+    src_address = np.frombuffer(m, dtype=np.uint8).ctypes.data
+    os.truncate(f, 0)
+    region = uffd.FillRegion.create(4096)
+    try:
+        assert region.copy(region.address, src_address, 4096) == (0, errno.EFAULT)
+    finally:
+        region.release()
+
+
+def test_host_buffer_fill_kind_and_threshold():
+    b = memory.host_buffer(memory.MIN_FILL_NBYTES, huge_pages="off", fill=True)
+    assert b.kind == "uffd" and b.region is not None and b.tensor.numel() == memory.MIN_FILL_NBYTES
+    b.region.release()
+    small = memory.host_buffer(memory.MIN_FILL_NBYTES - 4096, huge_pages="off", fill=True)
+    assert small.kind == "torch" and small.region is None
+    assert memory.host_buffer(memory.MIN_FILL_NBYTES, huge_pages="on", fill=True).kind != "uffd"
+
+
+def test_keep_load_fills_with_uffd_bit_for_bit(pack, backend):
+    path, sd = pack
+    drop_from_cache(path)
+    stats = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=stats)
+    assert stats.memory == "uffd" and stats.cache == "keep"
+    assert stats.bytes_filled == stats.bytes_read == stats.bytes_buffered > NUMEL * 4
+    assert stats.chunks_verified > 0
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+    out["w"].add_(1)  # private and writable: the fill region was released
+    assert torch.equal(out["w"], sd["w"] + 1)
+    cached = flashpack.LoadStats()  # second load, from the page cache the first one left
+    again = flashpack.load(path, backend=backend, cache="keep", stats=cached)
+    assert cached.memory == "uffd" and cached.bytes_filled == cached.bytes_read
+    assert torch.equal(again["w"], sd["w"])
+
+
+def test_sharded_keep_load_fills_every_shard(tmp_path, backend):
+    torch.manual_seed(1)
+    sd = {f"w{i}": torch.randn(3 * MiB) for i in range(4)}  # 48 MiB in 12 MiB pieces
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    flashpack.pack_to_file(sd, folder / "model.flashpack", max_shard_nbytes=13 * MiB)
+    assert len(list(folder.glob("model-*.flashpack"))) == 4
+    stats = flashpack.LoadStats()
+    out = flashpack.load(folder, backend=backend, cache="keep", stats=stats)
+    assert stats.memory == "uffd" and stats.bytes_filled == stats.bytes_read
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("how", ["env", "bypass", "refused"])
+def test_no_uffd_when_off_bypassed_or_refused(pack, backend, monkeypatch, how):
+    path, sd = pack
+    cache = "keep"
+    if how == "env":
+        monkeypatch.setenv("FLASHPACK_USERFAULTFD", "0")
+    elif how == "bypass":
+        cache = "bypass"
+    else:
+        def refuse():
+            raise OSError(errno.EPERM, "userfaultfd: Operation not permitted")
+        monkeypatch.setattr(uffd, "_userfaultfd", refuse)
+    stats = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache=cache, stats=stats)
+    assert stats.memory == "torch" and stats.bytes_filled == 0
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+    if how == "refused":  # remembered: not tried again in this process
+        assert memory._fill_refused == "[Errno 1] userfaultfd: Operation not permitted"
+        monkeypatch.setattr(uffd, "_userfaultfd", lambda: pytest.fail("tried again after a refusal"))
+        assert flashpack.load(path, backend=backend, cache="keep", stats=flashpack.LoadStats())["w"].equal(sd["w"])
+
+
+def test_a_copy_that_stops_midway_falls_back_to_preadv(pack, backend, monkeypatch):
+    path, sd = pack
+    real = uffd.FillRegion.copy
+    calls = []
+
+    def stop_on_second(self, address, src_address, nbytes):
+        calls.append(nbytes)
+        if len(calls) == 2:  # half of it, then a refusal
+            done, _ = real(self, address, src_address, nbytes // 2)
+            return done, errno.ENOMEM
+        return real(self, address, src_address, nbytes)
+
+    monkeypatch.setattr(uffd.FillRegion, "copy", stop_on_second)
+    stats = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=stats)
+    assert stats.memory == "uffd" and 0 < stats.bytes_filled < stats.bytes_read == stats.bytes_buffered
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+def test_region_released_when_the_load_fails(pack, backend, monkeypatch):
+    path, sd = pack
+    t = flashpack.read_weight_map(path).tensors["w"]
+    with open(path, "r+b") as f:  # damage one byte in the middle of "w"
+        f.seek(t.offset + 5 * MiB)
+        b = f.read(1)
+        f.seek(t.offset + 5 * MiB)
+        f.write(bytes([b[0] ^ 0xFF]))
+    released = []
+    real = uffd.FillRegion.release
+    monkeypatch.setattr(uffd.FillRegion, "release", lambda self: (released.append(self), real(self)))
+    with pytest.raises(ChecksumMismatchError):
+        flashpack.load(path, backend=backend, cache="keep")
+    assert released and all(r.released for r in released)
+
+
+@pytest.mark.timeout(300)
+def test_truncated_under_a_filled_load_is_a_read_error_in_a_child(pack, backend):
+    """The file shrinks after its weight map was read: the copies past the new end fail with EFAULT inside the
+    kernel, the region is released, preadv meets the short file: a ReadError naming it, no SIGBUS, no hang."""
+    path, _ = pack
+    child = textwrap.dedent(f"""
+        import os, sys
+        import flashpack
+        from flashpack.errors import ReadError
+        from flashpack.io import pagecache
+        path = {path!r}
+        wm = flashpack.read_weight_map(path)
+        t = wm.tensors["w"]
+        real = pagecache._madvise
+        state = {{"cut": False}}
+        def cut_first(address, nbytes, advice):  # the file is cut while the first range is read ahead
+            if advice == pagecache.MADV_POPULATE_READ and not state["cut"]:
+                state["cut"] = True
+                os.truncate(path, t.offset + 12 * 1024 * 1024)
+            return real(address, nbytes, advice)
+        pagecache._madvise = cut_first
+        pagecache.drop_from_cache(path)
+        stats = flashpack.LoadStats()
+        try:
+            flashpack.load(wm, backend={backend!r}, cache="keep", stats=stats)
+        except ReadError as e:
+            print("READERROR", e.errno, e.filename == path, "truncated" in str(e), stats.memory, flush=True)
+            sys.exit(0)
+        print("NO ERROR", stats.memory)
+        sys.exit(1)
+    """)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert r.stdout.split() == ["READERROR", str(errno.EIO), "True", "True", "uffd"], r.stdout
