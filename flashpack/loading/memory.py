@@ -7,6 +7,10 @@ page cache that fault-and-zero work, not the copy, is most of the time. :func:`h
 ``always`` or ``madvise``), so the region faults in 2 MiB at a time. :meth:`HostBuffer.populate` pre-faults a
 window with ``MADV_POPULATE_WRITE`` (Linux 5.14+, madvise(2)), falling back to touching one byte per page.
 
+For a load that copies everything out of the page cache (``cache="keep"``), :func:`host_buffer` with ``fill=True``
+first tries a region filled with userfaultfd's ``UFFDIO_COPY`` instead (:mod:`flashpack.io.uffd`): no zeroed page
+and no fault per 4 KiB at all; the default wherever the kernel allows it (``FLASHPACK_USERFAULTFD``).
+
 The returned tensor owns the mapping: it is unmapped when the last tensor viewing it is freed.
 
 Ranks of one host loading the same file share one destination (:func:`shared_buffer`, :func:`seal_shared`,
