@@ -42,6 +42,12 @@ def pack(tmp_path):
     return path, sd
 
 
+def rss_file_nbytes() -> int:
+    """``RssFile`` of /proc/self/status (proc(5)) in bytes: file pages mapped into this process now."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
 @pytest.fixture(autouse=True)
 def fresh_refusal(monkeypatch):
     monkeypatch.setattr(memory, "_fill_refused", "")
@@ -59,7 +65,7 @@ def test_region_copy_fill_release():
     region.release()  # idempotent
     assert region.released and not region.covers(region.address, 4096)
     assert region.copy(region.address + 2 * 4096, src.data_ptr(), 4096) == (0, errno.ENOENT)
-    t = region.tensor
+    t = torch.frombuffer(region.mapping, dtype=torch.uint8)
     assert torch.equal(t[:2 * 4096], src[:2 * 4096])
     assert int(t[2 * 4096:].sum()) == 0  # never filled: ordinary zeroed pages once released, no wait
     t[-1] = 5  # and writable
@@ -117,6 +123,30 @@ def test_sharded_keep_load_fills_every_shard(tmp_path, backend):
     out = flashpack.load(folder, backend=backend, cache="keep", stats=stats)
     assert stats.memory == "uffd" and stats.bytes_filled == stats.bytes_read
     assert all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+def test_the_source_pages_leave_the_rss_behind_the_copies(pack, backend, monkeypatch):
+    """One copy at a time: when each copy starts, the file pages the earlier ones mapped are unmapped again
+    (the load's peak RSS is its destination, not destination + file)."""
+    path, sd = pack
+    monkeypatch.setenv("FLASHPACK_THREADS", "1")
+    monkeypatch.setenv("FLASHPACK_QUEUE_DEPTH", "1")
+    real = uffd.FillRegion.copy
+    grown = []
+    base = rss_file_nbytes()
+
+    def sampling(self, address, src_address, nbytes):
+        grown.append(rss_file_nbytes() - base)
+        return real(self, address, src_address, nbytes)
+
+    monkeypatch.setattr(uffd.FillRegion, "copy", sampling)
+    flashpack.load(path, backend=backend, cache="keep")  # the file cached
+    base = rss_file_nbytes()
+    grown.clear()
+    stats = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=stats)
+    assert stats.memory == "uffd" and len(grown) == 6 and torch.equal(out["w"], sd["w"])
+    assert max(grown) < 4 * MiB, [g // MiB for g in grown]
 
 
 @pytest.mark.parametrize("how", ["env", "bypass", "refused"])

@@ -174,6 +174,9 @@ class FileHandles:
                 not region.covers(address, length):
             return 0
         done, err = region.copy(address, self._source + file_offset, length)
+        # unmap the source range again: its page-cache pages stay cached but leave this process's RSS (madvise(2),
+        # MADV_DONTNEED on a shared file mapping), so a load's peak RSS stays the destination's size
+        pagecache._madvise(self._source + file_offset, length, mmap.MADV_DONTNEED)
         stats.bytes_filled += min(done, nbytes)
         stats.bytes_buffered += min(done, nbytes)
         if err:

@@ -34,8 +34,6 @@ import platform
 import struct
 import threading
 
-import torch
-
 from ..settings import PAGE_NBYTES
 from .pagecache import libc
 
@@ -83,18 +81,19 @@ def _userfaultfd() -> int:
 class FillRegion:
     """Fresh private anonymous memory, registered with a userfaultfd to be filled with ``UFFDIO_COPY``.
 
-    Create with :meth:`create`. ``tensor`` (a CPU uint8 tensor of ``nbytes``, page-aligned) owns the mapping: it
-    is unmapped when the last view of it dies. Thread-safe: several threads may :meth:`copy` into disjoint pages
-    at once; :meth:`release` may race with them (their copies then fail and they read the rest themselves).
+    Create with :meth:`create`. ``mapping`` (a Python ``mmap`` object) owns the memory: wrap it
+    (``torch.frombuffer``, ``memoryview``) to use it; it is unmapped when the last such view dies. Thread-safe:
+    several threads may :meth:`copy` into disjoint pages at once; :meth:`release` may race with them (their copies
+    then fail and they read the rest themselves).
 
     Attributes:
-        tensor: the memory; address: its first byte; nbytes: its size (a multiple of 4096).
+        mapping: the memory; address: its first byte (page-aligned); nbytes: its size (a multiple of 4096).
     """
 
-    def __init__(self, tensor: torch.Tensor, uffd: int):
-        self.tensor = tensor
-        self.address = tensor.data_ptr()
-        self.nbytes = tensor.numel()
+    def __init__(self, mapping: mmap.mmap, uffd: int):
+        self.mapping = mapping
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))  # the export ends with the temporary
+        self.nbytes = len(mapping)
         self._uffd = uffd
         self._lock = threading.Lock()
 
@@ -110,19 +109,19 @@ class FillRegion:
         if nbytes <= 0:
             raise ValueError(f"nbytes must be > 0, got {nbytes}")
         nbytes += -nbytes % PAGE_NBYTES
-        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        tensor = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive; unmapped with the last view
+        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         uffd = _userfaultfd()
         try:
+            self = cls(mapping, uffd)
             fcntl.ioctl(uffd, UFFDIO_API, bytearray(struct.pack("<QQQ", UFFD_API, 0, 0)))
-            reg = bytearray(struct.pack("<QQQQ", tensor.data_ptr(), nbytes, UFFDIO_REGISTER_MODE_MISSING, 0))
+            reg = bytearray(struct.pack("<QQQQ", self.address, nbytes, UFFDIO_REGISTER_MODE_MISSING, 0))
             fcntl.ioctl(uffd, UFFDIO_REGISTER, reg)
             if not struct.unpack("<QQQQ", reg)[3] & (1 << _UFFDIO_COPY_NR):
                 raise OSError(errno.EOPNOTSUPP, "userfaultfd: UFFDIO_COPY is not offered for anonymous memory")
         except BaseException:
             os.close(uffd)  # unregisters whatever was registered
             raise
-        return cls(tensor, uffd)
+        return self
 
     @property
     def released(self) -> bool:

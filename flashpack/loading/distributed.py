@@ -375,11 +375,12 @@ def _load_shared(job, dev: torch.device, backend: str | None, stats: LoadStats, 
                     stats.cache_reason += " (rank 0 read it into shared memory; this rank maps it copy-on-write)"
             except OSError as e:  # not reachable from this rank: read the file itself, through the page cache
                 stats.cache_reason += f" (rank 0's shared memory could not be mapped here ({e}): this rank read the file)"
-                dest = host_buffer(nbytes, huge_pages=cfg.huge_pages)
+                dest = host_buffer(nbytes, huge_pages=cfg.huge_pages, fill=cfg.userfaultfd)
                 stats.memory = dest.kind
                 buffer = dest.tensor
                 read_into(job.wm, job.plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
-                          populate=None if dest.kind == "torch" else dest.populate, cache="keep")
+                          populate=None if dest.kind in ("torch", "uffd") else dest.populate, cache="keep",
+                          fill=dest.region)
         except Exception as e:  # noqa: BLE001 - reported to every rank
             err = e
         agree("mapping the memory shared by the ranks of this host", err)

@@ -149,7 +149,8 @@ def host_buffer(nbytes: int, *, huge_pages: str = "auto", fill: bool = False) ->
             log.debug("flashpack: userfaultfd refused (%s); fresh destinations are faulted in by the reads",
                       _fill_refused)
         else:
-            return HostBuffer(region.tensor[:nbytes], False, "uffd", region)
+            whole = torch.frombuffer(region.mapping, dtype=torch.uint8)  # owns the mapping, unmapped with its views
+            return HostBuffer(whole[:nbytes], False, "uffd", region)
     if nbytes < MIN_MAPPED_NBYTES or huge_pages == "off" or (huge_pages == "auto"
                                                              and free_huge_nbytes() < 2 * nbytes):
         # 4 KiB pages: faulted in by the reader threads in parallel, which beat pre-faulting them from one

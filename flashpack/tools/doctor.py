@@ -2,7 +2,8 @@
 
 Prints the kernel, liburing, ``kernel.io_uring_disabled``, RLIMIT_MEMLOCK, whether O_DIRECT open and
 read work for ``path`` (default: the current directory; a directory is tested with a temporary file
-in it), every reader backend with its reason or features, the FLASHPACK_* settings, and the GPU.
+in it), every reader backend with its reason or features, whether userfaultfd can fill load destinations, the
+FLASHPACK_* settings, and the GPU.
 torch is imported only for the GPU line.
 """
 
@@ -149,6 +150,11 @@ def report(path: str) -> list[tuple[str, str]]:
             rows.append((f"backend {name}", f"available; features: {', '.join(sorted(info.features)) or '-'}"
                          if info.available else f"unavailable: {info.reason}"))
         rows.append(("backend auto", f"-> {resolve_backend('auto')}"))
+        from flashpack.io import uffd
+
+        ok, why = uffd.probe()
+        rows.append(("userfaultfd (UFFDIO_COPY fill)", "available" if ok else f"unavailable: {why}; fresh memory "
+                     "is faulted in by the reads instead"))
         cfg = settings()
         rows.append(("settings", ", ".join(f"{k}={v}" for k, v in vars(cfg).items())))
     except Exception as e:  # noqa: BLE001 - report what is wrong instead of a traceback
