@@ -529,8 +529,17 @@ def verify_chunk(wm: WeightMap, chunk: Chunk, data) -> None:
     """
     if chunk.digest is None:
         return
-    got = xxhash.xxh3_64_intdigest(data)
-    if got != chunk.digest:
+    check_chunk_digest(wm, chunk, xxhash.xxh3_64_intdigest(data))
+
+
+def check_chunk_digest(wm: WeightMap, chunk: Chunk, got: int) -> None:
+    """Check invariant I15 for one chunk whose XXH3-64 (seed 0) was computed as ``got`` (by a reader, as the
+    bytes landed: :attr:`flashpack.io.protocol.Extent.hasher`).
+
+    Raises:
+        ChecksumMismatchError naming the file, block, byte range and the keys stored there.
+    """
+    if chunk.digest is not None and got != chunk.digest:
         wm, chunk = wm.resolve_chunk(chunk)  # a shard of a sharded pack: name the shard, in its own offsets
         lo, hi = chunk.offset, chunk.offset + chunk.nbytes
         keys = [k for k, t in wm.tensors.items() if t.nbytes and t.offset < hi and t.offset + t.nbytes > lo]

@@ -3,7 +3,7 @@ share arithmetic of distributed loads (which rank reads which part of the destin
 
 A load reads a set of *regions* (4096-aligned file ranges, merged where they touch) into one
 destination buffer laid end to end; each region is cut into *extents* of at most ``extent_nbytes``
-(one read request each). Checksum *chunks* are verified once every extent overlapping them is in.
+(one read request each), starting afresh at each checksum chunk when verifying. Checksum *chunks* are verified once every extent overlapping them is in.
 """
 
 from __future__ import annotations
@@ -122,12 +122,17 @@ def make_plan(wm: WeightMap, keys: Iterable[str] | None = None, *, extent_nbytes
     regions: list[Region] = []
     extents: list[ReadExtent] = []
     pos = 0
+    # verifying: extents also start where each chunk starts (4096-aligned: blocks are, chunk_nbytes is a multiple),
+    # so with extent_nbytes >= chunk_nbytes an extent holds one whole chunk that its reader can hash as it lands
+    chunk_starts = [c.offset for c in chunks]
     for lo, hi in _merge(spans):
         regions.append(Region(lo, hi - lo, pos))
-        for off in range(lo, hi, extent_nbytes):
-            end = min(off + extent_nbytes, hi, wm.file_nbytes)
-            if end > off:
-                extents.append(ReadExtent(off, end - off, pos + off - lo, ()))
+        cuts = [lo] + [c for c in chunk_starts[bisect.bisect_right(chunk_starts, lo):bisect.bisect_left(chunk_starts, hi)]]
+        for a, b in zip(cuts, cuts[1:] + [hi]):
+            for off in range(a, b, extent_nbytes):
+                end = min(off + extent_nbytes, b, wm.file_nbytes)
+                if end > off:
+                    extents.append(ReadExtent(off, end - off, pos + off - lo, ()))
         pos += hi - lo
 
     counts = [0] * len(chunks)

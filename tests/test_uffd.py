@@ -102,7 +102,7 @@ def test_keep_load_fills_with_uffd_bit_for_bit(pack, backend):
     out = flashpack.load(path, backend=backend, cache="keep", stats=stats)
     assert stats.memory == "uffd" and stats.cache == "keep"
     assert stats.bytes_filled == stats.bytes_read == stats.bytes_buffered > NUMEL * 4
-    assert stats.chunks_verified > 0
+    assert stats.chunks_verified > 0 and stats.chunks_hashed_by_reader == stats.chunks_verified
     assert all(torch.equal(out[k], sd[k]) for k in sd)
     out["w"].add_(1)  # private and writable: the fill region was released
     assert torch.equal(out["w"], sd["w"] + 1)
@@ -145,7 +145,7 @@ def test_the_source_pages_leave_the_rss_behind_the_copies(pack, backend, monkeyp
     grown.clear()
     stats = flashpack.LoadStats()
     out = flashpack.load(path, backend=backend, cache="keep", stats=stats)
-    assert stats.memory == "uffd" and len(grown) == 6 and torch.equal(out["w"], sd["w"])
+    assert stats.memory == "uffd" and len(grown) >= 6 and torch.equal(out["w"], sd["w"])
     assert max(grown) < 4 * MiB, [g // MiB for g in grown]
 
 

@@ -97,12 +97,16 @@ class ShardsReader:
             if n == 0:  # wholly past the shard's end: padding, nothing to read
                 self._ready.append(Completion(e))
                 continue
-            per.setdefault(s, []).append(Extent(local, n, e.dest[:n] if e.dest.nbytes != n else e.dest, e))
+            hashed = e.hasher is not None and 0 < e.hash_nbytes <= n
+            per.setdefault(s, []).append(Extent(local, n, e.dest[:n] if e.dest.nbytes != n else e.dest, e,
+                                                e.hasher if hashed else None, e.hash_nbytes if hashed else 0))
         for s, exts in per.items():
             self._readers[s].submit(exts)
 
     @staticmethod
     def _outer(cs: list[Completion]) -> list[Completion]:
+        for c in cs:
+            c.extent.tag.digest = c.extent.digest
         return [Completion(c.extent.tag, c.error) for c in cs]
 
     def wait(self, timeout_s: float | None = None) -> list[Completion]:

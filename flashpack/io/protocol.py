@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 
 @dataclass(eq=False)
@@ -45,12 +45,20 @@ class Extent:
 
     ``dest`` is a writable C-contiguous buffer that the caller keeps alive and untouched until the
     extent's completion is returned. ``tag`` is the caller's, returned unchanged.
+
+    ``hasher`` (optional, e.g. ``xxhash.xxh3_64``): a reader that copies in worker threads hashes
+    ``dest[:hash_nbytes]`` there, piece by piece as it lands (still in the CPU cache), and sets ``digest`` to
+    ``hasher().intdigest()`` before the completion is returned. A reader that does not (reads completed by the
+    kernel, a failed read) leaves ``digest`` ``None``: the caller hashes the bytes itself.
     """
 
     file_offset: int
     nbytes: int
     dest: memoryview
     tag: Any = None
+    hasher: Callable[[], Any] | None = None
+    hash_nbytes: int = 0
+    digest: int | None = None
 
 
 @dataclass(eq=False)

@@ -35,6 +35,8 @@ class LoadStats:
         bytes_prefetched: bytes read ahead into the page cache before their copy (``keep``), and ``prefetch``
             how: ``"populate_read"`` (madvise(2) ``MADV_POPULATE_READ``), ``"willneed"`` (posix_fadvise(2),
             when the kernel refuses the former), ``""`` when nothing was.
+        chunks_hashed_by_reader: of ``chunks_verified``, those the reader's worker threads hashed as the bytes
+            landed (``Extent.hasher``); the loading thread hashed the rest after their reads completed.
         bytes_filled: of ``bytes_buffered``, bytes copied from the page cache into a ``"uffd"`` destination with
             userfaultfd's ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`).
     """
@@ -50,6 +52,7 @@ class LoadStats:
     bytes_prefetched: int = 0
     prefetch: str = ""
     bytes_filled: int = 0
+    chunks_hashed_by_reader: int = 0
 
     def add_reader(self, rs: ReaderStats) -> None:
         """Add a reader's byte counts."""

@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 
 import torch
+import xxhash
 
-from ..format import WeightMap, verify_chunk
+from ..format import WeightMap, check_chunk_digest, verify_chunk
 from ..io import Extent, open_pack_reader, read_all
 from ..io.multi import counted
 from ..plan import LoadPlan, Region
@@ -17,9 +18,19 @@ from ..source import check_same_file, open_regular, pread_into
 from .common import LoadStats
 
 
-def _extents(plan: LoadPlan, buf: memoryview) -> list[Extent]:
-    return [Extent(e.file_offset, e.nbytes, buf[e.buffer_offset:e.buffer_offset + e.nbytes], i)
-            for i, e in enumerate(plan.extents)]
+def _extents(plan: LoadPlan, buf: memoryview, verify: bool = False) -> list[Extent]:
+    """The reader's extents of ``plan`` into ``buf``; with ``verify``, an extent that starts where a checksum chunk
+    starts and holds all of it (and no other) asks its reader to hash the chunk as it lands (``Extent.hasher``)."""
+    out = []
+    for i, e in enumerate(plan.extents):
+        ext = Extent(e.file_offset, e.nbytes, buf[e.buffer_offset:e.buffer_offset + e.nbytes], i)
+        if verify and len(e.chunks) == 1:
+            c = plan.chunks[e.chunks[0]]
+            if c.digest is not None and c.offset == e.file_offset and 0 < c.nbytes <= e.nbytes \
+                    and plan.chunk_extent_counts[e.chunks[0]] == 1:
+                ext.hasher, ext.hash_nbytes = xxhash.xxh3_64, c.nbytes
+        out.append(ext)
+    return out
 
 
 #: Destination bytes pre-faulted (``populate``) ahead of the reads submitted into them, per step.
@@ -101,8 +112,12 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
             remaining[ci] -= 1
             if remaining[ci] == 0:
                 c = plan.chunks[ci]
-                bo = plan.buffer_offset(c.offset)
-                verify_chunk(wm, c, buf[bo:bo + c.nbytes])
+                if ext.digest is not None and ext.hash_nbytes == c.nbytes:  # hashed by the reader as it landed
+                    check_chunk_digest(wm, c, ext.digest)
+                    stats.chunks_hashed_by_reader += 1
+                else:
+                    bo = plan.buffer_offset(c.offset)
+                    verify_chunk(wm, c, buf[bo:bo + c.nbytes])
                 stats.chunks_verified += 1
 
     try:
@@ -112,9 +127,9 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
             try:
                 counting = counted(reader, progress)
                 if populate is None:
-                    read_all(counting, _extents(plan, buf), done if verify else None)
+                    read_all(counting, _extents(plan, buf, verify), done if verify else None)
                 else:
-                    _read_windowed(counting, plan, _extents(plan, buf), done if verify else None, populate)
+                    _read_windowed(counting, plan, _extents(plan, buf, verify), done if verify else None, populate)
             finally:
                 stats.add_reader(reader.stats)
     finally:
