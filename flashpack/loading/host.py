@@ -1,6 +1,8 @@
-"""Host loads: a plan's extents read by a reader straight into page-aligned CPU memory, checksum chunks
-verified as their extents complete (:func:`read_into`); or the zero-copy mode, a private copy-on-write
-mapping of the file (:func:`mmap_payload`)."""
+"""Host loads: a plan's extents read by a reader straight into page-aligned CPU memory (filled with userfaultfd's
+``UFFDIO_COPY`` from the page cache when the destination is a :class:`~flashpack.io.uffd.FillRegion`), checksum
+chunks verified as their extents complete, hashed by the reader's worker threads as the bytes land where an extent
+holds a whole chunk (:func:`read_into`); or the zero-copy mode, a private copy-on-write mapping of the file
+(:func:`mmap_payload`)."""
 
 from __future__ import annotations
 
