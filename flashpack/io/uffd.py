@@ -37,8 +37,9 @@ import threading
 from ..settings import PAGE_NBYTES
 from .pagecache import libc
 
-#: userfaultfd(2)'s system call number (asm/unistd_64.h; asm-generic/unistd.h for arm64).
-SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "arm64": 282, "ppc64le": 364, "s390x": 355, "riscv64": 282}
+#: userfaultfd(2)'s system call number (asm/unistd_64.h; asm-generic/unistd.h for arm64). Only architectures whose
+#: ioctl numbers follow asm-generic/ioctl.h (as :func:`_iowr` computes them); elsewhere the fill is not offered.
+SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "arm64": 282}
 #: linux/userfaultfd.h
 UFFD_USER_MODE_ONLY = 1
 UFFD_API = 0xAA
