@@ -240,3 +240,86 @@ def test_truncated_under_a_filled_load_is_a_read_error_in_a_child(pack, backend)
     r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
     assert r.stdout.split() == ["READERROR", str(errno.EIO), "True", "True", "uffd"], r.stdout
+
+
+def test_a_reader_that_sees_the_region_released_can_read_into_it_at_once(pack, monkeypatch):
+    """release() racing a worker (another worker's copy failed): once covers() is false the worker reads with
+    preadv at once, so the region must already be unregistered by then, not only marked released (EFAULT)."""
+    import fcntl as real_fcntl
+    import threading
+    import time
+
+    from flashpack.io import base
+    from flashpack.io.protocol import Extent, ReaderStats
+
+    path, _ = pack
+    nbytes = os.path.getsize(path) // 4096 * 4096
+    region = uffd.FillRegion.create(nbytes)
+    files = base.FileHandles(path, cache="keep", fill=region)
+    unregistering = threading.Event()
+
+    class SlowUnregister:  # the kernel's UFFDIO_UNREGISTER, made slow: it waits for the mmap write lock
+        def __getattr__(self, name):
+            return getattr(real_fcntl, name)
+
+        @staticmethod
+        def ioctl(fd, request, arg=0, *rest):
+            if request == uffd.UFFDIO_UNREGISTER:
+                unregistering.set()
+                time.sleep(0.3)
+            return real_fcntl.ioctl(fd, request, arg, *rest)
+
+    monkeypatch.setattr(uffd, "fcntl", SlowUnregister())
+    t = threading.Thread(target=region.release)
+    t.start()
+    try:
+        assert unregistering.wait(10)
+        mv = memoryview(region.mapping)[:MiB]
+        base.read_extent(files, Extent(0, MiB, mv), ReaderStats())  # was: ReadError EFAULT ("Bad address")
+    finally:
+        t.join()
+        files.close()
+    with open(path, "rb") as f:
+        assert bytes(mv) == f.read(MiB)
+
+
+def test_a_refused_source_mapping_releases_the_region(pack, backend, monkeypatch):
+    """The file cannot be mapped (a FUSE file system in direct_io mode: ENODEV; RLIMIT_AS: ENOMEM): nothing can
+    UFFDIO_COPY from it, so the region must be released before the reads go to preadv (else EFAULT)."""
+    from flashpack.io import pagecache
+
+    path, sd = pack
+    real = pagecache.libc
+
+    class NoMmap:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def mmap(*args):
+            return pagecache.MAP_FAILED
+
+    monkeypatch.setattr(pagecache, "libc", NoMmap())
+    stats = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=stats)  # was: ReadError EFAULT
+    assert stats.memory == "uffd" and stats.bytes_filled == 0
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+def test_read_into_releases_the_region_even_with_nothing_to_read(pack):
+    from flashpack.loading.common import LoadStats
+    from flashpack.loading.host import read_into
+    from flashpack.plan import LoadPlan
+    from flashpack.settings import settings
+
+    path, _ = pack
+    dest = memory.host_buffer(memory.MIN_FILL_NBYTES, huge_pages="off", fill=True)
+    region, tensor = dest.region, dest.tensor
+    del dest  # no repr of a still-registered tensor in a failure report: printing it would wait forever
+    assert region is not None
+    empty = LoadPlan((), (), (), (), 0)
+    read_into(flashpack.read_weight_map(path), empty, tensor, backend="threads", verify=True,
+              stats=LoadStats(), cfg=settings(), cache="keep", fill=region)
+    released = region.released
+    region.release()
+    assert released  # "dest is ordinary memory when this returns"

@@ -118,6 +118,11 @@ class FileHandles:
                 if fill is not None and self.file_nbytes:
                     addr = pagecache.libc.mmap(None, self.file_nbytes, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, 0)
                     self._source = 0 if addr is None or addr == pagecache.MAP_FAILED else addr
+                if fill is not None and not self._source and self.file_nbytes:
+                    # nothing to UFFDIO_COPY from (a file system that refuses mmap(2), RLIMIT_AS): the reads go
+                    # to preadv(2), which cannot write into a still-registered region (EFAULT): release it now
+                    log.debug("flashpack: %s cannot be mapped; its extents are read with preadv", self.path)
+                    fill.release()
             elif direct != "off":
                 try:
                     self.direct_fd = _blocking(_open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT

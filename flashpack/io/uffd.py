@@ -170,14 +170,16 @@ class FillRegion:
         The unregister takes the memory map's write lock, so it returns after any copy in flight; a copy started
         later fails (``ENOENT``)."""
         with self._lock:
-            uffd, self._uffd = self._uffd, -1
+            uffd = self._uffd
             if uffd < 0:
                 return
-            try:
+            try:  # unregister *before* saying so: a reader that sees :attr:`released` (:meth:`covers` false) reads
+                # into the region with preadv(2) or a ring at once, which fails (EFAULT) while it is still registered
                 fcntl.ioctl(uffd, UFFDIO_UNREGISTER, bytearray(struct.pack("<QQ", self.address, self.nbytes)))
             except OSError:
                 pass  # closing below still unregisters, at the last reference
             finally:
+                self._uffd = -1
                 os.close(uffd)
 
 

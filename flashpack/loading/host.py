@@ -105,6 +105,8 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
         BackendUnavailableError. Every in-flight read has finished before an error propagates.
     """
     if not plan.extents:
+        if fill is not None:
+            fill.release()
         return
     buf = memoryview(dest.numpy()).cast("B")
     remaining = list(plan.chunk_extent_counts)
