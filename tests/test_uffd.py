@@ -323,3 +323,13 @@ def test_read_into_releases_the_region_even_with_nothing_to_read(pack):
     released = region.released
     region.release()
     assert released  # "dest is ordinary memory when this returns"
+
+
+def test_a_dropped_region_closes_its_descriptor():
+    import gc
+    before = len(os.listdir("/proc/self/fd"))
+    regions = [uffd.FillRegion.create(4096) for _ in range(8)]
+    assert len(os.listdir("/proc/self/fd")) == before + 8
+    del regions
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before

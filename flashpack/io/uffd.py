@@ -183,6 +183,13 @@ class FillRegion:
                 os.close(uffd)
 
 
+    def __del__(self):  # a region dropped before its load released it (an exception in between): no descriptor leak
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
 def probe() -> tuple[bool, str]:
     """Whether a :class:`FillRegion` can be made here, and if not why (one page mapped and registered)."""
     try:
