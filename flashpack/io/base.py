@@ -253,9 +253,10 @@ def read_extent(files: FileHandles, ext: Extent, stats: ReaderStats) -> None:
     """Read one extent completely and synchronously (the ``threads`` backend's unit of work).
 
     A destination in the handles' fill region is copied with ``UFFDIO_COPY`` (:meth:`FileHandles.fill_copy`),
-    the rest of it (after a failed copy) with preadv(2). The page-aligned body goes through the O_DIRECT
-    descriptor when :meth:`FileHandles.use_direct` says so; the unaligned tail, and everything after a refused or unaligned direct read, goes
-    through the buffered descriptor at the exact offset reached.
+    the rest of it (after a failed copy) with preadv(2). Otherwise the page-aligned body goes through the O_DIRECT
+    descriptor when :meth:`FileHandles.use_direct` says so; the unaligned tail, and everything after a refused or
+    unaligned direct read, goes through the buffered descriptor at the exact offset reached. With
+    ``ext.hasher``, the worker hashes ``ext.dest[:ext.hash_nbytes]`` as it lands and sets ``ext.digest``.
 
     Raises:
         ReadError: EIO and friends (naming the file, offset and length), or a short file.
