@@ -147,8 +147,7 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
                 stats.memory = dest.kind
                 buffer = dest.tensor
                 read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg, progress=bar,
-                          populate=None if dest.kind in ("torch", "uffd") else dest.populate, cache=mode,
-                          fill=dest.region)
+                          populate=dest.prefault, cache=mode, fill=dest.region)
         finally:
             bar.close()
     return assemble(job, buffer, plan)

@@ -3,7 +3,8 @@ share arithmetic of distributed loads (which rank reads which part of the destin
 
 A load reads a set of *regions* (4096-aligned file ranges, merged where they touch) into one
 destination buffer laid end to end; each region is cut into *extents* of at most ``extent_nbytes``
-(one read request each), starting afresh at each checksum chunk when verifying. Checksum *chunks* are verified once every extent overlapping them is in.
+(one read request each), starting afresh at each checksum chunk when verifying. Checksum *chunks* are verified
+once every extent overlapping them is in.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def make_plan(wm: WeightMap, keys: Iterable[str] | None = None, *, extent_nbytes
     chunk_starts = [c.offset for c in chunks]
     for lo, hi in _merge(spans):
         regions.append(Region(lo, hi - lo, pos))
-        cuts = [lo] + [c for c in chunk_starts[bisect.bisect_right(chunk_starts, lo):bisect.bisect_left(chunk_starts, hi)]]
+        cuts = [lo, *chunk_starts[bisect.bisect_right(chunk_starts, lo):bisect.bisect_left(chunk_starts, hi)]]
         for a, b in zip(cuts, cuts[1:] + [hi]):
             for off in range(a, b, extent_nbytes):
                 end = min(off + extent_nbytes, b, wm.file_nbytes)

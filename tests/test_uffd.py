@@ -208,7 +208,7 @@ def test_region_released_when_the_load_fails(pack, backend, monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_truncated_under_a_filled_load_is_a_read_error_in_a_child(pack, backend):
-    """The file shrinks after its weight map was read: the copies past the new end fail with EFAULT inside the
+    """Case C30 under the fill: the file shrinks after its weight map was read: the copies past the new end fail with EFAULT inside the
     kernel, the region is released, preadv meets the short file: a ReadError naming it, no SIGBUS, no hang."""
     path, _ = pack
     child = textwrap.dedent(f"""

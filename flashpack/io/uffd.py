@@ -6,8 +6,8 @@ with a userfaultfd in "missing" mode can instead be filled with ``ioctl(UFFDIO_C
 the kernel allocates each page, copies the source bytes into it and maps it, in one call for a whole extent, with
 no zeroing and no fault per page. The source is a read-only shared mapping of the file (the page cache itself),
 read by the kernel: past the end of a file truncated meanwhile the copy fails with ``EFAULT`` (a kernel access,
-fixed up), never SIGBUS. Measured on the 2-vCPU VM this was built on (README, Performance): 1 GiB from the page cache by two threads in
-0.21 s against 0.31 s for preadv(2) into fresh pages (medians of 5, fresh processes).
+fixed up), never SIGBUS. Measured on the 2-vCPU VM this was built on (README, Performance): 1 GiB from the page
+cache by two threads in 0.21 s against 0.31 s for preadv(2) into fresh pages (medians of 5, fresh processes).
 
 Safety rules, all kept here and in :func:`flashpack.io.base.read_extent`:
 
@@ -15,8 +15,8 @@ Safety rules, all kept here and in :func:`flashpack.io.base.read_extent`:
   ``vm.unprivileged_userfaultfd = 0``): a *kernel* access to a missing page (a preadv(2) or O_DIRECT read into it)
   fails with ``EFAULT`` instead of waiting, so only the fill writes into it while it is registered;
 - nothing in this process handles user faults on the region, so user code must not touch a missing page while it
-  is registered: the region is released (:meth:`FillRegion.release`, closing the descriptor unregisters every
-  range, userfaultfd(2)) as soon as the load's reads are done, or at the first failed copy, after which the
+  is registered: the region is released (:meth:`FillRegion.release`: ``UFFDIO_UNREGISTER``, then the descriptor
+  is closed) as soon as the load's reads are done, or at the first failed copy, after which the
   remaining bytes are read with preadv(2) and the region behaves as ordinary memory;
 - a kernel without userfaultfd, a seccomp filter that forbids it (Docker's default profile does, without
   ``CAP_SYS_PTRACE``) or any refusal makes :meth:`FillRegion.create` raise ``OSError``: the caller allocates
@@ -181,7 +181,6 @@ class FillRegion:
             finally:
                 self._uffd = -1
                 os.close(uffd)
-
 
     def __del__(self):  # a region dropped before its load released it (an exception in between): no descriptor leak
         try:

@@ -379,8 +379,7 @@ def _load_shared(job, dev: torch.device, backend: str | None, stats: LoadStats, 
                 stats.memory = dest.kind
                 buffer = dest.tensor
                 read_into(job.wm, job.plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
-                          populate=None if dest.kind in ("torch", "uffd") else dest.populate, cache="keep",
-                          fill=dest.region)
+                          populate=dest.prefault, cache="keep", fill=dest.region)
         except Exception as e:  # noqa: BLE001 - reported to every rank
             err = e
         agree("mapping the memory shared by the ranks of this host", err)

@@ -38,8 +38,9 @@ HUGE_PAGE_NBYTES = 2 * MiB
 #: Destinations smaller than this come from torch's allocator (a mapping per small load costs more than it saves).
 MIN_MAPPED_NBYTES = 4 * MiB
 #: Destinations smaller than this are not filled with userfaultfd: torch's allocator (glibc's heap) often hands a
-#: small load memory a previous load already faulted in, which beats any fresh region (16 MiB here: 5-7 ms
-#: against 7-10 ms for repeated loads in one process; BERT's 87 MiB: 27-33 ms against 33-38 ms filled).
+#: small load memory a previous load already faulted in, which beats any fresh region (16 MiB here, repeated loads
+#: in one process: 5-7 ms from torch's allocator against 7-10 ms filled; BERT's 87 MiB: 27-33 ms filled against
+#: 33-38 ms from torch's allocator).
 MIN_FILL_NBYTES = 32 * MiB
 #: linux/mman.h (Linux 5.14); Python's mmap module does not name it before 3.13.
 MADV_POPULATE_WRITE = 23
@@ -79,6 +80,12 @@ class HostBuffer:
     huge_pages: bool
     kind: str
     region: FillRegion | None = None
+
+    @property
+    def prefault(self):
+        """:meth:`populate` for a buffer the load should pre-fault window by window (``read_into``'s ``populate``),
+        ``None`` for one the reads themselves fault in or fill (``"torch"``, ``"memfd"``, ``"uffd"``)."""
+        return None if self.kind in ("torch", "memfd", "uffd") else self.populate
 
     @property
     def nbytes(self) -> int:
