@@ -14,8 +14,9 @@ import warnings
 
 import torch
 
-from .deserialization import assign_from_file, check_mmap_device, ignore_filter, model_targets
+from .deserialization import assign_from_file, check_mmap_device, ignore_filter, model_targets, start_early_load
 from .serialization import pack_to_file
+from .source import read_pack_map
 
 _patch_lock = threading.RLock()
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
@@ -103,7 +104,9 @@ class FlashPackMixin:
                        init_fn=None, backend: str | None = None, verify: bool | None = None, mmap: bool = False,
                        process_group=None, **init_kwargs):
         """Build the module with meta parameters (real buffers), fill it from ``path`` with
-        :func:`flashpack.assign_from_file`, and return it in eval mode on ``device``.
+        :func:`flashpack.assign_from_file`, and return it in eval mode on ``device``. The weight map is read first;
+        for a CPU target the pack's bytes are then read while the module is built
+        (:func:`flashpack.deserialization.start_early_load`), and a failing constructor cancels that read.
 
         Args:
             path: the pack.
@@ -141,15 +144,21 @@ class FlashPackMixin:
             for name, value in (("rank", rank), ("local_rank", local_rank), ("world_size", world_size)):
                 if name in params and name not in init_kwargs:
                     init_kwargs[name] = value
-        with init_empty_weights():
-            module = init_fn(*init_args, **init_kwargs)
-        assign_from_file(module, path, "cpu" if device is None else device, strict, strict_params, strict_buffers,
-                         keep_flash_ref_on_model, silent, num_streams, chunk_bytes,
-                         ignore_names or cls.flashpack_ignore_names, ignore_prefixes or cls.flashpack_ignore_prefixes,
-                         ignore_suffixes or cls.flashpack_ignore_suffixes, use_distributed_loading,
-                         distributed_sharded, distributed_shard_strategy, rank, local_rank, world_size,
-                         coerce_dtype or cls.flashpack_coerce_dtype, backend=backend, verify=verify, mmap=mmap,
-                         process_group=process_group)
+        device = "cpu" if device is None else device
+        ignore_names = ignore_names or cls.flashpack_ignore_names
+        ignore_prefixes = ignore_prefixes or cls.flashpack_ignore_prefixes
+        ignore_suffixes = ignore_suffixes or cls.flashpack_ignore_suffixes
+        wm = read_pack_map(path, missing_ok=True)  # read once; the pack's bytes are read while the module is built
+        with start_early_load(wm, device, backend=backend, verify=verify, mmap=mmap, process_group=process_group,
+                              use_distributed_loading=use_distributed_loading, ignore_names=ignore_names,
+                              ignore_prefixes=ignore_prefixes, ignore_suffixes=ignore_suffixes) as early:
+            with init_empty_weights():
+                module = init_fn(*init_args, **init_kwargs)
+            assign_from_file(module, wm, device, strict, strict_params, strict_buffers,
+                             keep_flash_ref_on_model, silent, num_streams, chunk_bytes, ignore_names, ignore_prefixes,
+                             ignore_suffixes, use_distributed_loading, distributed_sharded, distributed_shard_strategy,
+                             rank, local_rank, world_size, coerce_dtype or cls.flashpack_coerce_dtype, backend=backend,
+                             verify=verify, mmap=mmap, process_group=process_group, early=early)
         return module.eval()
 
 

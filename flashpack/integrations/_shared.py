@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..deserialization import start_early_load
 from ..errors import FlashPackError, ModelMismatchError, ModelNotFoundError, UnsupportedDeviceMapError
 from ..format import WeightMap, torch_dtype
 from ..mixin import assign_from_file, model_targets
@@ -221,7 +222,8 @@ def rename_weight_map(wm: WeightMap, renames: dict[str, str]) -> WeightMap:
 def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path: str, device: torch.device,
                *, tie: Callable[[torch.nn.Module], None] | None = None, assign: dict | None = None,
                key_renames: Callable[[torch.nn.Module, WeightMap], dict[str, str]] | None = None) -> torch.nn.Module:
-    """Build a model with meta parameters, fill it from ``pack_path`` and return it ready (eval mode).
+    """Build a model with meta parameters, fill it from ``pack_path`` and return it ready (eval mode). The pack's
+    bytes are read while ``build`` runs when :func:`flashpack.deserialization.start_early_load` allows it.
 
     Args:
         build: ``build(dtype)`` returns the model with parameters on the meta device (real buffers), built in
@@ -240,13 +242,18 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
         Everything :func:`flashpack.assign_from_file` raises.
     """
     wm = read_pack_map(pack_path)  # read once (a sharded pack: its merged map): dtypes, the fill, and the same-file check of the payload
-    model = build(main_float_dtype(wm))
-    if tie is not None:
-        tie(model)
-    if key_renames is not None:
-        wm = rename_weight_map(wm, key_renames(model, wm))
-    match_file_dtypes(model, wm)
-    assign_from_file(model, wm, device=device, **({"strict": True} | dict(assign or {})))
+    options = {"strict": True} | dict(assign or {})
+    with start_early_load(wm, device, **options) as early:  # the read overlaps the build below
+        model = build(main_float_dtype(wm))
+        if tie is not None:
+            tie(model)
+        if key_renames is not None:
+            renames = key_renames(model, wm)
+            wm = rename_weight_map(wm, renames)
+            if early is not None:
+                early.rename(renames)
+        match_file_dtypes(model, wm)
+        assign_from_file(model, wm, device=device, early=early, **options)
     if tie is not None:
         tie(model)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]

@@ -116,7 +116,9 @@ class FlashPackDiffusersModelMixin:
                                   local_files_only: bool = False, token: str | bool | None = None,
                                   torch_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
                                   mmap: bool = False, verify: bool | None = None, **config_overrides):
-        """Build the model from ``config.json`` on the meta device and fill it from its pack.
+        """Build the model from ``config.json`` on the meta device and fill it from its pack. For a CPU target
+        (without ``mmap=True``) the pack is read on a background thread while the model is built
+        (:class:`flashpack.deserialization.EarlyLoad`); a build or match error cancels that read first.
 
         Args:
             name_or_path: a local folder, or a Hub repo id (only ``config.json`` and the pack are downloaded).

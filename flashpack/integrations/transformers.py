@@ -112,7 +112,9 @@ class FlashPackTransformersModelMixin:
                                   torch_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
                                   key_mapping: dict[str, str] | None = None, mmap: bool = False,
                                   verify: bool | None = None, **config_overrides):
-        """Build the model from its config on the meta device and fill it from its pack.
+        """Build the model from its config on the meta device and fill it from its pack. For a CPU target (without
+        ``mmap=True`` or distributed loading) the pack is read on a background thread while the model is built
+        (:class:`flashpack.deserialization.EarlyLoad`); a build or match error cancels that read first.
 
         A pack written under an older transformers, whose keys follow that version's layout, loads when the
         installed transformers' ``from_pretrained`` would load the same keys from safetensors: its checkpoint key
