@@ -204,6 +204,10 @@ class EarlyLoad:
     call and the memory is freed. Cancelling stops the load at its next finished extent (its progress hook raises),
     and the load's own cleanup runs (every read finished, the userfaultfd region released).
 
+    Known limit: ``ignore_*`` options select keys by their stored names here; when the model's library renames keys
+    (an older checkpoint layout) and an ignore option matches only a renamed name, the key sets differ, the early
+    result is dropped and the pack is read a second time (correct, slower).
+
     Args:
         wm: the pack's weight map (read once by the caller; the load checks the file is still that file).
         keys: the keys to load (stored keys and aliases).
@@ -217,6 +221,7 @@ class EarlyLoad:
                  cache: str | None = None):
         self.wm = wm
         self.keys = list(keys)
+        self._options = (backend, verify, cache)
         self._renames: dict[str, str] = {}
         self._cancel = threading.Event()
         self._result: dict[str, torch.Tensor] | None = None
@@ -241,15 +246,25 @@ class EarlyLoad:
         (:func:`flashpack.integrations._shared.rename_weight_map` renamed the weight map the same way)."""
         self._renames = dict(renames)
 
+    def serves(self, wm: WeightMap, *, backend: str | None = None, verify: bool | None = None,
+               cache: str | None = None) -> bool:
+        """Whether this load reads the same pack as ``wm`` (the same files: path and (device, inode, size,
+        mtime_ns) of each, shards included) with the same ``backend``/``verify``/``cache`` options, so its result
+        may stand for ``load(wm, ...)``. Keys are checked by :meth:`take`."""
+        return _pack_identity(wm) == _pack_identity(self.wm) and (backend, verify, cache) == self._options
+
     def take(self, keys: list[str]) -> dict[str, torch.Tensor] | None:
         """The loaded state_dict restricted to ``keys``, in that order, after waiting for the load.
 
         Returns ``None`` (and cancels the load) when the load holds other keys than exactly ``keys`` (after
-        :meth:`rename`): the caller then loads ``keys`` itself, and no unwanted tensor keeps memory alive.
+        :meth:`rename`), or when it was already taken or cancelled: the caller then loads ``keys`` itself, and no
+        unwanted tensor keeps memory alive.
 
         Raises:
             Whatever the load raised (ChecksumMismatchError, ReadError, ...).
         """
+        if self._taken or self._cancel.is_set():
+            return None
         names = [self._renames.get(k, k) for k in self.keys]
         if set(names) != set(keys) or len(names) != len(keys):
             self.cancel()
@@ -274,6 +289,12 @@ class EarlyLoad:
     def __exit__(self, *exc) -> None:
         if not self._taken:
             self.cancel()
+
+
+def _pack_identity(wm: WeightMap) -> tuple:
+    """The files a weight map describes: (path, file_id) of each (every shard of a sharded pack)."""
+    files = wm.shards if isinstance(wm, ShardedWeightMap) else [wm]
+    return tuple((os.path.realpath(w.path), w.file_id) for w in files)
 
 
 def start_early_load(wm: WeightMap, device, *, backend: str | None = None, verify: bool | None = None,
@@ -417,7 +438,7 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
             the file is truncated or replaced in place while the model is alive, touching a lost page raises
             SIGBUS and kills the process (mmap(2)); keep the pack unchanged while the model uses it.
         keys: assign only these keys (the rest count as missing).
-        early: an :class:`EarlyLoad` of this pack (same weight map and ``verify``/``backend``, CPU target) started
+        early: an :class:`EarlyLoad` of this pack (same files and ``verify``/``backend``, CPU target) started
             before ``model`` was built; its tensors are used when it loaded exactly the keys assigned here, else it
             is cancelled and those keys are loaded as usual. Ignored with ``mmap=True`` or distributed loading.
 
@@ -490,7 +511,8 @@ def assign_from_file(model: torch.nn.Module, path: str | os.PathLike | WeightMap
     # The weight map checked above is the one loaded: a file replaced in between is detected, not mixed in.
     sd = None
     if early is not None:
-        if dev.type == "cpu" and not mmap and process_group is None:
+        if dev.type == "cpu" and not mmap and process_group is None \
+                and early.serves(wm, backend=backend, verify=verify):
             sd = early.take(load_keys)
         else:
             early.cancel()

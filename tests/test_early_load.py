@@ -189,3 +189,61 @@ def test_a_raising_progress_callback_stops_the_load_cleanly(tmp_path, backend, m
     assert open_fds() == fds
     again = flashpack.load(path, backend=backend, cache="keep")  # nothing left registered or half-open
     assert all(torch.equal(again[k], v) for k, v in sd.items())
+
+
+def test_take_after_cancel_or_a_second_take_returns_none(tmp_path):
+    """A second ``take`` (or one after ``cancel``) hands nothing out instead of failing: the caller loads itself."""
+    path = tmp_path / "net.flashpack"
+    Net(8).save_flashpack(path)
+    wm = read_weight_map(path)
+    with start_early_load(wm, "cpu") as early:
+        first = early.take(wm.keys())
+        assert first is not None and list(first) == wm.keys()
+        assert early.take(wm.keys()) is None
+    with start_early_load(wm, "cpu") as early:
+        early.cancel()
+        assert early.take(wm.keys()) is None
+    assert early_threads() == []
+
+
+def test_early_load_of_another_file_or_option_is_not_used(tmp_path, loads):
+    """``assign_from_file(early=)`` takes the early result only when it read the same files with the same
+    ``verify``/``backend``: an early load of another pack with the same keys, or without verification, is
+    cancelled and the model gets the bytes of the pack it named."""
+    a, b = Net(8), Net(8)
+    pa, pb = tmp_path / "a.flashpack", tmp_path / "b.flashpack"
+    a.save_flashpack(pa)
+    b.save_flashpack(pb)
+    wa, wb = read_weight_map(pa), read_weight_map(pb)
+    with start_early_load(wa, "cpu") as early:
+        assert early.serves(wa) and not early.serves(wb) and not early.serves(wa, verify=False)
+        m = Net(8).to("meta")
+        flashpack.assign_from_file(m, wb, "cpu", early=early)
+    for k, v in b.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    assert [name for name, _, _ in loads] == ["flashpack-early-load", "MainThread"] and loads[1][2] == "ok"
+    loads.clear()
+    with start_early_load(wa, "cpu") as early:
+        m = Net(8).to("meta")
+        flashpack.assign_from_file(m, wa, "cpu", verify=False, early=early)
+    assert [name for name, _, _ in loads] == ["flashpack-early-load", "MainThread"]
+    for k, v in a.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    assert early_threads() == []
+
+
+def test_early_load_survives_the_pack_being_replaced_before_assign(tmp_path, loads):
+    """The pack replaced (a new file at the same path) between the early start and the assign: the map read
+    again names other file identity, so the early result of the old file is not used."""
+    path = tmp_path / "net.flashpack"
+    Net(8).save_flashpack(path)
+    old = read_weight_map(path)
+    new_src = Net(8)
+    with start_early_load(old, "cpu") as early:
+        new_src.save_flashpack(path)  # atomic replace: a new inode
+        new = read_weight_map(path)
+        assert not early.serves(new)
+        m = Net(8).to("meta")
+        flashpack.assign_from_file(m, new, "cpu", early=early)
+    for k, v in new_src.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
