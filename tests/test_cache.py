@@ -182,3 +182,79 @@ def test_staged_path_honours_keep(cold, backend):
     assert torch.equal(dest[:24 * MiB].view(torch.float32), sd["w"])
     assert st.bytes_prefetched == 24 * MiB and st.bytes_direct == 0
     assert payload_resident(path, span) == 1.0
+
+
+def _half_cached(tmp_path):
+    """(fd, file_nbytes) of a 4 MiB file with only its second and fourth MiB in the page cache."""
+    path = str(tmp_path / "half.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what is read
+    for start in (MiB, 3 * MiB):
+        os.pread(fd, MiB, start)
+    return fd, 4 * MiB
+
+
+def test_residency_map_agrees_with_mincore_per_range(tmp_path):
+    """ResidencyMap (cachestat(2) where the kernel has it) gives, range by range, the fraction mincore(2) gives."""
+    fd, n = _half_cached(tmp_path)
+    try:
+        pages = resident_pages(fd, n)
+        if pages is None or pages[MiB // 4096:2 * MiB // 4096].mean() < 1.0 or pages[:MiB // 4096].mean() > 0.0:
+            pytest.skip("this file system does not leave exactly the pages read in the page cache")
+        res = pagecache.ResidencyMap(fd, n)
+        if pagecache.cached_pages(fd, 0, n) is not None:
+            assert res.method == "cachestat"
+        for off, nbytes in ((0, MiB), (MiB, MiB), (0, 2 * MiB), (MiB // 2, MiB), (3 * MiB, 2 * MiB), (n - 1, 1),
+                            (4096 * 5 + 7, 100), (0, n)):
+            lo, hi = off // 4096, min(n, off + nbytes + 4095) // 4096
+            assert res.fraction(off, nbytes) == pytest.approx(float(pages[lo:hi].mean())), (off, nbytes)
+        assert res.fraction(0, 0) == 0.0 and res.fraction(n, MiB) == 0.0  # empty and past the end
+    finally:
+        os.close(fd)
+
+
+def test_residency_map_without_cachestat_takes_a_mincore_snapshot(tmp_path, monkeypatch):
+    """A kernel without cachestat(2) (before 6.5, or a seccomp filter that refuses it): one mincore snapshot."""
+    fd, n = _half_cached(tmp_path)
+    try:
+        pages = resident_pages(fd, n)
+        monkeypatch.setattr(pagecache, "cached_pages", lambda *a: None)
+        res = pagecache.ResidencyMap(fd, n)
+        assert res.method == "mincore"
+        assert res.fraction(0, 2 * MiB) == pytest.approx(float(pages[:512].mean()))
+    finally:
+        os.close(fd)
+
+
+def test_residency_map_falls_back_when_cachestat_is_refused_after_the_probe(tmp_path, monkeypatch):
+    fd, n = _half_cached(tmp_path)
+    try:
+        pages = resident_pages(fd, n)
+        answers = iter([7])  # the probe answers, every later question is refused
+
+        monkeypatch.setattr(pagecache, "cached_pages", lambda *a: next(answers, None))
+        res = pagecache.ResidencyMap(fd, n)
+        assert res.method == "cachestat"
+        assert res.fraction(MiB, 2 * MiB) == pytest.approx(float(pages[256:768].mean()))
+        assert res.method == "mincore"
+    finally:
+        os.close(fd)
+
+
+def test_cached_pages_counts_the_range_and_refuses_nothing_sane(tmp_path):
+    fd, n = _half_cached(tmp_path)
+    try:
+        got = pagecache.cached_pages(fd, 0, n)
+        if got is None:
+            pytest.skip("the kernel has no cachestat(2) (Linux < 6.5) or a filter refuses it")
+        pages = resident_pages(fd, n)
+        assert got == int(pages.sum())
+        assert pagecache.cached_pages(fd, MiB, MiB) == int(pages[256:512].sum())
+        assert pagecache.cached_pages(fd, 0, 0) == 0 and pagecache.cached_pages(fd, -1, 10) is None
+    finally:
+        os.close(fd)

@@ -1,8 +1,9 @@
-"""The page cache: which pages of a file are in it (mincore(2)), the page-cache policy of a load
-(:func:`decide_cache`), and :class:`Prefetcher`, which fills the cache ahead of buffered copies.
+"""The page cache: which pages of a file are in it (cachestat(2), else mincore(2)), the page-cache policy of a
+load (:func:`decide_cache`), and :class:`Prefetcher`, which fills the cache ahead of buffered copies.
 
-mincore(2) reports residency for a mapping without touching its pages, so mapping a file just to
-ask never faults, never reads and never risks SIGBUS. :class:`Prefetcher` maps the file read-only too and
+cachestat(2) (Linux 6.5) counts the cached pages of a byte range of a file from its descriptor, without a
+mapping; mincore(2), the fallback, reports residency for a mapping without touching its pages, so mapping a file
+just to ask never faults, never reads and never risks SIGBUS. :class:`Prefetcher` maps the file read-only too and
 only ever passes the mapping to madvise(2) (``MADV_POPULATE_READ``), which returns ``EFAULT`` where a
 touch would raise SIGBUS (a file truncated meanwhile); the bytes themselves are copied with preadv(2).
 """
@@ -15,6 +16,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import platform
 import threading
 from dataclasses import dataclass
 
@@ -55,6 +57,39 @@ CACHE_KEEP_FRACTION = 0.5
 _populate_refused = False
 
 
+#: cachestat(2)'s system call number (Linux 6.5; asm-generic/unistd.h and x86's syscall_64.tbl: the same number on
+#: every architecture but alpha, as for every call added since 5.1). glibc has no wrapper before 2.43.
+SYS_CACHESTAT = 451
+
+
+class _CachestatRange(ctypes.Structure):  # struct cachestat_range, man 2 cachestat
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):  # struct cachestat, man 2 cachestat
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+def cached_pages(fd: int, file_offset: int, nbytes: int) -> int | None:
+    """Pages of the byte range ``[file_offset, file_offset + nbytes)`` of ``fd``'s file in the page cache now
+    (``nr_cache`` of cachestat(2): no mapping, no per-page vector; the kernel walks the cache's folios).
+
+    Returns:
+        The count, or ``None`` where the kernel does not answer: ``ENOSYS`` before Linux 6.5 (or a seccomp filter
+        that does not know the call), ``EPERM`` from a filter, ``EOPNOTSUPP`` for hugetlbfs; callers fall back to
+        :func:`resident_pages`.
+    """
+    if nbytes < 0 or file_offset < 0 or platform.machine() == "alpha":
+        return None
+    if nbytes == 0:
+        return 0
+    rng, st = _CachestatRange(file_offset, nbytes), _Cachestat()
+    if _libc.syscall(SYS_CACHESTAT, ctypes.c_uint(fd), ctypes.byref(rng), ctypes.byref(st), ctypes.c_uint(0)) != 0:
+        return None
+    return int(st.nr_cache)
+
+
 def resident_pages(fd: int, file_nbytes: int) -> np.ndarray | None:
     """One bool per 4096-byte page of the file: is it in the page cache now? ``None`` if unknown."""
     if file_nbytes == 0:
@@ -79,19 +114,41 @@ def resident_pages(fd: int, file_nbytes: int) -> np.ndarray | None:
 
 
 class ResidencyMap:
-    """A snapshot of a file's page-cache residency, taken once at open."""
+    """A file's page-cache residency, asked range by range.
+
+    With cachestat(2) (:attr:`method` ``"cachestat"``) every :meth:`fraction` asks the kernel then: about 2 us per
+    8 MiB range; a 1 GiB file costs 0.2 ms in 8 MiB questions, cached or not. Without it (``"mincore"``: kernels
+    before 6.5, a seccomp filter) one mincore(2) snapshot of the whole file is taken at open (12-15 ms per GiB
+    here, which every load of a 1 GiB file paid before cachestat) and answers every question. The fd must stay
+    open while the map is used.
+    """
 
     def __init__(self, fd: int, file_nbytes: int):
-        pages = resident_pages(fd, file_nbytes)
+        self._fd, self._file_nbytes = fd, file_nbytes
+        self._cum = None
+        self.method = "cachestat" if cached_pages(fd, 0, PAGE_NBYTES) is not None else "mincore"
+        if self.method == "mincore":
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        self.method = "mincore"
+        pages = resident_pages(self._fd, self._file_nbytes)
         self._cum = None if pages is None else np.concatenate(([0], np.cumsum(pages, dtype=np.int64)))
 
     def fraction(self, file_offset: int, nbytes: int) -> float:
-        """Fraction of the pages of ``[file_offset, file_offset + nbytes)`` in the cache (0.0 if unknown)."""
-        if self._cum is None or nbytes <= 0:
-            return 0.0
+        """Fraction of the pages of ``[file_offset, file_offset + nbytes)`` (clipped to the file) in the cache
+        (0.0 if unknown)."""
+        npages = (self._file_nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES
         lo = file_offset // PAGE_NBYTES
-        hi = min(len(self._cum) - 1, (file_offset + nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES)
-        if hi <= lo:
+        hi = min(npages, (file_offset + nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES)
+        if nbytes <= 0 or hi <= lo:
+            return 0.0
+        if self.method == "cachestat":
+            n = cached_pages(self._fd, lo * PAGE_NBYTES, (hi - lo) * PAGE_NBYTES)
+            if n is not None:
+                return min(1.0, n / (hi - lo))
+            self._snapshot()  # refused after all (the probe passed): answer from a snapshot from now on
+        if self._cum is None:
             return 0.0
         return float(self._cum[hi] - self._cum[lo]) / (hi - lo)
 

@@ -2,8 +2,8 @@
 
 Prints the kernel, liburing, ``kernel.io_uring_disabled``, RLIMIT_MEMLOCK, whether O_DIRECT open and
 read work for ``path`` (default: the current directory; a directory is tested with a temporary file
-in it), every reader backend with its reason or features, whether userfaultfd can fill load destinations, the
-FLASHPACK_* settings, and the GPU.
+in it), every reader backend with its reason or features, whether userfaultfd can fill load destinations, how the
+page cache is asked which pages it holds, the FLASHPACK_* settings, and the GPU.
 torch is imported only for the GPU line.
 """
 
@@ -155,6 +155,16 @@ def report(path: str) -> list[tuple[str, str]]:
         ok, why = uffd.probe()
         rows.append(("userfaultfd (UFFDIO_COPY fill)", "available" if ok else f"unavailable: {why}; fresh memory "
                      "is faulted in by the reads instead"))
+        from flashpack.io import pagecache
+
+        fd = os.open(os.path.realpath(sys.executable), os.O_RDONLY)
+        try:
+            asked = pagecache.cached_pages(fd, 0, PAGE_NBYTES)
+        finally:
+            os.close(fd)
+        rows.append(("page-cache residency", "cachestat(2)" if asked is not None else
+                     "mincore(2) snapshots (cachestat(2) needs Linux 6.5 and a seccomp profile that allows it; "
+                     "each load of a cached file then spends ~15 ms per GiB asking)"))
         cfg = settings()
         rows.append(("settings", ", ".join(f"{k}={v}" for k, v in vars(cfg).items())))
     except Exception as e:  # noqa: BLE001 - report what is wrong instead of a traceback
