@@ -231,17 +231,55 @@ def test_residency_map_without_cachestat_takes_a_mincore_snapshot(tmp_path, monk
         os.close(fd)
 
 
-def test_residency_map_falls_back_when_cachestat_is_refused_after_the_probe(tmp_path, monkeypatch):
+def test_residency_map_falls_back_when_cachestat_is_refused_midway(tmp_path, monkeypatch):
+    """cachestat answers for the first 1 MiB granule (partly cached: mincore asked about it), then refuses: the
+    whole file is asked with mincore, and the answers are still exact."""
     fd, n = _half_cached(tmp_path)
     try:
         pages = resident_pages(fd, n)
-        answers = iter([7])  # the probe answers, every later question is refused
-
+        answers = iter([7])
+        monkeypatch.setattr(pagecache, "RESIDENCY_GRANULE_NBYTES", MiB)
         monkeypatch.setattr(pagecache, "cached_pages", lambda *a: next(answers, None))
         res = pagecache.ResidencyMap(fd, n)
-        assert res.method == "cachestat"
-        assert res.fraction(MiB, 2 * MiB) == pytest.approx(float(pages[256:768].mean()))
         assert res.method == "mincore"
+        assert res.fraction(MiB // 2, 2 * MiB) == pytest.approx(float(pages[128:640].mean()))
+    finally:
+        os.close(fd)
+
+
+def test_residency_map_is_a_snapshot_taken_at_open(tmp_path):
+    """A load decides each extent by the cache as it was when the load started: pages read (or evicted) after
+    the map was taken do not change its answers (the keep path's own read-ahead must not turn a cold extent into
+    a "cached" one half-way)."""
+    fd, n = _half_cached(tmp_path)
+    try:
+        before = resident_pages(fd, n)
+        res = pagecache.ResidencyMap(fd, n)
+        want = [res.fraction(i * MiB, MiB) for i in range(4)]
+        assert want == [pytest.approx(float(before[i * 256:(i + 1) * 256].mean())) for i in range(4)]
+        os.pread(fd, MiB, 0)
+        os.posix_fadvise(fd, MiB, MiB, os.POSIX_FADV_DONTNEED)
+        assert [res.fraction(i * MiB, MiB) for i in range(4)] == want
+    finally:
+        os.close(fd)
+
+
+def test_residency_granules_whole_cached_and_empty_are_not_asked_page_by_page(tmp_path, monkeypatch):
+    """Granules whose pages are all cached or none cached take one cachestat call each; only a partly cached
+    granule is asked with mincore."""
+    fd, n = _half_cached(tmp_path)
+    try:
+        if pagecache.cached_pages(fd, 0, n) is None:
+            pytest.skip("the kernel has no cachestat(2) (Linux < 6.5) or a filter refuses it")
+        asked = []
+        real = pagecache.resident_pages
+        monkeypatch.setattr(pagecache, "resident_pages", lambda *a: asked.append(a[2:]) or real(*a))
+        monkeypatch.setattr(pagecache, "RESIDENCY_GRANULE_NBYTES", MiB)
+        pages = real(fd, n)
+        res = pagecache.ResidencyMap(fd, n)
+        partial = [(i * MiB, MiB) for i in range(4) if 0 < pages[i * 256:(i + 1) * 256].sum() < 256]
+        assert res.method == "cachestat" and asked == partial
+        assert res.fraction(0, n) == pytest.approx(float(pages.mean()))
     finally:
         os.close(fd)
 

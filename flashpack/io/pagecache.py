@@ -90,21 +90,27 @@ def cached_pages(fd: int, file_offset: int, nbytes: int) -> int | None:
     return int(st.nr_cache)
 
 
-def resident_pages(fd: int, file_nbytes: int) -> np.ndarray | None:
-    """One bool per 4096-byte page of the file: is it in the page cache now? ``None`` if unknown."""
-    if file_nbytes == 0:
+def resident_pages(fd: int, file_nbytes: int, file_offset: int = 0, nbytes: int | None = None) -> np.ndarray | None:
+    """One bool per 4096-byte page of ``[file_offset, file_offset + nbytes)`` of the file (default: all of it): is
+    it in the page cache now (mincore(2) on a private mapping of that range)? ``None`` if unknown.
+
+    Args:
+        file_offset: a multiple of 4096.
+    """
+    nbytes = file_nbytes - file_offset if nbytes is None else min(nbytes, file_nbytes - file_offset)
+    if nbytes <= 0:
         return np.zeros(0, dtype=bool)
-    if mmap.PAGESIZE != PAGE_NBYTES:
+    if mmap.PAGESIZE != PAGE_NBYTES or file_offset % PAGE_NBYTES:
         return None
     try:
-        mm = mmap.mmap(fd, file_nbytes, access=mmap.ACCESS_COPY)
+        mm = mmap.mmap(fd, nbytes, access=mmap.ACCESS_COPY, offset=file_offset)
     except (OSError, ValueError):
         return None
     try:
         anchor = ctypes.c_char.from_buffer(mm)
-        npages = (file_nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES
+        npages = (nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES
         vec = (ctypes.c_ubyte * npages)()
-        rc = _libc.mincore(ctypes.addressof(anchor), file_nbytes, vec)
+        rc = _libc.mincore(ctypes.addressof(anchor), nbytes, vec)
         del anchor
         if rc != 0:
             return None
@@ -113,42 +119,56 @@ def resident_pages(fd: int, file_nbytes: int) -> np.ndarray | None:
         mm.close()
 
 
-class ResidencyMap:
-    """A file's page-cache residency, asked range by range.
+#: Granule of :class:`ResidencyMap`'s cachestat(2) snapshot: one call per 8 MiB (the default extent size).
+RESIDENCY_GRANULE_NBYTES = 8 * 1024 * 1024
 
-    With cachestat(2) (:attr:`method` ``"cachestat"``) every :meth:`fraction` asks the kernel then: about 2 us per
-    8 MiB range; a 1 GiB file costs 0.2 ms in 8 MiB questions, cached or not. Without it (``"mincore"``: kernels
-    before 6.5, a seccomp filter) one mincore(2) snapshot of the whole file is taken at open (12-15 ms per GiB
-    here, which every load of a 1 GiB file paid before cachestat) and answers every question. The fd must stay
-    open while the map is used.
+
+class ResidencyMap:
+    """A snapshot of a file's page-cache residency, taken once at open: every later question is answered from it,
+    so a load decides each extent by the state the file was in when it started (its own read-ahead does not
+    change the answers).
+
+    With cachestat(2) (:attr:`method` ``"cachestat"``) the snapshot counts the cached pages of each 8 MiB granule
+    (about 2 us a call: 0.3 ms for a GiB) and asks mincore(2) only about the granules that are partly cached (the
+    header and weight map a cold load read first, a file evicted in part). Without it (``"mincore"``: kernels
+    before 6.5, a seccomp filter that refuses the call) one mincore(2) snapshot of the whole file is taken:
+    12-15 ms per GiB here, cached or not, which every load of a 1 GiB file paid before cachestat.
     """
 
     def __init__(self, fd: int, file_nbytes: int):
-        self._fd, self._file_nbytes = fd, file_nbytes
-        self._cum = None
-        self.method = "cachestat" if cached_pages(fd, 0, PAGE_NBYTES) is not None else "mincore"
-        if self.method == "mincore":
-            self._snapshot()
-
-    def _snapshot(self) -> None:
-        self.method = "mincore"
-        pages = resident_pages(self._fd, self._file_nbytes)
+        self.method = "cachestat"
+        pages = self._granules(fd, file_nbytes)
+        if pages is None:
+            self.method = "mincore"
+            pages = resident_pages(fd, file_nbytes)
         self._cum = None if pages is None else np.concatenate(([0], np.cumsum(pages, dtype=np.int64)))
 
+    @staticmethod
+    def _granules(fd: int, file_nbytes: int) -> np.ndarray | None:
+        pages = np.zeros((file_nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES, dtype=bool)
+        granule = RESIDENCY_GRANULE_NBYTES
+        for off in range(0, file_nbytes, granule):
+            nbytes = min(granule, file_nbytes - off)
+            lo, hi = off // PAGE_NBYTES, (off + nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES
+            cached = cached_pages(fd, off, nbytes)
+            if cached is None:
+                return None
+            if cached >= hi - lo:
+                pages[lo:hi] = True
+            elif cached:
+                part = resident_pages(fd, file_nbytes, off, nbytes)
+                if part is None:
+                    return None
+                pages[lo:hi] = part
+        return pages
+
     def fraction(self, file_offset: int, nbytes: int) -> float:
-        """Fraction of the pages of ``[file_offset, file_offset + nbytes)`` (clipped to the file) in the cache
-        (0.0 if unknown)."""
-        npages = (self._file_nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES
-        lo = file_offset // PAGE_NBYTES
-        hi = min(npages, (file_offset + nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES)
-        if nbytes <= 0 or hi <= lo:
+        """Fraction of the pages of ``[file_offset, file_offset + nbytes)`` in the cache (0.0 if unknown)."""
+        if self._cum is None or nbytes <= 0:
             return 0.0
-        if self.method == "cachestat":
-            n = cached_pages(self._fd, lo * PAGE_NBYTES, (hi - lo) * PAGE_NBYTES)
-            if n is not None:
-                return min(1.0, n / (hi - lo))
-            self._snapshot()  # refused after all (the probe passed): answer from a snapshot from now on
-        if self._cum is None:
+        lo = file_offset // PAGE_NBYTES
+        hi = min(len(self._cum) - 1, (file_offset + nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES)
+        if hi <= lo:
             return 0.0
         return float(self._cum[hi] - self._cum[lo]) / (hi - lo)
 
