@@ -37,11 +37,12 @@ from ..settings import MiB, PAGE_NBYTES
 HUGE_PAGE_NBYTES = 2 * MiB
 #: Destinations smaller than this come from torch's allocator (a mapping per small load costs more than it saves).
 MIN_MAPPED_NBYTES = 4 * MiB
-#: Destinations smaller than this are not filled with userfaultfd: torch's allocator (glibc's heap) often hands a
-#: small load memory a previous load already faulted in, which beats any fresh region (16 MiB here, repeated loads
-#: in one process: 5-7 ms from torch's allocator against 7-10 ms filled; BERT's 87 MiB: 27-33 ms filled against
-#: 33-38 ms from torch's allocator).
-MIN_FILL_NBYTES = 32 * MiB
+#: Destinations smaller than this are not filled with userfaultfd (torch's allocator instead). Measured on the AMD
+#: EPYC VM, cached packs, medians of 8-10 fresh processes: 16 MiB 9.1 ms filled against 11.1 ms from torch's
+#: allocator (repeated loads in one process 7.4-10.8 ms against 6.0-14.1 ms), 8 MiB 7.9 against 8.5 ms, 4 MiB
+#: level (5.6 ms); below one mapping's worth (``MIN_MAPPED_NBYTES``) the region costs more than it saves. (On the
+#: earlier Intel VM glibc's heap reuse made torch's allocator win at 16 MiB in repeated loads: 5-7 against 7-10 ms.)
+MIN_FILL_NBYTES = MIN_MAPPED_NBYTES
 #: linux/mman.h (Linux 5.14); Python's mmap module does not name it before 3.13.
 MADV_POPULATE_WRITE = 23
 
@@ -136,7 +137,7 @@ def host_buffer(nbytes: int, *, huge_pages: str = "auto", fill: bool = False) ->
             cover twice ``nbytes`` (:func:`free_huge_nbytes`), else torch's allocator; ``"on"``: always ask for
             huge pages (a refusal is not an error); ``"off"``: torch's allocator (4 KiB pages faulted by the reads).
         fill: a reader will copy every byte from the page cache (``cache="keep"``): for ``nbytes`` of at least
-            ``MIN_FILL_NBYTES`` (32 MiB), and unless ``huge_pages`` is ``"on"``, try a ``"uffd"`` region first
+            ``MIN_FILL_NBYTES`` (4 MiB), and unless ``huge_pages`` is ``"on"``, try a ``"uffd"`` region first
             (:class:`~flashpack.io.uffd.FillRegion`); where the kernel refuses, once per process, the reason is
             logged at DEBUG level and the other kinds are used.
 
