@@ -242,6 +242,48 @@ def test_truncated_under_a_filled_load_is_a_read_error_in_a_child(pack, backend)
     assert r.stdout.split() == ["READERROR", str(errno.EIO), "True", "True", "uffd"], r.stdout
 
 
+@pytest.mark.timeout(300)
+def test_c30_truncated_inside_the_last_page_of_a_filled_extent_is_a_short_read(tmp_path, backend):
+    """Case C30, the cut that lands inside a page: UFFDIO_COPY copies a page the file now ends in whole (zeros past
+    the end) and succeeds, so without a size check the load returned the lost tail as zeros with verify=False.
+    Once the first 1 MiB extent has landed, the file is cut 100 bytes before the end of its payload, inside the
+    payload's last page (the weight map after it goes too): a short-read ReadError, as with preadv (the same load
+    with FLASHPACK_USERFAULTFD=0 is the control). In a child: a hang or SIGBUS must not take the
+    run down."""
+    torch.manual_seed(6)
+    sd = {"a": torch.randn(5 * MiB + 3), "tail": torch.randn(3001)}  # 20 MiB and a bit: the end is mid-page
+    child = textwrap.dedent("""
+        import os, sys
+        import flashpack
+        from flashpack.errors import ReadError
+        path, backend = sys.argv[1], sys.argv[2]
+        wm = flashpack.read_weight_map(path)
+        end = max(t.offset + t.nbytes for t in wm.tensors.values())
+        assert (end - 1) % 4096 > 100, end  # the new end lies in the payload's last page
+        cut = []
+        def progress(done, total):
+            if done and not cut:
+                cut.append(done)
+                os.truncate(path, end - 100)
+        stats = flashpack.LoadStats()
+        try:
+            flashpack.load(wm, backend=backend, verify=False, cache="keep", progress=progress, stats=stats)
+        except ReadError as e:
+            print("READERROR", e.errno, "short read" in str(e), stats.memory, flush=True)
+            sys.exit(0)
+        print("NO ERROR", stats.memory)
+        sys.exit(1)
+    """)
+    env = dict(os.environ, FLASHPACK_EXTENT_NBYTES="1M", FLASHPACK_QUEUE_DEPTH="1", FLASHPACK_THREADS="1")
+    for fill, memory_kind in (("1", "uffd"), ("0", "torch")):
+        path = str(tmp_path / f"t{fill}.flashpack")
+        flashpack.pack_to_file(sd, path)
+        r = subprocess.run([sys.executable, "-c", child, path, backend], capture_output=True, text=True, timeout=240,
+                           env=dict(env, FLASHPACK_USERFAULTFD=fill))
+        assert r.returncode == 0, (fill, r.returncode, r.stdout, r.stderr[-2000:])
+        assert r.stdout.split() == ["READERROR", str(errno.EIO), "True", memory_kind], (fill, r.stdout)
+
+
 def test_a_reader_that_sees_the_region_released_can_read_into_it_at_once(pack, monkeypatch):
     """release() racing a worker (another worker's copy failed): once covers() is false the worker reads with
     preadv at once, so the region must already be unregistered by then, not only marked released (EFAULT)."""

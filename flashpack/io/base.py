@@ -174,8 +174,10 @@ class FileHandles:
 
         Returns:
             Bytes done from the start of the range (a multiple of 4096, or ``nbytes``): 0 when the range is not
-            for the fill. When a copy fails (``EFAULT``: the file was truncated; any other refusal) the region
-            is released first, so the caller reads the rest with preadv(2) and meets the error, if any, itself.
+            for the fill. When a copy fails (``EFAULT``: the file was truncated; any other refusal), or the file
+            (fstat(2) after the copy) now ends inside the range, the region is released first and only the bytes
+            the file still holds count as done, so the caller reads the rest with preadv(2) and meets the error
+            (a short read), if any, itself.
         """
         region = self.fill
         if region is None or not self._source or nbytes <= 0 or file_offset % PAGE_NBYTES or address % PAGE_NBYTES:
@@ -194,6 +196,13 @@ class FileHandles:
             done += n
             if landed is not None and n:
                 landed(min(done, nbytes))
+        if not err and done:
+            # A page the file ends inside is copied whole, zeros past the end: a file truncated inside this range
+            # since the weight map was read would pass as zeros, where preadv(2) comes back short. Ask for the
+            # size after the copy; past it, hand the range back to preadv, which reports the short read.
+            have = os.fstat(self.fd).st_size - file_offset
+            if have < min(done, nbytes):
+                done, err = max(0, have - have % PAGE_NBYTES), errno.ENODATA
         stats.bytes_filled += min(done, nbytes)
         stats.bytes_buffered += min(done, nbytes)
         if err:
