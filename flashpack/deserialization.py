@@ -84,9 +84,11 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
     one destination allocation, each shard's checksums; ``keys=`` opens only the shards holding those keys.
 
     Returns:
-        ``dict[str, Tensor]`` in file order, stored keys first, then aliases. Tensors of one dtype are
-        views into one allocation on ``device``; an alias is the same tensor object as its target. On the
-        CPU the memory is ordinary, private and writable (in-place ops and optimizer steps work).
+        ``dict[str, Tensor]`` in file order, stored keys first, then aliases. Every tensor is a view into one
+        allocation on ``device``; an alias is the same tensor object as its target. On the CPU the memory is
+        ordinary, private and writable (in-place ops and optimizer steps work), and each dtype block of the file
+        has a storage of its own over it, so ``torch.save`` of the result (or of a model filled from it) works
+        with several dtypes; on CUDA all tensors share one storage (:func:`flashpack.loading.common.reconstruct`).
 
     Raises:
         FormatError (``ValueError``): the file breaks an invariant of docs/FORMAT.md, or a checksum fails.

@@ -302,3 +302,19 @@ def mapping_of(t) -> str:
             if lo <= addr < hi:
                 return parts[5].strip() if len(parts) > 5 else ""
     return ""
+
+
+def mappings_holding(tensors) -> set[tuple[int, int]]:
+    """The (start, end) address ranges of the /proc/self/maps lines that hold the non-empty ``tensors``' bytes: one
+    range when they all live in one allocation (a load's destination), whatever storages they are views of."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+            ranges.append((lo, hi))
+    held = set()
+    for t in tensors:
+        if t.numel():
+            first, last = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size() - 1
+            held |= {r for r in ranges if r[0] <= first < r[1] or r[0] <= last < r[1]}
+    return held

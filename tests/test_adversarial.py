@@ -44,6 +44,41 @@ def test_tensors_of_one_block_have_separate_version_counters(tmp_path):
     assert sd["a"].untyped_storage().data_ptr() == sd["b"].untyped_storage().data_ptr()  # still zero-copy
 
 
+@pytest.mark.parametrize("how", [{}, {"mmap": True}, {"cache": "bypass"}])
+def test_torch_save_of_a_loaded_multi_dtype_state_dict(tmp_path, backend, how):
+    """torch.save refused every load holding more than one dtype ("Cannot save multiple tensors or storages that view
+    the same data as different types": one storage viewed as bf16, int64, fp32): a model filled by assign_from_file
+    could not be saved with torch.save(model.state_dict()). Each dtype block now has its own storage over the one
+    allocation: the save round-trips, a saved tensor carries its block (not the whole load), memory is still shared."""
+    torch.manual_seed(0)
+    sd = {"w": torch.randn(64, 64).bfloat16(), "ids": torch.arange(1000), "b": torch.randn(300),
+          "w2": torch.randn(7).bfloat16(), "flag": torch.tensor([True, False]), "e": torch.empty(0, 3)}
+    path = tmp_path / "mix.flashpack"
+    flashpack.pack_to_file(sd, path)
+    out = flashpack.load(path, backend=backend, **how)
+    saved = tmp_path / "sd.pt"
+    torch.save(out, saved)
+    back = torch.load(saved)
+    assert list(back) == list(sd) and all(back[k].dtype == sd[k].dtype and torch.equal(back[k], sd[k]) for k in sd)
+    # one storage per dtype block: w and w2 share theirs; the int64 block is not the bf16 one
+    assert out["w"].untyped_storage().data_ptr() == out["w2"].untyped_storage().data_ptr()
+    assert out["ids"].untyped_storage().data_ptr() != out["w"].untyped_storage().data_ptr()
+    assert out["ids"].untyped_storage().nbytes() < 8192 + 64  # its block, not the whole 16 KiB+ load
+    one = tmp_path / "ids.pt"
+    torch.save(out["ids"], one)
+    assert os.path.getsize(one) < os.path.getsize(path)  # a saved tensor carries its block only
+    out["ids"].add_(1)  # still private and writable, still the loaded memory
+    assert torch.equal(out["ids"], sd["ids"] + 1)
+    model = nn.Module()
+    model.lin = nn.Linear(64, 64, bias=False).bfloat16()
+    model.register_buffer("ids", torch.zeros(1000, dtype=torch.int64))
+    flashpack.pack_to_file({"lin.weight": sd["w"], "ids": sd["ids"]}, tmp_path / "m.flashpack")
+    flashpack.assign_from_file(model, tmp_path / "m.flashpack", backend=backend, mmap=how.get("mmap", False))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    got = torch.load(tmp_path / "m.pt")
+    assert torch.equal(got["lin.weight"], sd["w"]) and torch.equal(got["ids"], sd["ids"])
+
+
 class _Pair(nn.Module):
     def __init__(self, tie: bool):
         super().__init__()

@@ -18,7 +18,7 @@ import torch
 import xxhash
 
 import flashpack
-from _helpers import mapping_of
+from _helpers import mapping_of, mappings_holding
 from flashpack.deserialization import LoadStats
 from flashpack.plan import make_plan
 from flashpack.plan import share_bounds, share_nbytes, share_plan
@@ -123,9 +123,8 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
                           "is_dist_error": isinstance(e, DistributedLoadError),
                           "failures": getattr(e, "failures", None)}
             return
-        ptrs = {v.untyped_storage().data_ptr() for v in sd.values() if v.numel()}
         res[label] = {"digests": digests(sd), "bytes_read": stats.bytes_read, "chunks": stats.chunks_verified,
-                      "storages": len(ptrs), "alias_same": sd.get("alias_f32") is sd.get("f32") if sd else None,
+                      "allocations": len(mappings_holding(sd.values())), "alias_same": sd.get("alias_f32") is sd.get("f32") if sd else None,
                       "cache": stats.cache, "cache_reason": stats.cache_reason, "direct": stats.bytes_direct,
                       "memory": stats.memory, "maps": mapping_of(next(iter(sd.values()), None))}
         return sd
@@ -261,7 +260,7 @@ def test_every_rank_bit_identical_to_single_process(world, files, name):
         assert "error" not in got, got
         assert got["digests"] == expect, f"rank {r}"
         assert list(got["digests"]) == list(expect)  # same key order as a single-process load
-        assert got["storages"] <= 1  # views into one buffer, as in a normal load
+        assert got["allocations"] <= 1  # views into one buffer, as in a normal load
     if name == "mixed":
         assert all(res[r]["mixed"]["alias_same"] for r in range(w))
 

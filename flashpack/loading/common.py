@@ -152,26 +152,54 @@ def reconstruct(wm: WeightMap, keys: list[str], buffer: torch.Tensor, plan: Load
                 dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
     """Zero-copy tensors onto ``buffer`` (uint8, any device) for every stored key in ``keys``.
 
-    Each tensor shares ``buffer``'s storage but is made with ``set_`` rather than as a view, so it has its
-    own autograd version counter: an in-place update of one (a BatchNorm running mean in training) does not
-    invalidate the others saved for backward. Zero-size tensors get their own empty tensor (never a view of
-    an empty buffer, case C05).
+    On the CPU, each run of same-dtype tensors that lie one after another in ``buffer`` (a dtype block of the
+    file) gets a storage of its own over that span of ``buffer`` (``torch.frombuffer``, no copy; the span keeps the
+    whole allocation alive): ``torch.save`` of a state_dict refuses one storage viewed as several dtypes
+    ("Cannot save multiple tensors or storages that view the same data as different types"), and a saved tensor
+    then carries its block, not the whole load. On CUDA every tensor shares ``buffer``'s storage. Each tensor is
+    made with ``set_`` rather than as a view, so it has its own autograd version counter: an in-place update of one
+    (a BatchNorm running mean in training) does not invalidate the others saved for backward. Zero-size tensors get
+    their own empty tensor (never a view of an empty buffer, case C05).
     """
     out: dict[str, torch.Tensor] = {}
-    storage = buffer.untyped_storage()
+    placed: list[tuple[int, str]] = []
     for k in keys:
         t = wm.tensors[k]
-        dt = dtypes[k]
         if t.nbytes == 0:
-            out[k] = torch.empty(t.shape, dtype=dt, device=buffer.device)
-            continue
-        byte_offset = buffer.storage_offset() + plan.buffer_offset(t.offset)
-        if byte_offset % dt.itemsize:  # cannot happen with this format's 64-byte alignment; kept for safety
-            bo = plan.buffer_offset(t.offset)
-            out[k] = buffer[bo:bo + t.nbytes].clone().view(dt).view(t.shape)
-            continue
-        out[k] = torch.empty(0, dtype=dt, device=buffer.device).set_(storage, byte_offset // dt.itemsize, t.shape)
+            out[k] = torch.empty(t.shape, dtype=dtypes[k], device=buffer.device)
+        else:
+            placed.append((plan.buffer_offset(t.offset), k))
+    if not placed:
+        return out
+    placed.sort()
+    if buffer.device.type != "cpu":
+        blocks = [(0, buffer.storage_offset(), buffer.untyped_storage(), placed)]
+    else:
+        whole, blocks, run = memoryview(buffer.numpy()), [], [placed[0]]
+        for bo, k in placed[1:]:
+            prev_bo, prev = run[-1]
+            if dtypes[k] == dtypes[prev] and bo >= prev_bo + wm.tensors[prev].nbytes:
+                run.append((bo, k))
+            else:
+                blocks.append(run)
+                run = [(bo, k)]
+        blocks.append(run)
+        blocks = [(run[0][0], 0, _span_storage(whole, run[0][0], max(b + wm.tensors[k].nbytes for b, k in run)), run)
+                  for run in blocks]
+    for lo, base, storage, run in blocks:
+        for bo, k in run:
+            t, dt = wm.tensors[k], dtypes[k]
+            byte_offset = base + bo - lo
+            if byte_offset % dt.itemsize:  # cannot happen with this format's 64-byte alignment; kept for safety
+                out[k] = buffer[bo:bo + t.nbytes].clone().view(dt).view(t.shape)
+                continue
+            out[k] = torch.empty(0, dtype=dt, device=buffer.device).set_(storage, byte_offset // dt.itemsize, t.shape)
     return out
+
+
+def _span_storage(whole: memoryview, lo: int, hi: int) -> torch.UntypedStorage:
+    """A storage over bytes ``[lo, hi)`` of a CPU buffer, sharing its memory (and keeping the buffer alive)."""
+    return torch.frombuffer(whole[lo:hi], dtype=torch.uint8).untyped_storage()
 
 
 def assemble(job: LoadJob, buffer: torch.Tensor, plan: LoadPlan | None = None) -> dict[str, torch.Tensor]:
