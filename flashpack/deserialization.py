@@ -250,9 +250,9 @@ class EarlyLoad:
 
     def serves(self, wm: WeightMap, *, backend: str | None = None, verify: bool | None = None,
                cache: str | None = None) -> bool:
-        """Whether this load reads the same pack as ``wm`` (the same files: path and (device, inode, size,
-        mtime_ns) of each, shards included) with the same ``backend``/``verify``/``cache`` options, so its result
-        may stand for ``load(wm, ...)``. Keys are checked by :meth:`take`."""
+        """Whether this load reads the same pack as ``wm`` (the same files: path and
+        :func:`flashpack.source.file_identity` of each, shards included) with the same ``backend``/``verify``/``cache``
+        options, so its result may stand for ``load(wm, ...)``. Keys are checked by :meth:`take`."""
         return _pack_identity(wm) == _pack_identity(self.wm) and (backend, verify, cache) == self._options
 
     def take(self, keys: list[str]) -> dict[str, torch.Tensor] | None:

@@ -197,8 +197,9 @@ class WeightMap:
     index_offset: int = 0
     index_nbytes: int = 0
     payload_start: int = field(default=0)
-    #: (device, inode, size, mtime_ns) of the file when the weight map was read; set by the reader.
-    file_id: tuple[int, int, int, int] | None = None
+    #: (device, inode, size, mtime_ns, ctime_ns) of the file when the weight map was read; set by the reader
+    #: (:func:`flashpack.source.file_identity`).
+    file_id: tuple[int, int, int, int, int] | None = None
 
     @property
     def payload_nbytes(self) -> int:

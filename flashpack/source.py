@@ -118,12 +118,14 @@ def _pread_exact(fd: int, nbytes: int, offset: int, path: str) -> bytearray:
     return out
 
 
-def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """(device, inode, size, mtime in ns): changes when the file is replaced or rewritten."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime in ns, ctime in ns): changes when the file is replaced or rewritten. The ctime
+    (inode change time, stat(2)) catches an in-place rewrite of the same size whose mtime was set back
+    (``cp -p`` over the file, ``os.utime``): setting the mtime changes the ctime, and nothing can set it back."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def check_identity(fd: int, expect: tuple[int, int, int, int], path: str) -> None:
+def check_identity(fd: int, expect: tuple[int, ...], path: str) -> None:
     """Raise unless the open descriptor ``fd`` is the file whose :func:`file_identity` was ``expect``.
 
     Raises:
@@ -137,7 +139,7 @@ def check_identity(fd: int, expect: tuple[int, int, int, int], path: str) -> Non
 
 
 def check_same_file(wm: WeightMap, fd: int) -> None:
-    """Raise unless ``fd`` is the file (same inode, size and mtime) whose weight map ``wm`` is.
+    """Raise unless ``fd`` is the file (same inode, size, mtime and ctime) whose weight map ``wm`` is.
 
     Raises:
         ReadError (``ESTALE``): the file was replaced or rewritten since its weight map was read.

@@ -5,6 +5,7 @@ build or the match fails."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import pytest
@@ -247,3 +248,28 @@ def test_early_load_survives_the_pack_being_replaced_before_assign(tmp_path, loa
         flashpack.assign_from_file(m, new, "cpu", early=early)
     for k, v in new_src.state_dict().items():
         assert torch.equal(m.state_dict()[k], v), k
+
+
+def test_early_load_of_a_pack_rewritten_in_place_with_its_mtime_set_back_is_not_used(tmp_path, loads):
+    """``cp -p`` of a same-size pack over the file (same inode, size and mtime; found by a reviewer): the ctime in
+    the file identity differs, so the early result of the old bytes is not used and the model gets the new ones."""
+    path, other = tmp_path / "net.flashpack", tmp_path / "other.flashpack"
+    Net(8).save_flashpack(path)
+    new_src = Net(8)
+    new_src.save_flashpack(other)
+    assert os.path.getsize(other) == os.path.getsize(path)
+    old = read_weight_map(path)
+    before = os.stat(path)
+    with start_early_load(old, "cpu") as early:
+        early._thread.join()  # the old bytes are loaded before the rewrite
+        with open(path, "r+b") as f:
+            f.write(other.read_bytes())
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        new = read_weight_map(path)
+        assert (os.stat(path).st_ino, os.stat(path).st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert not early.serves(new)
+        m = Net(8).to("meta")
+        flashpack.assign_from_file(m, new, "cpu", early=early)
+    for k, v in new_src.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    assert early_threads() == []

@@ -24,6 +24,7 @@ import pytest
 from flashpack.errors import ReadError
 from flashpack.io import Extent, backends, base, open_reader, read_all
 from flashpack.io.pagecache import drop_from_cache
+from flashpack.source import file_identity
 
 from _helpers import PAGE, aligned, make_file, no_more_threads_than, open_fds, pattern_bytes, split, task_names, uring_faults  # noqa: E501
 
@@ -381,8 +382,7 @@ def test_reader_satisfies_the_protocol_and_reports_what_backends_reports(backend
 def test_expect_checks_the_opened_file(backend, tmp_path):
     path = tmp_path / "f.bin"
     make_file(path, 50_000)
-    st = os.stat(path)
-    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    ident = file_identity(os.stat(path))
     with open_reader(path, backend=backend, expect=ident) as r:
         assert r.file_nbytes == 50_000
     fds = open_fds()
@@ -395,6 +395,22 @@ def test_expect_checks_the_opened_file(backend, tmp_path):
             "weight map was read, 50004 bytes now; its weight map and payload would not match); load it again"
             ) in str(ei.value)
     assert open_fds() == fds  # nothing left open by the refused reader
+
+
+def test_expect_sees_a_same_size_rewrite_whose_mtime_was_set_back(backend, tmp_path):
+    """``cp -p`` over the file: same inode, same size, the old mtime restored; only the ctime tells."""
+    path = tmp_path / "f.bin"
+    make_file(path, 50_000)
+    before = os.stat(path)
+    ident = file_identity(before)
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * 100)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    with pytest.raises(ReadError) as ei:
+        open_reader(path, backend=backend, expect=ident)
+    assert ei.value.errno == errno.ESTALE and ei.value.filename == str(path)
 
 
 @pytest.mark.parametrize("option, value", [("queue_depth", 0), ("queue_depth", 4097), ("threads", -1)])

@@ -100,7 +100,7 @@ def open_reader(path, backend: str | None = None, *, expect: FileIdentity | None
     Args:
         path: the file.
         backend: a backend name, ``"auto"``, or ``None`` for ``cfg.backend``.
-        expect: ``None``, or ``(st_dev, st_ino, st_size, st_mtime_ns)`` that the opened descriptor must
+        expect: ``None``, or ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)`` that the opened descriptor must
             still have (taken when the weight map was read).
         cfg: settings read once by the caller; ``None`` reads them once now.
         options: ``direct``, ``queue_depth``, ``threads``, ``registered_buffers``, ``registered_files``

@@ -29,8 +29,8 @@ from ..source import check_identity
 from . import pagecache
 from .protocol import Completion, Extent, Reader, ReaderStats, c_error  # noqa: F401  (re-exported)
 
-#: ``expect=`` of :func:`flashpack.io.open_reader`: (st_dev, st_ino, st_size, st_mtime_ns).
-FileIdentity = tuple[int, int, int, int]
+#: ``expect=`` of :func:`flashpack.io.open_reader`: (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns).
+FileIdentity = tuple[int, int, int, int, int]
 #: The most worker threads one reader may start (as ``FLASHPACK_THREADS`` allows).
 MAX_THREADS = 4096
 
@@ -365,7 +365,7 @@ class ReaderBase:
         direct: ``auto``/``on``/``off`` (default ``cfg.direct``).
         queue_depth: extents in flight at once, 1 to ``MAX_QUEUE_DEPTH`` (default ``cfg.queue_depth``).
         threads: worker threads, 1 to ``MAX_THREADS`` (default ``cfg.threads``).
-        expect: ``None``, or the (st_dev, st_ino, st_size, st_mtime_ns) the opened file must have.
+        expect: ``None``, or the (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) the opened file must have.
         cache: ``"bypass"`` (default) or ``"keep"`` (see :class:`FileHandles`).
         fill: ``None`` or a :class:`~flashpack.io.uffd.FillRegion` the destinations lie in (``cache="keep"``;
             see :class:`FileHandles`).
