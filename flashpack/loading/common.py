@@ -172,24 +172,18 @@ def reconstruct(wm: WeightMap, keys: list[str], buffer: torch.Tensor, plan: Load
     if not placed:
         return out
     placed.sort()
-    if buffer.device.type != "cpu":
-        blocks = [(0, buffer.storage_offset(), buffer.untyped_storage(), placed)]
+    if buffer.device.type != "cpu":  # one storage; its first byte lies storage_offset bytes before the buffer's
+        blocks = [(-buffer.storage_offset(), buffer.untyped_storage(), placed)]
     else:
-        whole, blocks, run = memoryview(buffer.numpy()), [], [placed[0]]
-        for bo, k in placed[1:]:
-            prev_bo, prev = run[-1]
-            if dtypes[k] == dtypes[prev] and bo >= prev_bo + wm.tensors[prev].nbytes:
-                run.append((bo, k))
-            else:
-                blocks.append(run)
-                run = [(bo, k)]
-        blocks.append(run)
-        blocks = [(run[0][0], 0, _span_storage(whole, run[0][0], max(b + wm.tensors[k].nbytes for b, k in run)), run)
-                  for run in blocks]
-    for lo, base, storage, run in blocks:
+        whole = memoryview(buffer.numpy())
+        blocks = []
+        for run in _dtype_runs(wm, placed, dtypes):
+            lo, hi = run[0][0], max(bo + wm.tensors[k].nbytes for bo, k in run)
+            blocks.append((lo, torch.frombuffer(whole[lo:hi], dtype=torch.uint8).untyped_storage(), run))
+    for origin, storage, run in blocks:
         for bo, k in run:
             t, dt = wm.tensors[k], dtypes[k]
-            byte_offset = base + bo - lo
+            byte_offset = bo - origin  # within ``storage``
             if byte_offset % dt.itemsize:  # cannot happen with this format's 64-byte alignment; kept for safety
                 out[k] = buffer[bo:bo + t.nbytes].clone().view(dt).view(t.shape)
                 continue
@@ -197,9 +191,17 @@ def reconstruct(wm: WeightMap, keys: list[str], buffer: torch.Tensor, plan: Load
     return out
 
 
-def _span_storage(whole: memoryview, lo: int, hi: int) -> torch.UntypedStorage:
-    """A storage over bytes ``[lo, hi)`` of a CPU buffer, sharing its memory (and keeping the buffer alive)."""
-    return torch.frombuffer(whole[lo:hi], dtype=torch.uint8).untyped_storage()
+def _dtype_runs(wm: WeightMap, placed: list[tuple[int, str]],
+                dtypes: dict[str, torch.dtype]) -> list[list[tuple[int, str]]]:
+    """``placed`` ((buffer offset, key), sorted by offset) cut into runs of one dtype, each tensor after the last."""
+    runs = [[placed[0]]]
+    for bo, k in placed[1:]:
+        prev_bo, prev = runs[-1][-1]
+        if dtypes[k] == dtypes[prev] and bo >= prev_bo + wm.tensors[prev].nbytes:
+            runs[-1].append((bo, k))
+        else:
+            runs.append([(bo, k)])
+    return runs
 
 
 def assemble(job: LoadJob, buffer: torch.Tensor, plan: LoadPlan | None = None) -> dict[str, torch.Tensor]:
