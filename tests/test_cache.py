@@ -1,8 +1,8 @@
 """The page-cache policy: ``flashpack.load(..., cache="auto"|"keep"|"bypass")`` and ``FLASHPACK_CACHE``
-(flashpack.io.pagecache.decide_cache, Prefetcher; flashpack.loading.common.cache_mode).
+(flashpack.io.pagecache.decide_cache, read_ahead; flashpack.loading.common.cache_mode).
 
 Cache states are made with posix_fadvise(DONTNEED) on the test's own files (drop_from_cache) and read back with
-mincore (resident_pages). Test doubles (a refusing or truncating madvise, a MemAvailable) live here."""
+mincore (resident_pages). Test doubles (a refusing or truncating read-ahead, a MemAvailable) live here."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import flashpack
 from flashpack.errors import ReadError, SettingsError
 from flashpack.io import pagecache
-from flashpack.io.pagecache import MADV_POPULATE_READ, drop_from_cache, resident_pages
+from flashpack.io.pagecache import drop_from_cache, resident_pages
 from flashpack.loading.common import aligned_empty, prepare
 from flashpack.loading.staged import load_payload_staged
 from flashpack.settings import MiB, settings
@@ -48,24 +48,26 @@ def payload_resident(path, span) -> float:
     return float(np.mean(pages[(span[0] + MiB) // 4096:span[1] // 4096]))
 
 
-class RecordingMadvise:
-    """Wraps pagecache._madvise: records (advice, nbytes, errno) of every MADV_POPULATE_READ call in ``calls``
-    (``before(i)`` runs first, ``i`` the calls so far); ``refuse``: that errno instead, for every advice."""
+class RecordingReadAhead:
+    """Wraps pagecache.read_ahead: records (file_offset, nbytes, advised) of every call in ``calls`` (``before(i)``
+    runs first, ``i`` the calls so far); ``refuse``: posix_fadvise(2) fails with that errno instead."""
 
     def __init__(self, monkeypatch, before=None, refuse: int = 0):
-        self.real = pagecache._madvise
-        self.calls: list[tuple[int, int, int]] = []
+        self.real = pagecache.read_ahead
+        self.calls: list[tuple[int, int, bool]] = []
         self.before, self.refuse = before, refuse
-        monkeypatch.setattr(pagecache, "_populate_refused", False)
-        monkeypatch.setattr(pagecache, "_madvise", self)
+        monkeypatch.setattr(pagecache, "read_ahead", self)
+        if refuse:
+            def refusing(fd, offset, nbytes, advice):
+                raise OSError(refuse, os.strerror(refuse))
+            monkeypatch.setattr(pagecache.os, "posix_fadvise", refusing)
 
-    def __call__(self, address, nbytes, advice):
-        if advice == MADV_POPULATE_READ and self.before is not None:
+    def __call__(self, fd, file_offset, nbytes, limit_nbytes):
+        if self.before is not None:
             self.before(len(self.calls))
-        err = self.refuse if self.refuse else self.real(address, nbytes, advice)
-        if advice == MADV_POPULATE_READ:
-            self.calls.append((advice, nbytes, err))
-        return err
+        took = self.real(fd, file_offset, nbytes, limit_nbytes)
+        self.calls.append((file_offset, nbytes, took))
+        return took
 
 
 def test_keep_reads_a_cold_file_through_the_cache_and_leaves_it_there(cold, backend):
@@ -76,7 +78,7 @@ def test_keep_reads_a_cold_file_through_the_cache_and_leaves_it_there(cold, back
     assert torch.equal(out["w"], sd["w"])
     assert (st.cache, st.cache_reason) == ("keep", "cache='keep' asked for")
     assert st.bytes_direct == 0 and st.bytes_buffered == st.bytes_read == 24 * MiB
-    assert (st.bytes_prefetched, st.prefetch) == (24 * MiB, "populate_read")
+    assert (st.bytes_prefetched, st.prefetch) == (24 * MiB, "willneed")
     assert payload_resident(path, span) == 1.0
 
     # the next load (a restart) finds every page cached: nothing read ahead, every extent copied from the cache
@@ -146,29 +148,39 @@ def test_truncated_under_a_keep_load_is_a_read_error_not_sigbus(cold, backend, m
         if i == 0:
             os.truncate(path, cut)
 
-    spy = RecordingMadvise(monkeypatch, before=truncate_first)
+    spy = RecordingReadAhead(monkeypatch, before=truncate_first)
     with pytest.raises(ReadError, match=rf"short read at byte offset \d+: expected {8 * MiB} bytes, got "
                                         rf"({4 * MiB}|0) \(was the file truncated") as ei:
         flashpack.load(path, backend=backend, cache="keep")
     assert (ei.value.errno, ei.value.filename) == (errno.EIO, path)
-    # every range reached past the new end of the file: madvise said EFAULT where a touch would have raised SIGBUS
-    assert spy.calls and all(c == (MADV_POPULATE_READ, 8 * MiB, errno.EFAULT) for c in spy.calls), spy.calls
+    # the file was cut as the first range was advised: advice past the end is taken and ignored (nothing is
+    # mapped or touched), and the copy meets the short file itself
+    assert spy.calls and spy.calls[0] == (span[0], 8 * MiB, True), spy.calls
 
 
-def test_populate_refused_falls_back_to_willneed(cold, backend, monkeypatch):
+def test_keep_reads_ahead_each_extent_once_in_file_order(cold, backend, monkeypatch):
+    """The read-ahead is advised as extents are queued, in file order, each uncached extent once, without waiting
+    for it (the advice returns at once; the copy blocks on pages still being read)."""
     path, sd, span = cold
-    spy = RecordingMadvise(monkeypatch, refuse=errno.EINVAL)  # a kernel before 5.14
-    advised: list[tuple[int, int]] = []
-    real = pagecache._fadvise_willneed
-    monkeypatch.setattr(pagecache, "_fadvise_willneed", lambda fd, off, n: (advised.append((off, n)), real(fd, off, n)))
+    spy = RecordingReadAhead(monkeypatch)
     st = flashpack.LoadStats()
     out = flashpack.load(path, backend=backend, cache="keep", stats=st)
     assert torch.equal(out["w"], sd["w"])
-    assert spy.calls == [(MADV_POPULATE_READ, 8 * MiB, errno.EINVAL)]  # refused once, then never asked again
-    assert sorted(advised) == [(span[0] + i * 8 * MiB, 8 * MiB) for i in range(3)]
+    assert spy.calls == [(span[0] + i * 8 * MiB, 8 * MiB, True) for i in range(3)]
     assert (st.prefetch, st.bytes_prefetched) == ("willneed", 24 * MiB)
+
+
+def test_read_ahead_refused_still_loads_and_keeps(cold, backend, monkeypatch):
+    """A file system that refuses the advice (posix_fadvise(2) EINVAL, ESPIPE): nothing is counted as read ahead,
+    the copies read the pages themselves (through the cache: the file is still kept)."""
+    path, sd, span = cold
+    spy = RecordingReadAhead(monkeypatch, refuse=errno.EINVAL)
+    st = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=st)
+    assert torch.equal(out["w"], sd["w"])
+    assert spy.calls == [(span[0] + i * 8 * MiB, 8 * MiB, False) for i in range(3)]
+    assert (st.prefetch, st.bytes_prefetched, st.bytes_direct) == ("", 0, 0)
     assert payload_resident(path, span) == 1.0
-    assert pagecache._populate_refused  # later loads start with WILLNEED (restored by monkeypatch)
 
 
 def test_staged_path_honours_keep(cold, backend):
@@ -296,3 +308,80 @@ def test_cached_pages_counts_the_range_and_refuses_nothing_sane(tmp_path):
         assert pagecache.cached_pages(fd, 0, 0) == 0 and pagecache.cached_pages(fd, -1, 10) is None
     finally:
         os.close(fd)
+
+
+def _wait_cached(fd, file_offset, nbytes, timeout_s=10.0) -> int:
+    """Pages of the range cached once the count stops growing (cachestat, else mincore), at most ``timeout_s``."""
+    import time
+    deadline, last = time.monotonic() + timeout_s, -1
+    while time.monotonic() < deadline:
+        n = pagecache.cached_pages(fd, file_offset, nbytes)
+        if n is None:
+            n = int(resident_pages(fd, os.fstat(fd).st_size, file_offset, nbytes).sum())
+        if n == nbytes // 4096 or n == last:
+            return n
+        last = n
+        time.sleep(0.2)
+    return last
+
+
+def test_read_ahead_asks_in_pieces_the_kernel_reads_whole(tmp_path):
+    """posix_fadvise(WILLNEED) reads at most max(max_sectors_kb, read_ahead_kb) of one advice (mm/readahead.c):
+    one advice of a range larger than that leaves the rest uncached; read_ahead() cuts it in pieces of the
+    device's limit and all of it is read."""
+    path = tmp_path / "ra.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        limit = pagecache.readahead_limit_nbytes(fd)
+        if limit == pagecache.DEFAULT_READAHEAD_LIMIT_NBYTES:
+            pytest.skip(f"{tmp_path} is not on a block device sysfs names (tmpfs?)")
+        span = 3 * limit
+        os.write(fd, os.urandom(2 * span))
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around what the test itself reads
+        assert pagecache.cached_pages(fd, 0, 2 * span) in (0, None)
+        os.posix_fadvise(fd, 0, span, os.POSIX_FADV_WILLNEED)  # one advice of three limits
+        assert 0 < _wait_cached(fd, 0, span) <= limit // 4096 + 64
+        assert pagecache.read_ahead(fd, span, span, limit)
+        assert _wait_cached(fd, span, span) == span // 4096
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid in a child")
+def test_residency_of_another_users_file_is_unknown_not_all_cached(tmp_path):
+    """A cold file owned by root, read by uid 65534 (the descriptor opened before the child drops its ids): the
+    kernel refuses cachestat (EPERM) and mincore says every page is resident. The map must say "unknown" and count
+    nothing cached, or a cold load of a shared model store is copied fault by fault instead of read ahead. The
+    same descriptor before the drop: cachestat, nothing cached (the control)."""
+    path = tmp_path / "theirs.bin"
+    path.write_bytes(os.urandom(4 * MiB))
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    n = 4 * MiB
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        code = 1
+        try:
+            before = pagecache.ResidencyMap(fd, n)
+            row = [before.method, before.fraction(0, n)]
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            after = pagecache.ResidencyMap(fd, n)
+            row += [pagecache.cached_pages(fd, 0, n), bool(resident_pages(fd, n).all()),
+                    pagecache.mincore_reports_cache(fd), after.method, after.fraction(0, n)]
+            os.write(w, repr(row).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert out == repr(["cachestat", 0.0, None, True, False, "unknown", 0.0])

@@ -1,23 +1,20 @@
 """The page cache: which pages of a file are in it (cachestat(2), else mincore(2)), the page-cache policy of a
-load (:func:`decide_cache`), and :class:`Prefetcher`, which fills the cache ahead of buffered copies.
+load (:func:`decide_cache`), and :func:`read_ahead`, which fills the cache ahead of buffered copies.
 
 cachestat(2) (Linux 6.5) counts the cached pages of a byte range of a file from its descriptor, without a
 mapping; mincore(2), the fallback, reports residency for a mapping without touching its pages, so mapping a file
-just to ask never faults, never reads and never risks SIGBUS. :class:`Prefetcher` maps the file read-only too and
-only ever passes the mapping to madvise(2) (``MADV_POPULATE_READ``), which returns ``EFAULT`` where a
-touch would raise SIGBUS (a file truncated meanwhile); the bytes themselves are copied with preadv(2).
+just to ask never faults, never reads and never risks SIGBUS. :func:`read_ahead` only advises the kernel
+(posix_fadvise(2)); the bytes themselves are copied with preadv(2) or ``UFFDIO_COPY``.
 """
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import ctypes.util
 import errno
 import mmap
 import os
 import platform
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,10 +38,6 @@ _libc.madvise.restype = ctypes.c_int
 MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FAILED = MAP_FAILED
 
-#: linux/mman.h (Linux 5.14, madvise(2)): fault in the pages of a range readable, reading them from the file
-#: into the page cache with the kernel's readahead, without copying them anywhere. Python names it from 3.13.
-MADV_POPULATE_READ = 22
-
 #: ``auto`` keeps a load's bytes in the page cache when they are at most this fraction of MemAvailable
 #: (``psutil.virtual_memory().available``, /proc/meminfo). A host load of N bytes needs N bytes of anonymous
 #: memory for its result *and* N bytes of page cache for the kept file: at <= 50% both fit in what the kernel
@@ -54,7 +47,6 @@ MADV_POPULATE_READ = 22
 #: threshold (a cold keep load runs at O_DIRECT speed, see the README's performance section).
 CACHE_KEEP_FRACTION = 0.5
 
-_populate_refused = False
 
 
 #: cachestat(2)'s system call number (Linux 6.5; asm-generic/unistd.h and x86's syscall_64.tbl: the same number on
@@ -123,6 +115,26 @@ def resident_pages(fd: int, file_nbytes: int, file_offset: int = 0, nbytes: int 
 RESIDENCY_GRANULE_NBYTES = 8 * 1024 * 1024
 
 
+def mincore_reports_cache(fd: int) -> bool:
+    """Whether mincore(2) on a mapping of ``fd``'s file tells its page-cache residency. Since Linux 5.0 it does only
+    for files the caller owns or could open for writing (or with CAP_FOWNER); for any other file it says every page
+    is resident, cached or not (mm/mincore.c, ``can_do_mincore``: "mm/mincore.c: make mincore() more conservative",
+    against page-cache side channels). cachestat(2) refuses the same files with ``EPERM`` (seen on Linux 6.18).
+    A model store owned by another user (a shared, read-only Hugging Face cache) is such a file.
+
+    Approximated from user space: effective uid 0 (CAP_FOWNER), the owner, or access(2) ``W_OK`` with the
+    effective ids (``EROFS`` on a read-only mount counts as no, as the kernel's write-permission check does).
+    """
+    st = os.fstat(fd)
+    euid = os.geteuid()
+    if euid == 0 or st.st_uid == euid:
+        return True
+    try:
+        return os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=True)
+    except (OSError, NotImplementedError):
+        return False
+
+
 class ResidencyMap:
     """A snapshot of a file's page-cache residency, taken once at open: every later question is answered from it,
     so a load decides each extent by the state the file was in when it started (its own read-ahead does not
@@ -133,6 +145,11 @@ class ResidencyMap:
     header and weight map a cold load read first, a file evicted in part). Without it (``"mincore"``: kernels
     before 6.5, a seccomp filter that refuses the call) one mincore(2) snapshot of the whole file is taken:
     12-15 ms per GiB here, cached or not, which every load of a 1 GiB file paid before cachestat.
+
+    ``"unknown"``: the kernel will not tell (a file of another user the caller cannot write:
+    :func:`mincore_reports_cache`), or mincore failed. Every range then counts as not cached, so a load reads it
+    ahead (``keep``) or with O_DIRECT (``bypass``) instead of taking mincore's "all resident" for an answer and
+    copying a cold file page fault by page fault.
     """
 
     def __init__(self, fd: int, file_nbytes: int):
@@ -140,7 +157,9 @@ class ResidencyMap:
         pages = self._granules(fd, file_nbytes)
         if pages is None:
             self.method = "mincore"
-            pages = resident_pages(fd, file_nbytes)
+            pages = resident_pages(fd, file_nbytes) if mincore_reports_cache(fd) else None
+        if pages is None:
+            self.method = "unknown"
         self._cum = None if pages is None else np.concatenate(([0], np.cumsum(pages, dtype=np.int64)))
 
     @staticmethod
@@ -237,120 +256,52 @@ def _madvise(address: int, nbytes: int, advice: int) -> int:
     return ctypes.get_errno() or errno.EIO
 
 
-def _fadvise_willneed(fd: int, file_offset: int, nbytes: int) -> None:
-    """posix_fadvise(2) ``POSIX_FADV_WILLNEED``: start reading the range into the page cache (non-blocking
-    readahead); errors are ignored, the copies read whatever is missing themselves."""
-    try:
-        os.posix_fadvise(fd, file_offset, nbytes, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
+#: Bytes one posix_fadvise(2) ``WILLNEED`` is assumed to read when the device's limits cannot be found
+#: (:func:`readahead_limit_nbytes`): the default ``read_ahead_kb`` (128), below which no default limit falls.
+DEFAULT_READAHEAD_LIMIT_NBYTES = 128 * 1024
 
 
-class Prefetcher:
-    """Reads byte ranges of a file into the page cache ahead of the buffered copies that follow, in one
-    helper thread, in the order the ranges are added.
+def readahead_limit_nbytes(fd: int) -> int:
+    """The most bytes one posix_fadvise(2) ``POSIX_FADV_WILLNEED`` reads of ``fd``'s file: the kernel cuts each
+    advice to ``max(io_pages, ra_pages)`` of the file's backing device (mm/readahead.c, ``force_page_cache_ra``;
+    measured here: a 64 MiB advice read 8 MiB), which sysfs shows as the device queue's ``max_sectors_kb`` and
+    ``read_ahead_kb`` (Documentation/ABI/stable/sysfs-block). A partition's limits are its disk's.
 
-    Each range is faulted in with ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+, madvise(2)) on a read-only
-    shared mapping of the file: the kernel reads it with its readahead, straight into the page cache, at
-    O_DIRECT speed and without a copy; then :meth:`add`'s event is set and a worker copies the range out of
-    the cache with preadv(2). The mapping is never touched: past the end of a truncated file madvise fails
-    with ``EFAULT`` instead of raising SIGBUS, and the copy gets a short read. When the kernel refuses the
-    advice (``EINVAL`` before 5.14), ranges are advised with ``posix_fadvise(POSIX_FADV_WILLNEED)``
-    (posix_fadvise(2)) instead, once per process noticed in :attr:`method`.
-
-    Why a helper thread: MADV_POPULATE_READ blocks its caller until the range is read; one thread running
-    ahead keeps the disk busy while the copy workers copy the ranges behind it and the loading thread verifies
-    checksums. The lead is bounded by whoever adds ranges (the readers add an extent when they hand it to a
-    worker: at most ``queue_depth`` extents ahead).
-
-    Args:
-        fd: a descriptor of the file, open for reading (owned by the caller, kept open until :meth:`close`).
-        file_nbytes: the file's size when opened (the mapping's length).
-
-    Attributes:
-        method: ``"populate_read"`` or ``"willneed"``: how ranges are read ahead.
+    Returns:
+        Bytes (a multiple of 1024), or :data:`DEFAULT_READAHEAD_LIMIT_NBYTES` when the file is not on a block device
+        sysfs names (NFS, FUSE, btrfs's anonymous device numbers, tmpfs).
     """
+    st = os.fstat(fd)
+    dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for queue in (dev + "/queue", dev + "/../queue"):
+        try:
+            kib = [int(open(f"{queue}/{name}").read()) for name in ("read_ahead_kb", "max_sectors_kb")]
+        except (OSError, ValueError):
+            continue
+        return max(max(kib) * 1024, PAGE_NBYTES)
+    return DEFAULT_READAHEAD_LIMIT_NBYTES
 
-    def __init__(self, fd: int, file_nbytes: int):
-        self._fd = fd
-        self._nbytes = file_nbytes
-        self._addr = 0
-        self.method = "willneed" if _populate_refused else "populate_read"
-        if file_nbytes > 0 and not _populate_refused:
-            addr = _libc.mmap(None, file_nbytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr is None or addr == _MAP_FAILED:
-                self.method = "willneed"
-            else:
-                self._addr = addr
-                # sequential readahead on the faults (VM_SEQ_READ): without it the kernel reads around each
-                # faulting page and gives up reading ahead after 100 misses (mm/filemap.c, MMAP_LOTSAMISS)
-                _madvise(addr, file_nbytes, mmap.MADV_SEQUENTIAL)
-        self._cond = threading.Condition()
-        self._todo: collections.deque = collections.deque()
-        self._thread: threading.Thread | None = None
-        self._closed = False
 
-    def add(self, file_offset: int, nbytes: int) -> threading.Event:
-        """Queue ``[file_offset, file_offset + nbytes)`` (bytes) to be read into the cache.
+def read_ahead(fd: int, file_offset: int, nbytes: int, limit_nbytes: int = DEFAULT_READAHEAD_LIMIT_NBYTES) -> bool:
+    """Start reading ``[file_offset, file_offset + nbytes)`` (bytes) of ``fd``'s file into the page cache and
+    return without waiting: posix_fadvise(2) ``POSIX_FADV_WILLNEED``, one advice per ``limit_nbytes``
+    (:func:`readahead_limit_nbytes`: the kernel reads no more than that of one advice), each submitting the reads of
+    the pages not cached yet and skipping the cached ones. A copy that reaches a page still being read waits for
+    that page alone.
 
-        Returns:
-            An event set once the range was read ahead, or the attempt failed, or :meth:`close` was called.
-        """
-        ev = threading.Event()
-        with self._cond:
-            if self._closed:
-                ev.set()
-                return ev
-            self._todo.append((file_offset, nbytes, ev))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="flashpack-prefetch", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        return ev
+    Nothing is mapped or touched, so a file truncated meanwhile costs nothing here (advice past the end is ignored)
+    and the copy meets the short read itself.
 
-    def _fill(self, file_offset: int, nbytes: int) -> None:
-        global _populate_refused
-        lo = max(0, file_offset - file_offset % PAGE_NBYTES)
-        hi = min(file_offset + nbytes, self._nbytes)
-        if hi <= lo:
-            return
-        if self.method == "populate_read":
-            err = _madvise(self._addr + lo, hi - lo, MADV_POPULATE_READ)
-            if err == 0:
-                # unmap the range again: the pages stay in the page cache, but no longer count in this process's
-                # RSS (madvise(2): MADV_DONTNEED on a shared file mapping drops the mapping, not the file's pages)
-                _madvise(self._addr + lo, hi - lo, mmap.MADV_DONTNEED)
-                return
-            if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
-                return  # EFAULT (truncated), EIO, EINTR...: the copy meets the error itself, with its offset
-            _populate_refused = True
-            self.method = "willneed"
-        _fadvise_willneed(self._fd, lo, hi - lo)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._todo and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                file_offset, nbytes, ev = self._todo.popleft()
-            try:
-                self._fill(file_offset, nbytes)
-            finally:
-                ev.set()
-
-    def close(self) -> None:
-        """Stop (the range being read ahead finishes first), set every waiting event, unmap; idempotent."""
-        with self._cond:
-            self._closed = True
-            todo, self._todo = list(self._todo), collections.deque()
-            self._cond.notify_all()
-        for *_, ev in todo:
-            ev.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        addr, self._addr = self._addr, 0
-        if addr:
-            _libc.munmap(addr, self._nbytes)
+    Returns:
+        Whether the kernel took the advice (``False``: ``ESPIPE``, ``EINVAL`` for a file system without
+        readahead; the copies then read whatever is missing themselves).
+    """
+    if nbytes <= 0:
+        return False
+    step = max(limit_nbytes, PAGE_NBYTES)
+    try:
+        for off in range(file_offset, file_offset + nbytes, step):
+            os.posix_fadvise(fd, off, min(step, file_offset + nbytes - off), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        return False
+    return True

@@ -64,6 +64,7 @@ class ThreadsReader(ReaderBase):
     def _start(self) -> None:
         self._pool: cf.ThreadPoolExecutor | None = None
         self._queue: deque[Extent] = deque()
+        self._ahead = 0  # extents at the head of _queue already read ahead (cache="keep")
         self._pending: dict[cf.Future, Extent] = {}
         self._cancelled: list[Completion] = []
 
@@ -72,11 +73,8 @@ class ThreadsReader(ReaderBase):
         """Available wherever ``os.preadv`` exists (Linux, Python >= 3.7)."""
         return (True, "") if hasattr(os, "preadv") else (False, "os.preadv is missing on this platform")
 
-    def _work(self, ext: Extent, ready) -> ReaderStats:
+    def _work(self, ext: Extent) -> ReaderStats:
         st = ReaderStats()
-        if ready is not None:
-            ready.wait()  # cache="keep": the range is in the page cache (read ahead) before it is copied
-            st.bytes_prefetched, st.prefetch = ext.nbytes, self._files.prefetch_method
         read_extent(self._files, ext, st)
         return st
 
@@ -84,9 +82,22 @@ class ThreadsReader(ReaderBase):
         while self._queue and len(self._pending) < min(self.queue_depth, self.threads):
             if self._pool is None:
                 self._pool = shared_pool()
+            if self._ahead:
+                self._ahead -= 1
+            else:
+                self._read_ahead(self._queue[0])
             ext = self._queue.popleft()
-            ready = self._files.prefetch(ext.file_offset, ext.nbytes)
-            self._pending[self._pool.submit(self._work, ext, ready)] = ext
+            self._pending[self._pool.submit(self._work, ext)] = ext
+        # cache="keep": the kernel reads the next queue_depth extents into the page cache while the workers
+        # copy these (posix_fadvise WILLNEED returns at once; a copy waits only for pages still being read)
+        while self._ahead < min(len(self._queue), self.queue_depth):
+            self._read_ahead(self._queue[self._ahead])
+            self._ahead += 1
+
+    def _read_ahead(self, ext: Extent) -> None:
+        if self._files.read_ahead(ext.file_offset, ext.nbytes):
+            self.stats.bytes_prefetched += ext.nbytes
+            self.stats.prefetch = "willneed"
 
     def submit(self, extents: Iterable[Extent]) -> None:
         if self._closed:
@@ -108,6 +119,7 @@ class ThreadsReader(ReaderBase):
         err = cf.CancelledError("read cancelled after an earlier error")
         self._cancelled.extend(Completion(ext, err) for ext in self._queue)
         self._queue.clear()
+        self._ahead = 0
         for fut in self._pending:
             fut.cancel()
 
