@@ -30,3 +30,15 @@ def test_doctor_runs_as_a_module(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "page-cache residency" in out.stdout and "backend auto" in out.stdout
+
+
+def test_doctor_says_when_other_users_files_have_unknown_residency(tmp_path, monkeypatch):
+    """As a user the kernel will not tell about other users' files (mincore says all resident, cachestat EPERM),
+    the residency row says so; where it tells (root here), the row names the method alone."""
+    plain = dict(doctor.report(str(tmp_path)))["page-cache residency"]
+    expect_known = os.geteuid() == 0
+    assert ("unknown for files you neither own nor can write" not in plain) == expect_known, plain
+    monkeypatch.setattr(pagecache, "mincore_reports_cache", lambda fd: False)
+    row = dict(doctor.report(str(tmp_path)))["page-cache residency"]
+    assert row.endswith("; unknown for files you neither own nor can write (the kernel will not tell): loads "
+                        "read those ahead as if cold"), row

@@ -129,6 +129,25 @@ def gpu() -> str:
     return f"torch {torch.__version__}, CUDA {torch.version.cuda}: {names}"
 
 
+def _residency_of_others_known(pagecache) -> bool:
+    """Whether the kernel tells this process the page-cache residency of a file it neither owns nor could write
+    (:func:`flashpack.io.pagecache.mincore_reports_cache`), asked of the first file of another user it can open
+    (any file, for a user who owns them all)."""
+    fds = []
+    try:
+        for path in (os.path.realpath(sys.executable), os.__file__, "/etc/passwd"):
+            try:
+                fds.append(os.open(path, os.O_RDONLY))
+            except OSError:
+                continue
+            if os.fstat(fds[-1]).st_uid != os.geteuid():
+                break
+        return pagecache.mincore_reports_cache(fds[-1]) if fds else True
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def report(path: str) -> list[tuple[str, str]]:
     rows = [
         ("kernel", f"{platform.system()} {platform.release()} ({platform.machine()})"),
@@ -157,14 +176,14 @@ def report(path: str) -> list[tuple[str, str]]:
                      "is faulted in by the reads instead"))
         from flashpack.io import pagecache
 
-        fd = os.open(os.path.realpath(sys.executable), os.O_RDONLY)
-        try:
-            asked = pagecache.cached_pages(fd, 0, PAGE_NBYTES)
-        finally:
-            os.close(fd)
-        rows.append(("page-cache residency", "cachestat(2)" if asked is not None else
+        with tempfile.TemporaryFile() as own:  # a file of this user: the kernel answers unless it lacks the call
+            asked = pagecache.cached_pages(own.fileno(), 0, PAGE_NBYTES)
+        theirs = _residency_of_others_known(pagecache)
+        rows.append(("page-cache residency", ("cachestat(2)" if asked is not None else
                      "mincore(2) snapshots (cachestat(2) needs Linux 6.5 and a seccomp profile that allows it; "
-                     "each load of a cached file then spends ~15 ms per GiB asking)"))
+                     "each load of a cached file then spends ~15 ms per GiB asking)") + ("" if theirs else
+                     "; unknown for files you neither own nor can write (the kernel will not tell): loads read "
+                     "those ahead as if cold")))
         cfg = settings()
         rows.append(("settings", ", ".join(f"{k}={v}" for k, v in vars(cfg).items())))
     except Exception as e:  # noqa: BLE001 - report what is wrong instead of a traceback
