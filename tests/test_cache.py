@@ -7,6 +7,9 @@ mincore (resident_pages). Test doubles (a refusing or truncating read-ahead, a M
 from __future__ import annotations
 
 import errno
+import shutil
+import subprocess
+import sys
 import os
 
 import numpy as np
@@ -385,3 +388,22 @@ def test_residency_of_another_users_file_is_unknown_not_all_cached(tmp_path):
     os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0, out
     assert out == repr(["cachestat", 0.0, None, True, False, "unknown", 0.0])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv(1)")
+def test_residency_for_root_without_capabilities_is_unknown(tmp_path):
+    """Root in a container started with --cap-drop=ALL (here: setpriv with an empty bounding set) has neither
+    CAP_FOWNER nor CAP_DAC_OVERRIDE: for a cold file of uid 65534 the kernel refuses cachestat and mincore says
+    all resident, so the map must say "unknown" (an euid-0 shortcut said "mincore", all cached)."""
+    path = tmp_path / "nobodys.bin"
+    path.write_bytes(os.urandom(4 * MiB))
+    os.chown(path, 65534, 65534)
+    os.chmod(path, 0o644)
+    drop_from_cache(str(path))
+    child = ("import os, sys; from flashpack.io import pagecache as pc; fd = os.open(sys.argv[1], os.O_RDONLY); "
+             "m = pc.ResidencyMap(fd, 4 << 20); "
+             "print(m.method, m.fraction(0, 4 << 20), pc.cached_pages(fd, 0, 4 << 20), pc.mincore_reports_cache(fd))")
+    r = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", child, str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["unknown", "0.0", "None", "False"], r.stdout

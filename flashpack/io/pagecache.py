@@ -115,6 +115,22 @@ def resident_pages(fd: int, file_nbytes: int, file_offset: int = 0, nbytes: int 
 RESIDENCY_GRANULE_NBYTES = 8 * 1024 * 1024
 
 
+#: linux/capability.h: override the owner checks on files (inode_owner_or_capable).
+CAP_FOWNER = 3
+
+
+def _has_effective_capability(cap: int) -> bool:
+    """Whether capability number ``cap`` is in this thread's effective set (``CapEff`` of /proc/self/status,
+    proc(5)); ``False`` where it cannot be read."""
+    try:
+        for line in _read_text("/proc/thread-self/status").splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def mincore_reports_cache(fd: int) -> bool:
     """Whether mincore(2) on a mapping of ``fd``'s file tells its page-cache residency. Since Linux 5.0 it does only
     for files the caller owns or could open for writing (or with CAP_FOWNER); for any other file it says every page
@@ -122,12 +138,14 @@ def mincore_reports_cache(fd: int) -> bool:
     against page-cache side channels). cachestat(2) refuses the same files with ``EPERM`` (seen on Linux 6.18).
     A model store owned by another user (a shared, read-only Hugging Face cache) is such a file.
 
-    Approximated from user space: effective uid 0 (CAP_FOWNER), the owner, or access(2) ``W_OK`` with the
-    effective ids (``EROFS`` on a read-only mount counts as no, as the kernel's write-permission check does).
+    Approximated from user space: the owner (the effective uid), ``CAP_FOWNER`` in the effective capability set
+    (/proc/self/status ``CapEff``: root in a container started with ``--cap-drop=ALL`` has none), or access(2)
+    ``W_OK`` with the effective ids (which counts ``CAP_DAC_OVERRIDE``). One known miss: access(2) says ``EROFS``
+    for a read-only *bind* mount of a writable file system, where the kernel (which checks only the file system)
+    still answers; that only matters where cachestat(2) is missing, and then such a cached file is read as cold.
     """
     st = os.fstat(fd)
-    euid = os.geteuid()
-    if euid == 0 or st.st_uid == euid:
+    if st.st_uid == os.geteuid() or _has_effective_capability(CAP_FOWNER):
         return True
     try:
         return os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=True)
@@ -268,18 +286,25 @@ def readahead_limit_nbytes(fd: int) -> int:
     ``read_ahead_kb`` (Documentation/ABI/stable/sysfs-block). A partition's limits are its disk's.
 
     Returns:
-        Bytes (a multiple of 1024), or :data:`DEFAULT_READAHEAD_LIMIT_NBYTES` when the file is not on a block device
+        Bytes (a multiple of the 4096-byte page), or :data:`DEFAULT_READAHEAD_LIMIT_NBYTES` when the file is not on a block device
         sysfs names (NFS, FUSE, btrfs's anonymous device numbers, tmpfs).
     """
     st = os.fstat(fd)
     dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     for queue in (dev + "/queue", dev + "/../queue"):
         try:
-            kib = [int(open(f"{queue}/{name}").read()) for name in ("read_ahead_kb", "max_sectors_kb")]
+            kib = [int(_read_text(f"{queue}/{name}")) for name in ("read_ahead_kb", "max_sectors_kb")]
         except (OSError, ValueError):
             continue
-        return max(max(kib) * 1024, PAGE_NBYTES)
+        # whole pages: the kernel reads whole pages of each advice, so a piece of 509 KiB would leave the page
+        # between it and the next unread
+        return max(max(kib) * 1024 // PAGE_NBYTES * PAGE_NBYTES, PAGE_NBYTES)
     return DEFAULT_READAHEAD_LIMIT_NBYTES
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def read_ahead(fd: int, file_offset: int, nbytes: int, limit_nbytes: int = DEFAULT_READAHEAD_LIMIT_NBYTES) -> bool:
