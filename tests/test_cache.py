@@ -407,3 +407,36 @@ def test_residency_for_root_without_capabilities_is_unknown(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["unknown", "0.0", "None", "False"], r.stdout
+
+
+def test_residency_on_overlayfs_is_asked_of_the_file_beneath(tmp_path):
+    """A file of a Docker image lives on overlayfs, where cachestat(2) counts the overlay inode's empty mapping (a
+    cached file read 0% cached, so bypass loads read it again with O_DIRECT). mincore(2) on a mapping of it sees the
+    pages of the file beneath: cached reads 1.0, evicted reads 0.0."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting overlayfs needs root")
+    dirs = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
+    for d in dirs.values():
+        d.mkdir()
+    with open(dirs["lower"] / "image.bin", "wb") as f:
+        f.write(os.urandom(4 * MiB))
+        os.fsync(f.fileno())  # clean pages, which DONTNEED can evict
+    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(dirs["merged"])], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount overlayfs here: {r.stderr.strip()}")
+    try:
+        fd = os.open(dirs["merged"] / "image.bin", os.O_RDONLY)
+        try:
+            n = os.fstat(fd).st_size
+            os.pread(fd, n, 0)
+            cached = pagecache.ResidencyMap(fd, n)
+            drop_from_cache(dirs["lower"] / "image.bin")  # the pages belong to the file beneath
+            cold = pagecache.ResidencyMap(fd, n)
+        finally:
+            os.close(fd)
+        assert (cached.method, cached.fraction(0, n)) == ("mincore", 1.0)
+        assert (cold.method, cold.fraction(0, n)) == ("mincore", 0.0)
+    finally:
+        subprocess.run(["umount", str(dirs["merged"])], check=True)

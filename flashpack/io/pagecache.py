@@ -34,6 +34,8 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munmap.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.fstatfs.restype = ctypes.c_int
 #: What mmap(2) returns on failure.
 MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FAILED = MAP_FAILED
@@ -153,6 +155,19 @@ def mincore_reports_cache(fd: int) -> bool:
         return False
 
 
+#: linux/magic.h: statfs(2) ``f_type`` of overlayfs.
+OVERLAYFS_SUPER_MAGIC = 0x794C7630
+
+
+def _fs_type(fd: int) -> int | None:
+    """statfs(2) ``f_type`` of the file system holding ``fd``'s file (the first field of ``struct statfs`` on every
+    Linux architecture), or ``None`` if fstatfs fails."""
+    buf = (ctypes.c_long * 32)()  # struct statfs is 120 bytes on x86_64; room to spare
+    if _libc.fstatfs(fd, buf) != 0:
+        return None
+    return buf[0] & 0xFFFFFFFF
+
+
 class ResidencyMap:
     """A snapshot of a file's page-cache residency, taken once at open: every later question is answered from it,
     so a load decides each extent by the state the file was in when it started (its own read-ahead does not
@@ -164,6 +179,10 @@ class ResidencyMap:
     before 6.5, a seccomp filter that refuses the call) one mincore(2) snapshot of the whole file is taken:
     12-15 ms per GiB here, cached or not, which every load of a 1 GiB file paid before cachestat.
 
+    On overlayfs (every file of a Docker image) cachestat(2) counts the overlay inode's own mapping, which is
+    always empty: a cached file read 0% cached. The file's pages live in the page cache of the file beneath, which
+    a mapping of the overlay file maps, so such files are asked with mincore(2).
+
     ``"unknown"``: the kernel will not tell (a file of another user the caller cannot write:
     :func:`mincore_reports_cache`), or mincore failed. Every range then counts as not cached, so a load reads it
     ahead (``keep``) or with O_DIRECT (``bypass``) instead of taking mincore's "all resident" for an answer and
@@ -172,7 +191,7 @@ class ResidencyMap:
 
     def __init__(self, fd: int, file_nbytes: int):
         self.method = "cachestat"
-        pages = self._granules(fd, file_nbytes)
+        pages = None if _fs_type(fd) == OVERLAYFS_SUPER_MAGIC else self._granules(fd, file_nbytes)
         if pages is None:
             self.method = "mincore"
             pages = resident_pages(fd, file_nbytes) if mincore_reports_cache(fd) else None
