@@ -71,8 +71,8 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
             ``None``: no callback). A tqdm bar in bytes is shown for loads over 1 GiB when stderr is a
             terminal, unless ``FLASHPACK_PROGRESS=0``.
         cache: page-cache policy (default ``FLASHPACK_CACHE``, ``auto``): ``"keep"`` reads through the page cache,
-            each range read ahead with posix_fadvise(2) ``WILLNEED`` (kernel readahead, no copy, no wait) as it
-            is queued and copied out with preadv(2) or ``UFFDIO_COPY``, so a cold load runs near disk speed and leaves the file cached for the next
+            each range read ahead with madvise(2) ``MADV_POPULATE_READ`` (kernel readahead, no copy) by a helper
+            thread as it is queued, then copied out with preadv(2) or ``UFFDIO_COPY``, so a cold load runs near disk speed and leaves the file cached for the next
             one; ``"bypass"`` reads uncached ranges with O_DIRECT and leaves nothing cached; ``"auto"`` keeps when
             the bytes read are at most half of MemAvailable, else bypasses. Cached ranges are always copied out of
             the cache by several threads. ``stats.cache`` and ``stats.cache_reason`` say what was decided and why.

@@ -1,8 +1,8 @@
 """The page-cache policy: ``flashpack.load(..., cache="auto"|"keep"|"bypass")`` and ``FLASHPACK_CACHE``
-(flashpack.io.pagecache.decide_cache, read_ahead; flashpack.loading.common.cache_mode).
+(flashpack.io.pagecache.decide_cache, Prefetcher; flashpack.loading.common.cache_mode).
 
 Cache states are made with posix_fadvise(DONTNEED) on the test's own files (drop_from_cache) and read back with
-mincore (resident_pages). Test doubles (a refusing or truncating read-ahead, a MemAvailable) live here."""
+mincore (resident_pages). Test doubles (a refusing or truncating madvise, a MemAvailable) live here."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import flashpack
 from flashpack.errors import ReadError, SettingsError
 from flashpack.io import pagecache
-from flashpack.io.pagecache import drop_from_cache, resident_pages
+from flashpack.io.pagecache import MADV_POPULATE_READ, drop_from_cache, resident_pages
 from flashpack.loading.common import aligned_empty, prepare
 from flashpack.loading.staged import load_payload_staged
 from flashpack.settings import MiB, settings
@@ -51,26 +51,24 @@ def payload_resident(path, span) -> float:
     return float(np.mean(pages[(span[0] + MiB) // 4096:span[1] // 4096]))
 
 
-class RecordingReadAhead:
-    """Wraps pagecache.read_ahead: records (file_offset, nbytes, advised) of every call in ``calls`` (``before(i)``
-    runs first, ``i`` the calls so far); ``refuse``: posix_fadvise(2) fails with that errno instead."""
+class RecordingMadvise:
+    """Wraps pagecache._madvise: records (advice, nbytes, errno) of every MADV_POPULATE_READ call in ``calls``
+    (``before(i)`` runs first, ``i`` the calls so far); ``refuse``: that errno instead, for every advice."""
 
     def __init__(self, monkeypatch, before=None, refuse: int = 0):
-        self.real = pagecache.read_ahead
-        self.calls: list[tuple[int, int, bool]] = []
+        self.real = pagecache._madvise
+        self.calls: list[tuple[int, int, int]] = []
         self.before, self.refuse = before, refuse
-        monkeypatch.setattr(pagecache, "read_ahead", self)
-        if refuse:
-            def refusing(fd, offset, nbytes, advice):
-                raise OSError(refuse, os.strerror(refuse))
-            monkeypatch.setattr(pagecache.os, "posix_fadvise", refusing)
+        monkeypatch.setattr(pagecache, "_populate_refused", False)
+        monkeypatch.setattr(pagecache, "_madvise", self)
 
-    def __call__(self, fd, file_offset, nbytes, limit_nbytes):
-        if self.before is not None:
+    def __call__(self, address, nbytes, advice):
+        if advice == MADV_POPULATE_READ and self.before is not None:
             self.before(len(self.calls))
-        took = self.real(fd, file_offset, nbytes, limit_nbytes)
-        self.calls.append((file_offset, nbytes, took))
-        return took
+        err = self.refuse if self.refuse else self.real(address, nbytes, advice)
+        if advice == MADV_POPULATE_READ:
+            self.calls.append((advice, nbytes, err))
+        return err
 
 
 def test_keep_reads_a_cold_file_through_the_cache_and_leaves_it_there(cold, backend):
@@ -81,7 +79,7 @@ def test_keep_reads_a_cold_file_through_the_cache_and_leaves_it_there(cold, back
     assert torch.equal(out["w"], sd["w"])
     assert (st.cache, st.cache_reason) == ("keep", "cache='keep' asked for")
     assert st.bytes_direct == 0 and st.bytes_buffered == st.bytes_read == 24 * MiB
-    assert (st.bytes_prefetched, st.prefetch) == (24 * MiB, "willneed")
+    assert (st.bytes_prefetched, st.prefetch) == (24 * MiB, "populate_read")
     assert payload_resident(path, span) == 1.0
 
     # the next load (a restart) finds every page cached: nothing read ahead, every extent copied from the cache
@@ -151,39 +149,45 @@ def test_truncated_under_a_keep_load_is_a_read_error_not_sigbus(cold, backend, m
         if i == 0:
             os.truncate(path, cut)
 
-    spy = RecordingReadAhead(monkeypatch, before=truncate_first)
+    spy = RecordingMadvise(monkeypatch, before=truncate_first)
     with pytest.raises(ReadError, match=rf"short read at byte offset \d+: expected {8 * MiB} bytes, got "
                                         rf"({4 * MiB}|0) \(was the file truncated") as ei:
         flashpack.load(path, backend=backend, cache="keep")
     assert (ei.value.errno, ei.value.filename) == (errno.EIO, path)
-    # the file was cut as the first range was advised: advice past the end is taken and ignored (nothing is
-    # mapped or touched), and the copy meets the short file itself
-    assert spy.calls and spy.calls[0] == (span[0], 8 * MiB, True), spy.calls
+    # every range reached past the new end of the file: madvise said EFAULT where a touch would have raised SIGBUS
+    assert spy.calls and all(c == (MADV_POPULATE_READ, 8 * MiB, errno.EFAULT) for c in spy.calls), spy.calls
+
+
+def test_populate_refused_falls_back_to_willneed(cold, backend, monkeypatch):
+    path, sd, span = cold
+    spy = RecordingMadvise(monkeypatch, refuse=errno.EINVAL)  # a kernel before 5.14
+    advised: list[tuple[int, int]] = []
+    real = pagecache.read_ahead
+    monkeypatch.setattr(pagecache, "read_ahead",
+                        lambda fd, off, n, limit: (advised.append((off, n)), real(fd, off, n, limit))[1])
+    st = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=st)
+    assert torch.equal(out["w"], sd["w"])
+    assert spy.calls == [(MADV_POPULATE_READ, 8 * MiB, errno.EINVAL)]  # refused once, then never asked again
+    assert sorted(advised) == [(span[0] + i * 8 * MiB, 8 * MiB) for i in range(3)]
+    assert (st.prefetch, st.bytes_prefetched) == ("willneed", 24 * MiB)
+    assert payload_resident(path, span) == 1.0
+    assert pagecache._populate_refused  # later loads start with WILLNEED (restored by monkeypatch)
 
 
 def test_keep_reads_ahead_each_extent_once_in_file_order(cold, backend, monkeypatch):
-    """The read-ahead is advised as extents are queued, in file order, each uncached extent once, without waiting
-    for it (the advice returns at once; the copy blocks on pages still being read)."""
+    """Extents are queued for read-ahead as the reader queues them (up to queue_depth ahead of the copies), in file
+    order, each uncached extent once."""
     path, sd, span = cold
-    spy = RecordingReadAhead(monkeypatch)
+    added: list[tuple[int, int]] = []
+    real = pagecache.Prefetcher.add
+    monkeypatch.setattr(pagecache.Prefetcher, "add",
+                        lambda self, off, n: (added.append((off, n)), real(self, off, n))[1])
     st = flashpack.LoadStats()
     out = flashpack.load(path, backend=backend, cache="keep", stats=st)
     assert torch.equal(out["w"], sd["w"])
-    assert spy.calls == [(span[0] + i * 8 * MiB, 8 * MiB, True) for i in range(3)]
-    assert (st.prefetch, st.bytes_prefetched) == ("willneed", 24 * MiB)
-
-
-def test_read_ahead_refused_still_loads_and_keeps(cold, backend, monkeypatch):
-    """A file system that refuses the advice (posix_fadvise(2) EINVAL, ESPIPE): nothing is counted as read ahead,
-    the copies read the pages themselves (through the cache: the file is still kept)."""
-    path, sd, span = cold
-    spy = RecordingReadAhead(monkeypatch, refuse=errno.EINVAL)
-    st = flashpack.LoadStats()
-    out = flashpack.load(path, backend=backend, cache="keep", stats=st)
-    assert torch.equal(out["w"], sd["w"])
-    assert spy.calls == [(span[0] + i * 8 * MiB, 8 * MiB, False) for i in range(3)]
-    assert (st.prefetch, st.bytes_prefetched, st.bytes_direct) == ("", 0, 0)
-    assert payload_resident(path, span) == 1.0
+    assert added == [(span[0] + i * 8 * MiB, 8 * MiB) for i in range(3)]
+    assert (st.prefetch, st.bytes_prefetched) == ("populate_read", 24 * MiB)
 
 
 def test_staged_path_honours_keep(cold, backend):

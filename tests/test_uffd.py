@@ -219,14 +219,14 @@ def test_truncated_under_a_filled_load_is_a_read_error_in_a_child(pack, backend)
         path = {path!r}
         wm = flashpack.read_weight_map(path)
         t = wm.tensors["w"]
-        real = pagecache.read_ahead
+        real = pagecache._madvise
         state = {{"cut": False}}
-        def cut_first(fd, file_offset, nbytes, limit_nbytes):  # the file is cut as the first range is read ahead
-            if not state["cut"]:
+        def cut_first(address, nbytes, advice):  # the file is cut while the first range is read ahead
+            if advice == pagecache.MADV_POPULATE_READ and not state["cut"]:
                 state["cut"] = True
                 os.truncate(path, t.offset + 12 * 1024 * 1024)
-            return real(fd, file_offset, nbytes, limit_nbytes)
-        pagecache.read_ahead = cut_first
+            return real(address, nbytes, advice)
+        pagecache._madvise = cut_first
         pagecache.drop_from_cache(path)
         stats = flashpack.LoadStats()
         try:

@@ -84,8 +84,9 @@ class FileHandles:
         direct: ``"auto"`` (O_DIRECT for extents whose pages are mostly not in the page cache, decided
             with mincore(2) at open), ``"on"`` (O_DIRECT whenever aligned), ``"off"`` (buffered only).
         cache: ``"bypass"`` (``direct`` decides) or ``"keep"``: no O_DIRECT; the extents whose pages are
-            mostly not cached (the residency snapshot at open) are read ahead into the page cache
-            (:meth:`read_ahead`, posix_fadvise(2) ``WILLNEED``) as they are queued, and copied out of it.
+            mostly not cached (the residency snapshot at open) are read ahead into the page cache by a
+            :class:`~flashpack.io.pagecache.Prefetcher` (:meth:`read_ahead`) as they are queued, and copied out
+            of it once read.
         fill: ``None``, or a :class:`~flashpack.io.uffd.FillRegion` (``cache="keep"`` only): extents whose
             destination lies in it are copied with ``UFFDIO_COPY`` from a read-only shared mapping of the file
             (:meth:`fill_copy`) instead of preadv(2).
@@ -104,7 +105,7 @@ class FileHandles:
         self.cache = cache
         self.fill = fill
         self._source = 0  # address of the read-only mapping UFFDIO_COPY copies from (0: none)
-        self._ra_chunk_nbytes = 0  # bytes one read-ahead advice may ask for (found on the first one)
+        self._prefetcher: pagecache.Prefetcher | None = None  # started by the first read_ahead
         # O_NONBLOCK: a FIFO swapped in under the path cannot hang open(2) (the identity check then refuses
         # it); cleared again at once, since io_uring returns EAGAIN for O_NONBLOCK files instead of waiting.
         self.fd = _blocking(_open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY))
@@ -146,20 +147,26 @@ class FileHandles:
             return False
         return True
 
-    def read_ahead(self, file_offset: int, nbytes: int) -> bool:
-        """``cache="keep"``: start reading a range into the page cache ahead of its copy, without waiting
-        (:func:`flashpack.io.pagecache.read_ahead`); the copy blocks only on the pages still being read.
+    @property
+    def prefetch_method(self) -> str:
+        """How ranges are read ahead (:attr:`flashpack.io.pagecache.Prefetcher.method`); ``""`` when none was."""
+        return "" if self._prefetcher is None else self._prefetcher.method
+
+    def read_ahead(self, file_offset: int, nbytes: int) -> threading.Event | None:
+        """``cache="keep"``: queue a range to be read into the page cache ahead of its copy.
 
         Returns:
-            Whether it was advised: not for ``bypass``, an empty range, or pages mostly cached at open.
+            ``None`` when there is nothing to wait for (``bypass``, an empty range, or pages mostly cached at
+            open), else an event set once the range was read ahead (or that failed: the copy then reads, and
+            reports, whatever is missing itself).
         """
         if self.cache != "keep" or nbytes <= 0:
-            return False
+            return None
         if self._resident is not None and self._resident.fraction(file_offset, nbytes) >= 0.5:
-            return False
-        if self._ra_chunk_nbytes == 0:
-            self._ra_chunk_nbytes = pagecache.readahead_limit_nbytes(self.fd)
-        return pagecache.read_ahead(self.fd, file_offset, nbytes, self._ra_chunk_nbytes)
+            return None
+        if self._prefetcher is None:
+            self._prefetcher = pagecache.Prefetcher(self.fd, self.file_nbytes)
+        return self._prefetcher.add(file_offset, nbytes)
 
     def fill_copy(self, address: int, file_offset: int, nbytes: int, stats: ReaderStats, landed=None) -> int:
         """Copy file bytes ``[file_offset, file_offset + nbytes)`` to ``address`` with ``UFFDIO_COPY`` when
@@ -218,6 +225,9 @@ class FileHandles:
                 self._dropped_fd, self.direct_fd = self.direct_fd, -1
 
     def close(self) -> None:
+        prefetcher, self._prefetcher = getattr(self, "_prefetcher", None), None
+        if prefetcher is not None:
+            prefetcher.close()  # before the descriptor it reads ahead on (sets every event still waited for)
         source, self._source = getattr(self, "_source", 0), 0
         if source:
             pagecache.libc.munmap(source, self.file_nbytes)

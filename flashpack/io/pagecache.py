@@ -1,20 +1,24 @@
 """The page cache: which pages of a file are in it (cachestat(2), else mincore(2)), the page-cache policy of a
-load (:func:`decide_cache`), and :func:`read_ahead`, which fills the cache ahead of buffered copies.
+load (:func:`decide_cache`), and :class:`Prefetcher`, which fills the cache ahead of buffered copies.
 
 cachestat(2) (Linux 6.5) counts the cached pages of a byte range of a file from its descriptor, without a
 mapping; mincore(2), the fallback, reports residency for a mapping without touching its pages, so mapping a file
-just to ask never faults, never reads and never risks SIGBUS. :func:`read_ahead` only advises the kernel
-(posix_fadvise(2)); the bytes themselves are copied with preadv(2) or ``UFFDIO_COPY``.
+just to ask never faults, never reads and never risks SIGBUS. :class:`Prefetcher` maps the file read-only too and
+only ever passes the mapping to madvise(2) (``MADV_POPULATE_READ``), which returns ``EFAULT`` where a touch would
+raise SIGBUS (a file truncated meanwhile); :func:`read_ahead` (its fallback) only advises the kernel
+(posix_fadvise(2)). The bytes themselves are copied with preadv(2) or ``UFFDIO_COPY``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import collections
 import errno
 import mmap
 import os
 import platform
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +44,10 @@ _libc.fstatfs.restype = ctypes.c_int
 MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FAILED = MAP_FAILED
 
+#: linux/mman.h (Linux 5.14, madvise(2)): fault in the pages of a range readable, reading them from the file
+#: into the page cache with the kernel's readahead, without copying them anywhere. Python names it from 3.13.
+MADV_POPULATE_READ = 22
+
 #: ``auto`` keeps a load's bytes in the page cache when they are at most this fraction of MemAvailable
 #: (``psutil.virtual_memory().available``, /proc/meminfo). A host load of N bytes needs N bytes of anonymous
 #: memory for its result *and* N bytes of page cache for the kept file: at <= 50% both fit in what the kernel
@@ -48,6 +56,8 @@ _MAP_FAILED = MAP_FAILED
 #: so ``bypass`` (O_DIRECT) reads it without touching the cache. The cost of keeping is nil below the
 #: threshold (a cold keep load runs at O_DIRECT speed, see the README's performance section).
 CACHE_KEEP_FRACTION = 0.5
+
+_populate_refused = False
 
 
 
@@ -349,3 +359,121 @@ def read_ahead(fd: int, file_offset: int, nbytes: int, limit_nbytes: int = DEFAU
     except OSError:
         return False
     return True
+
+
+class Prefetcher:
+    """Reads byte ranges of a file into the page cache ahead of the buffered copies that follow, in one
+    helper thread, in the order the ranges are added.
+
+    Each range is faulted in with ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+, madvise(2)) on a read-only
+    shared mapping of the file: the kernel reads it with its readahead, straight into the page cache, at
+    O_DIRECT speed and without a copy; then :meth:`add`'s event is set and a worker copies the range out of
+    the cache with preadv(2). The mapping is never touched: past the end of a truncated file madvise fails
+    with ``EFAULT`` instead of raising SIGBUS, and the copy gets a short read. When the kernel refuses the
+    advice (``EINVAL`` before 5.14), ranges are advised with :func:`read_ahead` (posix_fadvise(2) ``WILLNEED``)
+    instead, once per process noticed in :attr:`method`.
+
+    Why a helper thread: MADV_POPULATE_READ blocks its caller until the range is read; one thread running
+    ahead keeps the disk busy while the copy workers copy the ranges behind it. The lead is bounded by whoever
+    adds ranges: the ``threads`` reader adds each extent as it is queued, up to ``queue_depth`` extents ahead of
+    the copies (with a lead of only the extents being copied, a cold GiB took 1.46-1.66 s here).
+
+    Why not posix_fadvise(2) ``WILLNEED`` alone, which returns at once: it fills the cache with single pages
+    (mm/readahead.c ``force_page_cache_ra``), where faulting a sequential mapping reads large folios, and the
+    next load copies out of small pages slower. Measured here, 1 GiB, a fresh process each (compare.py's cold and
+    restart, medians of 6): WILLNEED cold 0.66-0.77 s and restart 0.35 s; this prefetcher 0.80 s and 0.23 s.
+
+    Args:
+        fd: a descriptor of the file, open for reading (owned by the caller, kept open until :meth:`close`).
+        file_nbytes: the file's size when opened (the mapping's length).
+
+    Attributes:
+        method: ``"populate_read"`` or ``"willneed"``: how ranges are read ahead.
+    """
+
+    def __init__(self, fd: int, file_nbytes: int):
+        self._fd = fd
+        self._nbytes = file_nbytes
+        self._limit_nbytes = 0  # of one WILLNEED advice (readahead_limit_nbytes), found when first needed
+        self._addr = 0
+        self.method = "willneed" if _populate_refused else "populate_read"
+        if file_nbytes > 0 and not _populate_refused:
+            addr = _libc.mmap(None, file_nbytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == _MAP_FAILED:
+                self.method = "willneed"
+            else:
+                self._addr = addr
+                # sequential readahead on the faults (VM_SEQ_READ): without it the kernel reads around each
+                # faulting page and gives up reading ahead after 100 misses (mm/filemap.c, MMAP_LOTSAMISS)
+                _madvise(addr, file_nbytes, mmap.MADV_SEQUENTIAL)
+        self._cond = threading.Condition()
+        self._todo: collections.deque = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, file_offset: int, nbytes: int) -> threading.Event:
+        """Queue ``[file_offset, file_offset + nbytes)`` (bytes) to be read into the cache.
+
+        Returns:
+            An event set once the range was read ahead, or the attempt failed, or :meth:`close` was called.
+        """
+        ev = threading.Event()
+        with self._cond:
+            if self._closed:
+                ev.set()
+                return ev
+            self._todo.append((file_offset, nbytes, ev))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="flashpack-prefetch", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return ev
+
+    def _fill(self, file_offset: int, nbytes: int) -> None:
+        global _populate_refused
+        lo = max(0, file_offset - file_offset % PAGE_NBYTES)
+        hi = min(file_offset + nbytes, self._nbytes)
+        if hi <= lo:
+            return
+        if self.method == "populate_read":
+            err = _madvise(self._addr + lo, hi - lo, MADV_POPULATE_READ)
+            if err == 0:
+                # unmap the range again: the pages stay in the page cache, but no longer count in this process's
+                # RSS (madvise(2): MADV_DONTNEED on a shared file mapping drops the mapping, not the file's pages)
+                _madvise(self._addr + lo, hi - lo, mmap.MADV_DONTNEED)
+                return
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+                return  # EFAULT (truncated), EIO, EINTR...: the copy meets the error itself, with its offset
+            _populate_refused = True
+            self.method = "willneed"
+        if not self._limit_nbytes:
+            self._limit_nbytes = readahead_limit_nbytes(self._fd)
+        read_ahead(self._fd, lo, hi - lo, self._limit_nbytes)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._todo and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                file_offset, nbytes, ev = self._todo.popleft()
+            try:
+                self._fill(file_offset, nbytes)
+            finally:
+                ev.set()
+
+    def close(self) -> None:
+        """Stop (the range being read ahead finishes first), set every waiting event, unmap; idempotent."""
+        with self._cond:
+            self._closed = True
+            todo, self._todo = list(self._todo), collections.deque()
+            self._cond.notify_all()
+        for *_, ev in todo:
+            ev.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        addr, self._addr = self._addr, 0
+        if addr:
+            _libc.munmap(addr, self._nbytes)

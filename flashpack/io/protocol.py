@@ -26,8 +26,8 @@ and ignores it, so one set of options suits all):
 ``registered_buffers`` ``uring``: READ_FIXED into registered buffers (``FLASHPACK_URING_BUFFERS``)
 ``registered_files``   ``uring``: register the descriptors with the ring (``FLASHPACK_URING_FILES``)
 ``cache``              ``bypass`` (default: the ``direct`` policy, O_DIRECT for uncached ranges) or
-                       ``keep`` (read through the page cache, each extent read ahead with
-                       :func:`~flashpack.io.pagecache.read_ahead` as it is queued);
+                       ``keep`` (read through the page cache, each extent read ahead by a
+                       :class:`~flashpack.io.pagecache.Prefetcher` as it is queued);
                        loads resolve ``FLASHPACK_CACHE`` (``auto``) into one of the two
 =====================  ===========================================================================
 """
@@ -74,7 +74,7 @@ class ReaderStats:
     """Byte counts of one reader; ``bytes_read`` is what came from the file for this load.
 
     ``bytes_prefetched``: bytes read ahead into the page cache (``cache="keep"``) before their copy, and
-    ``prefetch`` how (``"willneed"``, ``""`` when nothing was). ``bytes_filled``: of
+    ``prefetch`` how (``"populate_read"``, ``"willneed"``, ``""`` when nothing was). ``bytes_filled``: of
     ``bytes_buffered``, those copied from the page cache with userfaultfd's ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`).
     """
 

@@ -64,7 +64,8 @@ class ThreadsReader(ReaderBase):
     def _start(self) -> None:
         self._pool: cf.ThreadPoolExecutor | None = None
         self._queue: deque[Extent] = deque()
-        self._ahead = 0  # extents at the head of _queue already read ahead (cache="keep")
+        self._ahead = 0  # extents at the head of _queue already queued for read-ahead (cache="keep")
+        self._ready: dict[int, threading.Event] = {}  # id(extent) -> set once it was read ahead
         self._pending: dict[cf.Future, Extent] = {}
         self._cancelled: list[Completion] = []
 
@@ -73,7 +74,9 @@ class ThreadsReader(ReaderBase):
         """Available wherever ``os.preadv`` exists (Linux, Python >= 3.7)."""
         return (True, "") if hasattr(os, "preadv") else (False, "os.preadv is missing on this platform")
 
-    def _work(self, ext: Extent) -> ReaderStats:
+    def _work(self, ext: Extent, ready: threading.Event | None) -> ReaderStats:
+        if ready is not None:
+            ready.wait()  # cache="keep": the range is in the page cache (read ahead) before it is copied
         st = ReaderStats()
         read_extent(self._files, ext, st)
         return st
@@ -87,17 +90,19 @@ class ThreadsReader(ReaderBase):
             else:
                 self._read_ahead(self._queue[0])
             ext = self._queue.popleft()
-            self._pending[self._pool.submit(self._work, ext)] = ext
-        # cache="keep": the kernel reads the next queue_depth extents into the page cache while the workers
-        # copy these (posix_fadvise WILLNEED returns at once; a copy waits only for pages still being read)
+            self._pending[self._pool.submit(self._work, ext, self._ready.pop(id(ext), None))] = ext
+        # cache="keep": the prefetcher reads the next queue_depth extents into the page cache while the workers
+        # copy the ones before them
         while self._ahead < min(len(self._queue), self.queue_depth):
             self._read_ahead(self._queue[self._ahead])
             self._ahead += 1
 
     def _read_ahead(self, ext: Extent) -> None:
-        if self._files.read_ahead(ext.file_offset, ext.nbytes):
+        ready = self._files.read_ahead(ext.file_offset, ext.nbytes)
+        if ready is not None:
+            self._ready[id(ext)] = ready
             self.stats.bytes_prefetched += ext.nbytes
-            self.stats.prefetch = "willneed"
+            self.stats.prefetch = self._files.prefetch_method
 
     def submit(self, extents: Iterable[Extent]) -> None:
         if self._closed:
@@ -120,6 +125,7 @@ class ThreadsReader(ReaderBase):
         self._cancelled.extend(Completion(ext, err) for ext in self._queue)
         self._queue.clear()
         self._ahead = 0
+        self._ready.clear()
         for fut in self._pending:
             fut.cancel()
 

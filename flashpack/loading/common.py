@@ -33,8 +33,9 @@ class LoadStats:
             and ``cache_reason`` why (:func:`flashpack.io.pagecache.decide_cache`, plus the host sharing of a
             distributed load).
         bytes_prefetched: bytes read ahead into the page cache before their copy (``keep``), and ``prefetch``
-            how: ``"willneed"`` (posix_fadvise(2) ``POSIX_FADV_WILLNEED`` as each extent is queued, up to
-            ``queue_depth`` extents ahead of the copies), ``""`` when nothing was.
+            how: ``"populate_read"`` (madvise(2) ``MADV_POPULATE_READ`` by a helper thread, each extent queued as the
+            reader queues it, up to ``queue_depth`` ahead of the copies), ``"willneed"`` (posix_fadvise(2), when
+            the kernel refuses the former), ``""`` when nothing was.
         chunks_hashed_by_reader: of ``chunks_verified``, those the reader's worker threads hashed as the bytes
             landed (``Extent.hasher``); the loading thread hashed the rest after their reads completed.
         bytes_filled: of ``bytes_buffered``, bytes copied from the page cache into a ``"uffd"`` destination with
