@@ -378,9 +378,10 @@ class Prefetcher:
     adds ranges: the ``threads`` reader adds each extent as it is queued, up to ``queue_depth`` extents ahead of
     the copies (with a lead of only the extents being copied, a cold GiB took 1.46-1.66 s here).
 
-    Why not posix_fadvise(2) ``WILLNEED`` alone, which returns at once: it fills the cache with single pages
-    (mm/readahead.c ``force_page_cache_ra``), where faulting a sequential mapping reads large folios, and the
-    next load copies out of small pages slower. Measured here, 1 GiB, a fresh process each (compare.py's cold and
+    Why not posix_fadvise(2) ``WILLNEED`` alone, which returns at once: the next load copies out of what it
+    cached slower (it reads through mm/readahead.c ``force_page_cache_ra``, which allocates folios of the
+    mapping's minimum order, single pages on ext4, where faulting a sequential mapping reads large folios: the
+    likely cause). Measured here, 1 GiB, a fresh process each (compare.py's cold and
     restart, medians of 6): WILLNEED cold 0.66-0.77 s and restart 0.35 s; this prefetcher 0.80 s and 0.23 s.
 
     Args:
