@@ -11,9 +11,9 @@ raise SIGBUS (a file truncated meanwhile); :func:`read_ahead` (its fallback) onl
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
-import collections
 import errno
 import mmap
 import os
