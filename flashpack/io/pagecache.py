@@ -132,8 +132,8 @@ CAP_FOWNER = 3
 
 
 def _has_effective_capability(cap: int) -> bool:
-    """Whether capability number ``cap`` is in this thread's effective set (``CapEff`` of /proc/self/status,
-    proc(5)); ``False`` where it cannot be read."""
+    """Whether capability number ``cap`` is in this thread's effective set (``CapEff`` of
+    /proc/thread-self/status, proc(5)); ``False`` where it cannot be read."""
     try:
         for line in _read_text("/proc/thread-self/status").splitlines():
             if line.startswith("CapEff:"):
@@ -315,8 +315,8 @@ def readahead_limit_nbytes(fd: int) -> int:
     ``read_ahead_kb`` (Documentation/ABI/stable/sysfs-block). A partition's limits are its disk's.
 
     Returns:
-        Bytes (a multiple of the 4096-byte page), or :data:`DEFAULT_READAHEAD_LIMIT_NBYTES` when the file is not on a block device
-        sysfs names (NFS, FUSE, btrfs's anonymous device numbers, tmpfs).
+        Bytes (a multiple of the 4096-byte page), or :data:`DEFAULT_READAHEAD_LIMIT_NBYTES` when the file is not
+        on a block device sysfs names (NFS, FUSE, btrfs's anonymous device numbers, tmpfs).
     """
     st = os.fstat(fd)
     dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"

@@ -92,8 +92,8 @@ class ThreadsReader(ReaderBase):
             ext = self._queue.popleft()
             self._pending[self._pool.submit(self._work, ext, self._ready.pop(id(ext), None))] = ext
         # cache="keep": the prefetcher reads the next queue_depth extents into the page cache while the workers
-        # copy the ones before them
-        while self._ahead < min(len(self._queue), self.queue_depth):
+        # copy the ones before them (bypass loads skip the look-ahead: nothing to queue)
+        while self._files.cache == "keep" and self._ahead < min(len(self._queue), self.queue_depth):
             self._read_ahead(self._queue[self._ahead])
             self._ahead += 1
 
