@@ -75,9 +75,12 @@ class ThreadsReader(ReaderBase):
         return (True, "") if hasattr(os, "preadv") else (False, "os.preadv is missing on this platform")
 
     def _work(self, ext: Extent, ready: threading.Event | None) -> ReaderStats:
+        st = ReaderStats()
         if ready is not None:
             ready.wait()  # cache="keep": the range is in the page cache (read ahead) before it is copied
-        st = ReaderStats()
+            # counted once read ahead: how is known only then (the helper thread may have found populate refused)
+            st.bytes_prefetched += ext.nbytes
+            st.prefetch = self._files.prefetch_method
         read_extent(self._files, ext, st)
         return st
 
@@ -101,8 +104,6 @@ class ThreadsReader(ReaderBase):
         ready = self._files.read_ahead(ext.file_offset, ext.nbytes)
         if ready is not None:
             self._ready[id(ext)] = ready
-            self.stats.bytes_prefetched += ext.nbytes
-            self.stats.prefetch = self._files.prefetch_method
 
     def submit(self, extents: Iterable[Extent]) -> None:
         if self._closed:
