@@ -216,6 +216,9 @@ def environment(data_path: str | None = None) -> dict[str, Any]:
                                for n, i in flashpack.backends().items()},
         "fio": shutil.which("fio") or "not installed", "cache_eviction": eviction_method(),
     }
+    from flashpack.tools.doctor import free_page_reporting
+
+    env["free_page_reporting"] = free_page_reporting()  # why cold loads vary with --cold-settle-s (evict)
     if data_path:
         env["disk"] = filesystem_of(data_path)
     for mod in ("safetensors", "numpy", "transformers"):
@@ -365,9 +368,18 @@ def eviction_method() -> str:
         else "sync; posix_fadvise DONTNEED per file (clean pages only; a page another process maps may stay)"
 
 
-def evict(paths: Iterable[str], whole_cache: bool = True) -> str:
+def evict(paths: Iterable[str], whole_cache: bool = True, settle_s: float = 0.0) -> str:
     """The one way the perf scripts evict files from the page cache: ``sync``; as root (and ``whole_cache``)
-    ``echo 3 > /proc/sys/vm/drop_caches``; then ``posix_fadvise(DONTNEED)`` on each file. Returns what ran."""
+    ``echo 3 > /proc/sys/vm/drop_caches``; then ``posix_fadvise(DONTNEED)`` on each file; then ``settle_s``
+    seconds of sleep. Returns what ran.
+
+    Why ``settle_s``: on a VM whose balloon device reports free pages to the hypervisor (virtio-balloon
+    ``VIRTIO_BALLOON_F_REPORTING``; mm/page_reporting.c reports free blocks of ``page_reporting_order`` and up about
+    2 s after they were freed), the memory the eviction freed is handed back to the host once it has been free that
+    long, and whatever the next load allocates from it (page cache, destination) is faulted in again by the host on
+    first touch. A load that starts at once gets memory still backed by the host; one that starts later, as a server
+    after a quiet spell does, does not. ``--cold-settle-s 8`` measures the second case
+    (``flashpack doctor`` says whether this machine reports free pages)."""
     os.sync()
     how = "fadvise"
     if whole_cache and can_drop_caches():
@@ -379,6 +391,9 @@ def evict(paths: Iterable[str], whole_cache: bool = True) -> str:
             pass
     for p in paths:
         drop_from_cache(p)
+    if settle_s > 0:
+        time.sleep(settle_s)
+        how += f"+settle {settle_s:g} s"
     return how
 
 
@@ -516,7 +531,7 @@ def current_rss_nbytes() -> int:
 
 def fio_read(path: str, nbytes: int, bs: int, iodepth: int = 8, fixedbufs: bool = False,
              engines: Sequence[str] = ("io_uring", "libaio"), timeout_s: float = 600,
-             whole_cache: bool = True) -> dict[str, Any]:
+             whole_cache: bool = True, settle_s: float = 0.0) -> dict[str, Any]:
     """A sequential O_DIRECT read of ``path`` with fio, the file evicted first: ``nbytes`` read, ``seconds``
     (io_bytes / bandwidth), ``cpu_s`` (fio's own usr+sys, which leaves out its start-up), ``method``, ``command``;
     or ``{"error": ...}``. The first engine of ``engines`` that runs is used; eviction as :func:`evict`."""
@@ -525,7 +540,7 @@ def fio_read(path: str, nbytes: int, bs: int, iodepth: int = 8, fixedbufs: bool 
         cmd = ["fio", "--name=ceiling", f"--filename={path}", "--readonly", "--rw=read", f"--bs={bs}",
                f"--ioengine={engine}", "--direct=1", f"--iodepth={iodepth}", f"--size={nbytes}", "--numjobs=1",
                "--output-format=json"] + (["--fixedbufs"] if fixedbufs else [])
-        evict([path], whole_cache)
+        evict([path], whole_cache, settle_s)
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:

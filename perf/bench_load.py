@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     runnable = [(table[n], sys.executable) for n in flashpack_loaders() + ["safetensors.load_file"]]
     ceilings = [(k, m) for k, m in [("disk-odirect", "cold")] + ([("disk-fio", "cold")] if shutil.which("fio") else [])
                 + [("buffered", "warm"), ("buffered-fresh", "warm")] if m in modes]
-    records, ceils = compare.measure(runnable, files, modes, args.runs, ceilings, payload, args.timeout_s)
+    records, ceils = compare.measure(runnable, files, modes, args.runs, ceilings, payload, args.timeout_s,
+                                           settle_s=args.cold_settle_s)
     summ = compare.summarize(records, ceils, payload, modes)
 
     verdicts = []

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             continue
         payload = sum(s.nbytes for s in C.synthetic_spec(size))
         recs, _ = compare.measure(runnable, files, modes, args.runs, [], payload, args.timeout_s,
-                                  tag=f"size={C.human_nbytes(size).replace(' ', '')} ")
+                                  tag=f"size={C.human_nbytes(size).replace(' ', '')} ", settle_s=args.cold_settle_s)
         records += [dict(r, size_nbytes=size, payload_nbytes=payload) for r in recs]
         summ = per_size[size] = compare.summarize(recs, [], payload, modes)
         for mode in modes:

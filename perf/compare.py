@@ -180,7 +180,7 @@ def child_load(args) -> dict:
     info = {"loader": ld.name, "mode": args.mode, "file_nbytes": os.path.getsize(args.file),
             "torch_threads": torch.get_num_threads(), "baseline_rss_nbytes": C.current_rss_nbytes()}
     if args.mode == "cold":
-        info["cache_method"] = C.evict([args.file])
+        info["cache_method"] = C.evict([args.file], settle_s=args.cold_settle_s)
     elif args.mode == "warm":
         C.warm_file(args.file)
     info["resident_fraction_before"] = C.resident_fraction(args.file)
@@ -226,7 +226,7 @@ def child_ceiling(args) -> dict:
         if args.ceiling != "buffered-fresh":  # fault the buffer in before the clock starts
             ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(buf)), 0, len(buf))
         direct = args.ceiling == "disk-odirect"
-        C.evict([path]) if direct else C.warm_file(path)
+        C.evict([path], settle_s=args.cold_settle_s) if direct else C.warm_file(path)
         before = C.resident_fraction(path)
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         body, off = size - size % C.PAGE_NBYTES if direct else size, 0
@@ -342,13 +342,14 @@ def prepare_files(size_nbytes: int, workdir: str, pythons: dict[str, str], timeo
     return files, errors
 
 
-def run_ceiling(kind: str, path: str, timeout_s: float) -> dict:
+def run_ceiling(kind: str, path: str, timeout_s: float, settle_s: float = 0.0) -> dict:
     if kind == "disk-fio":
-        r = C.fio_read(path, os.path.getsize(path) // C.MiB * C.MiB, 8 * C.MiB, timeout_s=timeout_s)
+        r = C.fio_read(path, os.path.getsize(path) // C.MiB * C.MiB, 8 * C.MiB, timeout_s=timeout_s, settle_s=settle_s)
         if "error" not in r:
             return r
-        return dict(run_ceiling("disk-odirect", path, timeout_s), fio_error=r["error"], kind="disk-odirect")
-    r = C.run_child(child_argv(sys.executable, "--ceiling", kind, "--file", path), timeout_s)
+        return dict(run_ceiling("disk-odirect", path, timeout_s, settle_s), fio_error=r["error"], kind="disk-odirect")
+    r = C.run_child(child_argv(sys.executable, "--ceiling", kind, "--file", path, "--cold-settle-s", str(settle_s)),
+                    timeout_s)
     return dict(r.result, peak_rss_nbytes=r.peak_rss_nbytes) if r.ok else {"error": r.error_line()}
 
 
@@ -360,21 +361,24 @@ def ceiling_plan(modes: list[str], fio: bool, gpu: bool) -> list[tuple[str, str]
 
 
 def measure(runnable: list[tuple[Loader, str]], files: dict[str, str], modes: list[str], runs: int,
-            ceilings_wanted: list[tuple[str, str]], payload: int, timeout_s: float, tag: str = "") -> tuple[list, list]:
+            ceilings_wanted: list[tuple[str, str]], payload: int, timeout_s: float, tag: str = "",
+            settle_s: float = 0.0) -> tuple[list, list]:
     """``runs`` rounds; per round the ceilings, then per loader (alternating A B C) one fresh child per mode in
     the order cold, restart, warm (a restart without cold in ``modes`` gets an untimed earlier load first).
+    ``settle_s``: seconds between a cold eviction and the load (:func:`_common.evict`).
     Prints one ``sample`` line per child; returns (load records, ceiling records)."""
     records, ceilings = [], []
     for r in range(runs):
         for kind, mode in ceilings_wanted:
-            c = {"kind": kind, **run_ceiling(kind, files["flashpack"], timeout_s), "mode": mode, "run": r}
+            c = {"kind": kind, **run_ceiling(kind, files["flashpack"], timeout_s, settle_s), "mode": mode, "run": r}
             ceilings.append(c)
             print(f"sample {tag}run={r} mode={mode} ceiling={c['kind']} " + (
                 f"seconds={c['seconds']:.4f} {C.speed(c['nbytes'], c['seconds'])}" if "seconds" in c
                 else f"error={c.get('error')}"), flush=True)
         for ld, py in runnable:
             for mode in [m for m in MODES if m in modes]:
-                argv = child_argv(py, "--child", ld.name, "--file", files[ld.fmt], "--mode", mode)
+                argv = child_argv(py, "--child", ld.name, "--file", files[ld.fmt], "--cold-settle-s", str(settle_s),
+                                  "--mode", mode)
                 if mode == "restart" and "cold" not in modes:
                     C.run_child(argv[:-1] + ["cold"], timeout_s)
                 res = C.run_child(argv, timeout_s)
@@ -541,6 +545,9 @@ def common_args(p: argparse.ArgumentParser, runs: int, name_help: str) -> argpar
     p.add_argument("--out-dir", default=os.path.join(C.PERF_DIR, "results"), help="JSON and PNG go here")
     p.add_argument("--name", default=None, help=name_help)
     p.add_argument("--timeout-s", type=float, default=600.0, help="per child process")
+    p.add_argument("--cold-settle-s", type=float, default=0.0,
+                   help="seconds between a cold eviction and the load (default 0; see _common.evict: on a VM that "
+                        "reports free pages to its host, 8 measures a load after a quiet spell)")
     for flag in ("--child", "--write", "--ceiling", "--file", "--src", "--mode"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     return p
@@ -581,7 +588,7 @@ def main(argv=None) -> int:
     print(f"- payload {payload} B; files: " + ", ".join(f"{k} {os.path.getsize(v)} B" for k, v in files.items()) + "\n")
     gpu = env["gpu"] != "none" if args.gpu is None else args.gpu
     records, ceilings = measure(runnable, files, modes, args.runs, ceiling_plan(modes, not args.no_fio, gpu), payload,
-                                args.timeout_s)
+                                args.timeout_s, settle_s=args.cold_settle_s)
     summ = summarize(records, ceilings, payload, modes)
     table = render_table(summ, modes, payload)
     verdicts = targets(summ, os.path.getsize(files["flashpack"]))
