@@ -146,8 +146,8 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
                 buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
                                            progress=bar, cache=mode)
             else:
-                dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages,
-                                   fill=cfg.userfaultfd and mode == "keep")
+                dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages, fill=mode == "keep",
+                                   userfaultfd=cfg.userfaultfd)
                 stats.memory = dest.kind
                 buffer = dest.tensor
                 read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg, progress=bar,

@@ -20,10 +20,12 @@ variable                        default      meaning
 ``FLASHPACK_URING_BUFFERS``     ``0``        ``1``: ``uring`` registers destination buffers (READ_FIXED);
                                              pins them, counted against RLIMIT_MEMLOCK
 ``FLASHPACK_URING_FILES``       ``1``        ``uring`` registers the file's descriptors with the ring
-``FLASHPACK_HUGE_PAGES``        ``off``      host load destinations in transparent huge pages, pre-faulted
-                                             ahead of the reads: ``on``, ``auto`` (when free 2 MiB blocks
-                                             cover twice the load, /proc/buddyinfo), ``off`` (4 KiB pages
-                                             from torch's allocator, faulted in by the reader threads)
+``FLASHPACK_HUGE_PAGES``        ``auto``     host load destinations in transparent huge pages (pre-faulted
+                                             ahead of O_DIRECT reads, faulted by the copies of ``keep``
+                                             loads): ``on``, ``auto`` (when free 2 MiB blocks cover twice
+                                             the load, /proc/buddyinfo, and the machine does not report
+                                             free pages to a hypervisor), ``off`` (4 KiB pages: torch's
+                                             allocator, or the userfaultfd fill)
 ``FLASHPACK_USERFAULTFD``       ``1``        fill fresh host destinations of ``keep`` loads with userfaultfd's
                                              ``UFFDIO_COPY`` straight from the page cache (no zeroed page
                                              and no fault per 4 KiB; falls back by itself where the kernel
@@ -116,7 +118,7 @@ class Settings:
     debug: bool
     uring_buffers: bool = False
     uring_files: bool = True
-    huge_pages: str = "off"
+    huge_pages: str = "auto"
     progress: bool = True
     cache: str = "auto"
     userfaultfd: bool = True
@@ -153,7 +155,7 @@ def settings() -> Settings:
     slot = size("FLASHPACK_SLOT_NBYTES", "64M")
     if slot < PAGE_NBYTES or slot % PAGE_NBYTES:
         raise SettingsError(f"FLASHPACK_SLOT_NBYTES={slot}: must be a positive multiple of {PAGE_NBYTES}")
-    huge = _env("FLASHPACK_HUGE_PAGES", "off").lower()
+    huge = _env("FLASHPACK_HUGE_PAGES", "auto").lower()
     if huge not in ("auto", "on", "off"):
         raise SettingsError(f"FLASHPACK_HUGE_PAGES={huge!r}: expected auto, on or off")
     cache = _env("FLASHPACK_CACHE", "auto").lower()

@@ -44,29 +44,21 @@ def test_doctor_says_when_other_users_files_have_unknown_residency(tmp_path, mon
                         "read those ahead as if cold"), row
 
 
-def _balloon(root, features: str, order: str | None = "9"):
-    dev = root / "bus" / "virtio" / "drivers" / "virtio_balloon" / "virtio3"
+
+def test_doctor_says_what_free_page_reporting_costs(tmp_path):
+    buddy = tmp_path / "buddyinfo"
+    buddy.write_text("Node 0, zone   Normal  9  9  9  9  9  9  9  9  9  3  2\n")
+    dev = tmp_path / "bus" / "virtio" / "drivers" / "virtio_balloon" / "virtio0"
     dev.mkdir(parents=True)
-    (dev / "features").write_text(features + "\n")
-    if order is not None:
-        params = root / "module" / "page_reporting" / "parameters"
-        params.mkdir(parents=True)
-        (params / "page_reporting_order").write_text(order + "\n")
-    return str(root)
-
-
-def test_free_page_reporting_read_from_the_balloons_feature_bits(tmp_path):
-    # bit 5 (VIRTIO_BALLOON_F_REPORTING) of the features string, bit 0 first: the one this VM's balloon offers
-    on = doctor.free_page_reporting(_balloon(tmp_path / "on", "0110010100000000000000000000000010"))
-    assert on.startswith("on (virtio balloon virtio3, free blocks of 2048 KiB and up)"), on
-    assert "cache='bypass'" in on
-    # the same device without bit 5 (stats and deflate-on-OOM only)
-    assert doctor.free_page_reporting(_balloon(tmp_path / "off", "0110000100000000")) == \
-        "off (the virtio balloon does not report free pages)"
-    assert doctor.free_page_reporting(str(tmp_path / "bare")) == "off (no virtio balloon)"
-    # an unreadable order still says "on", without inventing a block size
-    odd = doctor.free_page_reporting(_balloon(tmp_path / "odd", "000001", order=None))
-    assert odd.startswith("on (virtio balloon virtio3, free blocks of ? and up)"), odd
+    (dev / "features").write_text("0110010100000000\n")
+    params = tmp_path / "module" / "page_reporting" / "parameters"
+    params.mkdir(parents=True)
+    (params / "page_reporting_order").write_text("9\n")
+    row = doctor.free_page_reporting(str(tmp_path), str(buddy))
+    assert row.startswith("on (virtio balloon virtio0, free blocks of 2048 KiB and up)"), row
+    assert "FLASHPACK_HUGE_PAGES=auto" in row and "cache='bypass'" in row
+    (params / "page_reporting_order").write_text("11\n")  # above the largest order: reports nothing
+    assert doctor.free_page_reporting(str(tmp_path), str(buddy)) == "off (no virtio balloon reports free pages)"
 
 
 def test_doctor_has_a_free_page_reporting_row(tmp_path):

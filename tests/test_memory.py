@@ -38,10 +38,59 @@ def test_small_destinations_come_from_torch():
 
 
 def test_auto_asks_for_huge_pages_only_when_free_blocks_cover_twice_the_load(monkeypatch):
+    monkeypatch.setattr(memory, "reports_free_pages", lambda: False)
     monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 2 * 8 * MiB - 1)
     assert memory.host_buffer(8 * MiB, huge_pages="auto").kind == "torch"
     monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 2 * 8 * MiB)
-    assert memory.host_buffer(8 * MiB, huge_pages="auto").kind != "torch"
+    assert memory.host_buffer(8 * MiB, huge_pages="auto").kind in ("thp+populate", "4k+populate", "thp+touch", "4k+touch")
+
+
+def test_auto_takes_no_huge_pages_where_free_memory_goes_back_to_the_hypervisor(monkeypatch):
+    """On a VM whose balloon reports free pages, free 2 MiB blocks are the reported ones, slow on first touch."""
+    monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 1 << 40)
+    monkeypatch.setattr(memory, "reports_free_pages", lambda: True)
+    assert memory.host_buffer(8 * MiB, huge_pages="auto").kind == "torch"
+    assert memory.host_buffer(8 * MiB, huge_pages="auto", fill=True, userfaultfd=False).kind == "torch"
+    assert memory.host_buffer(8 * MiB, huge_pages="on").kind in ("thp+populate", "4k+populate", "thp+touch", "4k+touch")
+
+
+def test_huge_pages_of_a_load_from_the_page_cache_are_faulted_by_its_copies(monkeypatch):
+    monkeypatch.setattr(memory, "reports_free_pages", lambda: False)
+    monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 1 << 40)
+    for how in ({"huge_pages": "auto"}, {"huge_pages": "on"}, {"huge_pages": "on", "userfaultfd": False}):
+        b = memory.host_buffer(8 * MiB, fill=True, **how)
+        assert b.kind in ("thp+fault", "4k+fault") and b.region is None, how
+        assert b.prefault is None and b.tensor.data_ptr() % HUGE == 0  # nothing pre-faulted: the reads fault it
+    # without huge pages, the userfaultfd fill (where the kernel allows it) or torch's allocator
+    assert memory.host_buffer(8 * MiB, huge_pages="off", fill=True, userfaultfd=False).kind == "torch"
+
+
+def _balloon(root, features: str, order: str | None = "9"):
+    dev = root / "bus" / "virtio" / "drivers" / "virtio_balloon" / "virtio3"
+    dev.mkdir(parents=True)
+    (dev / "features").write_text(features + "\n")
+    if order is not None:
+        params = root / "module" / "page_reporting" / "parameters"
+        params.mkdir(parents=True)
+        (params / "page_reporting_order").write_text(order + "\n")
+    return str(root)
+
+
+def test_free_page_reporting_read_from_the_balloons_feature_bits(tmp_path):
+    buddy = tmp_path / "buddyinfo"
+    #                order: 0  1  2  3  4  5  6  7  8  9  10
+    buddy.write_text("Node 0, zone   Normal  9  9  9  9  9  9  9  9  9  3  2\n")
+    # bit 5 (VIRTIO_BALLOON_F_REPORTING) of the features string, bit 0 first: what this VM's balloon offers
+    on = _balloon(tmp_path / "on", "0110010100000000000000000000000010")
+    assert memory.free_page_reporting(on, str(buddy)) == "virtio3"
+    # the same device without bit 5 (stats and deflate-on-OOM only); no balloon at all
+    assert memory.free_page_reporting(_balloon(tmp_path / "off", "0110000100000000"), str(buddy)) == ""
+    assert memory.free_page_reporting(str(tmp_path / "bare"), str(buddy)) == ""
+    # an order above the buddy allocator's largest (11 orders: 0-10) reports nothing: switched off
+    assert memory.free_page_reporting(_balloon(tmp_path / "high", "000001", order="11"), str(buddy)) == ""
+    assert memory.free_page_reporting(_balloon(tmp_path / "top", "000001", order="10"), str(buddy)) == "virtio3"
+    # no order parameter (older kernels): the device's word
+    assert memory.free_page_reporting(_balloon(tmp_path / "old", "000001", order=None), str(buddy)) == "virtio3"
 
 
 def test_free_huge_nbytes_counts_blocks_of_2_mib_and_more(monkeypatch, tmp_path):
@@ -92,9 +141,11 @@ def test_loads_are_identical_in_any_memory(tmp_path, monkeypatch, backend, mode)
     stats = flashpack.LoadStats()
     out = flashpack.load(tmp_path / "m.flashpack", backend=backend, stats=stats)
     assert all(torch.equal(out[k], sd[k]) for k in sd)
-    assert stats.memory in ("torch", "thp+populate", "thp+touch", "4k+populate", "4k+touch")
+    assert stats.memory in ("torch", "thp+populate", "thp+touch", "4k+populate", "4k+touch", "thp+fault", "4k+fault")
     if mode == "off":
         assert stats.memory == "torch"
+    if mode == "on":  # a keep load (the small file fits the cache policy): the copies fault the huge pages in
+        assert (stats.cache, stats.memory) in (("keep", "thp+fault"), ("keep", "4k+fault")), (stats.cache, stats.memory)
     out["a"].add_(1)  # private and writable
     assert torch.equal(out["a"], sd["a"] + 1)
 

@@ -375,7 +375,7 @@ def _load_shared(job, dev: torch.device, backend: str | None, stats: LoadStats, 
                     stats.cache_reason += " (rank 0 read it into shared memory; this rank maps it copy-on-write)"
             except OSError as e:  # not reachable from this rank: read the file itself, through the page cache
                 stats.cache_reason += f" (rank 0's shared memory could not be mapped here ({e}): this rank read the file)"
-                dest = host_buffer(nbytes, huge_pages=cfg.huge_pages, fill=cfg.userfaultfd)
+                dest = host_buffer(nbytes, huge_pages=cfg.huge_pages, fill=True, userfaultfd=cfg.userfaultfd)
                 stats.memory = dest.kind
                 buffer = dest.tensor
                 read_into(job.wm, job.plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg,

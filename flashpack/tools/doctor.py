@@ -130,41 +130,29 @@ def gpu() -> str:
     return f"torch {torch.__version__}, CUDA {torch.version.cuda}: {names}"
 
 
-#: linux/virtio_balloon.h: the balloon reports free pages to the hypervisor (Linux 5.7, virtio 1.2 "Free Page
-#: Reporting"); the driver's ``features`` file in sysfs holds one ``0``/``1`` per feature bit, bit 0 first.
-VIRTIO_BALLOON_F_REPORTING = 5
+def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo") -> str:
+    """Whether this (virtual) machine hands free memory back to its hypervisor, and what that costs a load
+    (:func:`flashpack.loading.memory.free_page_reporting`; ``sysfs`` and ``buddyinfo`` for tests).
 
-
-def free_page_reporting(sysfs: str = "/sys") -> str:
-    """Whether this (virtual) machine hands free memory back to its hypervisor, and what that costs a load.
-
-    With free page reporting (mm/page_reporting.c), blocks of at least ``page_reporting_order`` pages that stay
-    free about 2 s are reported, the host discards them, and the first touch of that memory afterwards is served
-    by the host again. Measured on a 2-vCPU Firecracker VM (Linux 6.18): fresh 2 MiB pages filled at 0.5 GB/s
-    after 5 s idle against 10 GB/s when reused at once; a cold ``keep`` load of 1 GiB, which fills fresh page cache,
-    took 0.89-1.36 s when the caches had been dropped 4-8 s before (6 runs), 0.50-0.63 s in 3 of 4 runs when dropped
-    just before, while O_DIRECT (``cache="bypass"``) took 0.65-0.76 s either way (4 runs).
-
-    Args:
-        sysfs: where sysfs is mounted (tests pass a tree of their own).
+    Measured on a 2-vCPU Firecracker VM (Linux 6.18): fresh 2 MiB pages filled at 0.5 GB/s after 5 s idle against
+    10 GB/s when reused at once; a cold ``keep`` load of 1 GiB, which fills fresh page cache, took 0.89-1.36 s when
+    the caches had been dropped 4-8 s before (6 runs), 0.50-0.63 s in 3 of 4 runs when dropped just before, while
+    O_DIRECT (``cache="bypass"``) took 0.65-0.76 s either way (4 runs).
 
     Returns:
-        ``"off"`` (no balloon, or it does not report), or ``"on (...)"`` with the order and its cost.
+        ``"off (...)"``, or ``"on (...)"`` with the device, the reported block size and its cost.
     """
-    drivers = os.path.join(sysfs, "bus", "virtio", "drivers", "virtio_balloon")
-    try:
-        devices = sorted(d for d in os.listdir(drivers) if d.startswith("virtio"))
-    except OSError:
-        return "off (no virtio balloon)"
-    for dev in devices:
-        bits = _read(os.path.join(drivers, dev, "features")) or ""
-        if len(bits) > VIRTIO_BALLOON_F_REPORTING and bits[VIRTIO_BALLOON_F_REPORTING] == "1":
-            order = _read(os.path.join(sysfs, "module", "page_reporting", "parameters", "page_reporting_order"))
-            block = f"{PAGE_NBYTES << int(order) >> 10} KiB" if order and order.isdigit() and int(order) < 20 else "?"
-            return (f"on (virtio balloon {dev}, free blocks of {block} and up): memory free for more than ~2 s goes "
-                    f"back to the hypervisor and is slow on its first touch; a cold cache='keep' load fills fresh "
-                    f"page cache and can take up to twice as long as cache='bypass' after a quiet spell")
-    return "off (the virtio balloon does not report free pages)"
+    from flashpack.loading.memory import free_page_reporting as device_reporting
+
+    dev = device_reporting(sysfs, buddyinfo)
+    if not dev:
+        return "off (no virtio balloon reports free pages)"
+    order = _read(os.path.join(sysfs, "module", "page_reporting", "parameters", "page_reporting_order"))
+    block = f"{PAGE_NBYTES << int(order) >> 10} KiB" if order and order.isdigit() and int(order) < 20 else "?"
+    return (f"on (virtio balloon {dev}, free blocks of {block} and up): memory free for more than ~2 s goes back to "
+            f"the hypervisor and is slow on its first touch, so loads use 4 KiB pages (FLASHPACK_HUGE_PAGES=auto), and "
+            f"a cold cache='keep' load, which fills fresh page cache, can take up to twice as long as cache='bypass' "
+            f"after a quiet spell")
 
 
 def _residency_of_others_known(pagecache) -> bool:
