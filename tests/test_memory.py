@@ -39,6 +39,7 @@ def test_small_destinations_come_from_torch():
 
 def test_auto_asks_for_huge_pages_only_when_free_blocks_cover_twice_the_load(monkeypatch):
     monkeypatch.setattr(memory, "reports_free_pages", lambda: False)
+    monkeypatch.setattr(memory, "thp_enabled", lambda: True)
     monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 2 * 8 * MiB - 1)
     assert memory.host_buffer(8 * MiB, huge_pages="auto").kind == "torch"
     monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 2 * 8 * MiB)
@@ -54,8 +55,23 @@ def test_auto_takes_no_huge_pages_where_free_memory_goes_back_to_the_hypervisor(
     assert memory.host_buffer(8 * MiB, huge_pages="on").kind in ("thp+populate", "4k+populate", "thp+touch", "4k+touch")
 
 
+def test_auto_takes_no_huge_pages_where_they_are_switched_off(monkeypatch, tmp_path):
+    monkeypatch.setattr(memory, "reports_free_pages", lambda: False)
+    monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 1 << 40)
+    real = memory.thp_enabled
+    monkeypatch.setattr(memory, "thp_enabled", lambda: False)
+    assert memory.host_buffer(8 * MiB, huge_pages="auto").kind == "torch"
+    modes = tmp_path / "enabled"
+    for text, want in (("always [madvise] never", True), ("[always] madvise never", True),
+                       ("always madvise [never]", False)):
+        modes.write_text(text + "\n")
+        assert real(str(modes)) is want, text
+    assert real(str(tmp_path / "missing")) is False
+
+
 def test_huge_pages_of_a_load_from_the_page_cache_are_faulted_by_its_copies(monkeypatch):
     monkeypatch.setattr(memory, "reports_free_pages", lambda: False)
+    monkeypatch.setattr(memory, "thp_enabled", lambda: True)
     monkeypatch.setattr(memory, "free_huge_nbytes", lambda: 1 << 40)
     for how in ({"huge_pages": "auto"}, {"huge_pages": "on"}, {"huge_pages": "on", "userfaultfd": False}):
         b = memory.host_buffer(8 * MiB, fill=True, **how)

@@ -15,9 +15,9 @@ userfaultfd's ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`): no zeroed page and no 
 faulted by the reads 0.154-0.168 s, UFFDIO_COPY 0.214-0.260 s, huge pages pre-faulted window by window by the
 loading thread 0.194-0.257 s (free page reporting switched off for the run, see below).
 
-``huge_pages="auto"`` (the default) asks for huge pages only where they are fast to get: free 2 MiB blocks cover
-twice the load (/proc/buddyinfo) and the machine does not hand free memory back to a hypervisor
-(:func:`reports_free_pages`). On a VM that does (virtio-balloon free page reporting), free 2 MiB blocks are the
+``huge_pages="auto"`` (the default) asks for huge pages only where they are fast to get: transparent huge pages
+are enabled (:func:`thp_enabled`), free 2 MiB blocks cover twice the load (/proc/buddyinfo) and the machine does
+not hand free memory back to a hypervisor (:func:`reports_free_pages`). On a VM that does (virtio-balloon free page reporting), free 2 MiB blocks are the
 ones reported, and the host faults them in again on first touch: measured there, fresh huge pages filled at
 0.4-0.6 GB/s after a few idle seconds against 10 GB/s, while 4 KiB pages come from the small free blocks, which
 are never reported.
@@ -146,8 +146,9 @@ def host_buffer(nbytes: int, *, huge_pages: str = "auto", fill: bool = False, us
     Args:
         nbytes: bytes (>= 0).
         huge_pages: ``"auto"``: a mapping in transparent huge pages (``MADV_HUGEPAGE``) when free 2 MiB blocks
-            cover twice ``nbytes`` (:func:`free_huge_nbytes`) and the machine does not report free pages to a
-            hypervisor (:func:`reports_free_pages`); ``"on"``: always ask for huge pages (a refusal is not an
+            cover twice ``nbytes`` (:func:`free_huge_nbytes`), transparent huge pages are enabled
+            (:func:`thp_enabled`) and the machine does not report free pages to a hypervisor
+            (:func:`reports_free_pages`); ``"on"``: always ask for huge pages (a refusal is not an
             error); ``"off"``: never (torch's allocator, 4 KiB pages faulted by the reads, or ``"uffd"``).
         fill: a reader will copy every byte from the page cache (``cache="keep"``): huge pages are then left to
             the reads to fault in (kind ``"thp+fault"``); without huge pages, for ``nbytes`` of at least
@@ -165,7 +166,7 @@ def host_buffer(nbytes: int, *, huge_pages: str = "auto", fill: bool = False, us
     """
     global _fill_refused
     huge_wanted = nbytes >= MIN_MAPPED_NBYTES and (huge_pages == "on" or huge_pages == "auto" and not reports_free_pages()
-                                                   and free_huge_nbytes() >= 2 * nbytes)
+                                                   and free_huge_nbytes() >= 2 * nbytes and thp_enabled())
     if fill and userfaultfd and not huge_wanted and nbytes >= MIN_FILL_NBYTES and not _fill_refused:
         try:
             region = FillRegion.create(nbytes)
@@ -242,6 +243,17 @@ def reports_free_pages() -> bool:
     if "dev" not in _reporting:
         _reporting["dev"] = free_page_reporting()
     return bool(_reporting["dev"])
+
+
+def thp_enabled(path: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> bool:
+    """Whether ``MADV_HUGEPAGE`` can give huge pages: the active mode (in brackets) of ``path`` is ``always`` or
+    ``madvise`` (Documentation/admin-guide/mm/transhuge.rst); ``never``, or no such file, is False."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return False
+    return "[always]" in text or "[madvise]" in text
 
 
 def aligned_empty(nbytes: int, align: int = PAGE_NBYTES) -> torch.Tensor:
@@ -350,4 +362,4 @@ def resident_nbytes() -> int:
 
 
 __all__ = ["HUGE_PAGE_NBYTES", "HostBuffer", "SharedHandle", "aligned_empty", "free_page_reporting", "host_buffer",
-           "map_shared", "reports_free_pages", "resident_nbytes", "seal_shared", "shared_buffer"]
+           "map_shared", "reports_free_pages", "resident_nbytes", "seal_shared", "shared_buffer", "thp_enabled"]
