@@ -17,10 +17,10 @@ loading thread 0.194-0.257 s (free page reporting switched off for the run, see 
 
 ``huge_pages="auto"`` (the default) asks for huge pages only where they are fast to get: transparent huge pages
 are enabled (:func:`thp_enabled`), free 2 MiB blocks cover twice the load (/proc/buddyinfo) and the machine does
-not hand free memory back to a hypervisor (:func:`reports_free_pages`). On a VM that does (virtio-balloon free page reporting), free 2 MiB blocks are the
-ones reported, and the host faults them in again on first touch: measured there, fresh huge pages filled at
-0.4-0.6 GB/s after a few idle seconds against 10 GB/s, while 4 KiB pages come from the small free blocks, which
-are never reported.
+not hand free memory back to a hypervisor (:func:`reports_free_pages`). On a VM that does (virtio-balloon free
+page reporting), free 2 MiB blocks are the ones reported, and the host faults them in again on first touch:
+measured there, fresh huge pages filled at 0.4-0.6 GB/s after a few idle seconds against 10 GB/s, while 4 KiB
+pages come from the small free blocks, which are never reported.
 
 The returned tensor owns the mapping: it is unmapped when the last tensor viewing it is freed.
 
@@ -165,8 +165,9 @@ def host_buffer(nbytes: int, *, huge_pages: str = "auto", fill: bool = False, us
         MemoryError / OSError (``ENOMEM``): the mapping cannot be made.
     """
     global _fill_refused
-    huge_wanted = nbytes >= MIN_MAPPED_NBYTES and (huge_pages == "on" or huge_pages == "auto" and not reports_free_pages()
-                                                   and free_huge_nbytes() >= 2 * nbytes and thp_enabled())
+    huge_wanted = nbytes >= MIN_MAPPED_NBYTES and (
+        huge_pages == "on"
+        or huge_pages == "auto" and not reports_free_pages() and free_huge_nbytes() >= 2 * nbytes and thp_enabled())
     if fill and userfaultfd and not huge_wanted and nbytes >= MIN_FILL_NBYTES and not _fill_refused:
         try:
             region = FillRegion.create(nbytes)
