@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -194,7 +195,6 @@ def host_buffer(nbytes: int, *, huge_pages: str = "auto", fill: bool = False, us
 #: linux/virtio_balloon.h: the balloon reports free pages to the hypervisor (Linux 5.7; virtio 1.2, "Free Page
 #: Reporting"). The driver's ``features`` file in sysfs holds one ``0``/``1`` per feature bit, bit 0 first.
 VIRTIO_BALLOON_F_REPORTING = 5
-_reporting: dict[str, str] = {}
 
 
 def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo") -> str:
@@ -239,11 +239,10 @@ def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo")
     return ""
 
 
+@functools.cache
 def reports_free_pages() -> bool:
     """:func:`free_page_reporting` of ``/sys``, read once per process (a device is not added under a running load)."""
-    if "dev" not in _reporting:
-        _reporting["dev"] = free_page_reporting()
-    return bool(_reporting["dev"])
+    return bool(free_page_reporting())
 
 
 def thp_enabled(path: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> bool:
