@@ -42,6 +42,7 @@ SMOKE = {
     "bench_hf.py": "--models synthetic --size 4M --runs 1 --workdir {d} --json {d}/smoke.json",
     "bench_dist.py": "--world-size 2 --size 4M --dir {d} --no-baseline --runs 1",
     "bench_lazy.py": "--size 4M --dir {d} --runs 1",
+    "bench_contended.py": "--size 4M --dir {d} --runs 1",
 }
 
 
@@ -97,7 +98,12 @@ def test_perf_script_smoke(script, tmp_path):
     elif script == "bench_lazy.py":
         assert re.search(r"^\| `[^|]*\| off \| (\d+) \| (\d+) \| \2 \| 0\.1", text, re.M), text[-3000:]  # rows only
         assert re.search(r"measured growth .*: within", text), text[-3000:]
-    if script in ("gpu_check.py", "bench_convert.py", "bench_lazy.py"):
+    elif script == "bench_contended.py":  # both modes measured, each a load of the whole 4 MiB pack
+        assert re.search(r"^sample run=0 mode=alone seconds=\d+\.\d{4} ", text, re.M), text[-3000:]
+        assert re.search(r"^sample run=0 mode=busy seconds=\d+\.\d{4} ", text, re.M), text[-3000:]
+        assert re.search(r"^\| main thread runs Python \| \S+ \| \d+\.\d{3} \|.*\| \d\.\d\d \|$", text, re.M), text[-3000:]
+        assert re.search(r"^busy / alone: \d+\.\d\dx the load time$", text, re.M), text[-3000:]
+    if script in ("gpu_check.py", "bench_convert.py", "bench_lazy.py", "bench_contended.py"):
         assert not os.listdir(d), os.listdir(d)  # their files are removed afterwards
 
 
