@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..io.pagecache import libc
+from ..io.pagecache import free_page_reporting, libc
 from ..io.uffd import FillRegion
 from ..settings import MiB, PAGE_NBYTES
 
@@ -190,53 +190,6 @@ def host_buffer(nbytes: int, *, huge_pages: str = "auto", fill: bool = False, us
     huge = _madvise(tensor.data_ptr(), nbytes + (-nbytes) % PAGE_NBYTES, mmap.MADV_HUGEPAGE) == 0
     kind = ("thp" if huge else "4k") + ("+fault" if fill else "+touch" if _populate_refused else "+populate")
     return HostBuffer(tensor, huge, kind)
-
-
-#: linux/virtio_balloon.h: the balloon reports free pages to the hypervisor (Linux 5.7; virtio 1.2, "Free Page
-#: Reporting"). The driver's ``features`` file in sysfs holds one ``0``/``1`` per feature bit, bit 0 first.
-VIRTIO_BALLOON_F_REPORTING = 5
-
-
-def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo") -> str:
-    """Whether this (virtual) machine hands free memory back to its hypervisor: the virtio balloon device that
-    offers ``VIRTIO_BALLOON_F_REPORTING`` (read from sysfs, ``/sys/bus/virtio/drivers/virtio_balloon/*/features``),
-    or ``""`` when none does. With it (mm/page_reporting.c), free blocks of at least ``page_reporting_order``
-    pages (``/sys/module/page_reporting/parameters``; 2 MiB here) that stay free about 2 s are reported, the host
-    discards them, and the first touch of that memory afterwards is served by the host again.
-
-    A ``page_reporting_order`` above the largest order the buddy allocator has (the columns of /proc/buddyinfo,
-    11 on x86-64) reports nothing: an administrator's way to switch reporting off; that counts as none.
-
-    Args:
-        sysfs: where sysfs is mounted (tests pass a tree of their own).
-        buddyinfo: /proc/buddyinfo (tests pass their own).
-
-    Returns:
-        The device's name (``"virtio0"``), or ``""``.
-    """
-    try:
-        with open(os.path.join(sysfs, "module", "page_reporting", "parameters", "page_reporting_order")) as f:
-            order = int(f.read().strip())
-        with open(buddyinfo) as f:
-            orders = max(len(line.split()) - 4 for line in f)
-        if order >= orders > 0:
-            return ""
-    except (OSError, ValueError):
-        pass  # no such parameter (older kernels: a fixed pageblock order): reporting as the device says
-    drivers = os.path.join(sysfs, "bus", "virtio", "drivers", "virtio_balloon")
-    try:
-        devices = sorted(d for d in os.listdir(drivers) if d.startswith("virtio"))
-    except OSError:
-        return ""
-    for dev in devices:
-        try:
-            with open(os.path.join(drivers, dev, "features")) as f:
-                bits = f.read().strip()
-        except OSError:
-            continue
-        if len(bits) > VIRTIO_BALLOON_F_REPORTING and bits[VIRTIO_BALLOON_F_REPORTING] == "1":
-            return dev
-    return ""
 
 
 @functools.cache

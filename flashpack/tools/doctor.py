@@ -132,7 +132,7 @@ def gpu() -> str:
 
 def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo") -> str:
     """Whether this (virtual) machine hands free memory back to its hypervisor, and what that costs a load
-    (:func:`flashpack.loading.memory.free_page_reporting`; ``sysfs`` and ``buddyinfo`` for tests).
+    (:func:`flashpack.io.pagecache.free_page_reporting`; ``sysfs`` and ``buddyinfo`` for tests).
 
     Measured on a 2-vCPU Firecracker VM (Linux 6.18): fresh 2 MiB pages filled at 0.5 GB/s after 5 s idle against
     10 GB/s when reused at once; a cold ``keep`` load of 1 GiB, which fills fresh page cache, took 0.89-1.36 s when
@@ -142,7 +142,7 @@ def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo")
     Returns:
         ``"off (...)"``, or ``"on (...)"`` with the device, the reported block size and its cost.
     """
-    from flashpack.loading.memory import free_page_reporting as device_reporting
+    from flashpack.io.pagecache import free_page_reporting as device_reporting  # no torch import
 
     dev = device_reporting(sysfs, buddyinfo)
     if not dev:
