@@ -2,7 +2,9 @@
 
 The C surface is declared once, in ``fp_uring.h``; :func:`cdef_from_header` turns that header into the
 cffi ``cdef`` (preprocessor lines dropped, ``#define FP_NAME value`` kept as a constant the compiler
-fills in), and ``fp_uring.c`` is compiled as its own translation unit (``sources=[...]``).
+fills in), and ``fp_uring.c`` and ``fp_copy.c`` (one extent copied and hashed in one call; it needs the
+xxhash library's header, ``libxxhash-dev``, and compiles to a stub answering ``-ENOSYS`` without it) are
+compiled as their own translation units (``sources=[...]``).
 
 setup.py builds it when :func:`can_build` is true; otherwise flashpack installs without it and the
 ``uring`` backend reports why it is unavailable. Build by hand, from the repository root, with
@@ -172,12 +174,12 @@ def make_ffibuilder(module_name: str = "flashpack._uring", testing: bool = False
     ffi.set_source(
         module_name,
         '#include "fp_uring.h"',
-        sources=[os.path.join(native, "fp_uring.c")],
+        sources=[os.path.join(native, "fp_uring.c"), os.path.join(native, "fp_copy.c")],
         include_dirs=[native],
         libraries=["uring"],
         define_macros=[("FP_TESTING", "1")] if testing else [],
         extra_compile_args=["-O2", "-Wall"],
-        depends=[os.path.join(native, "fp_uring.h"), os.path.join(native, "fp_uring.c")],
+        depends=[os.path.join(native, n) for n in ("fp_uring.h", "fp_uring.c", "fp_copy.c")],
         py_limited_api=True,
     )
     return ffi

@@ -221,6 +221,54 @@ int fp_ring_close(struct fp_ring *r);
  */
 int fp_liburing_version(int *major, int *minor);
 
+/* Modes of struct fp_copy. */
+#define FP_COPY_PREAD 0          /* pread(2) from fd */
+#define FP_COPY_FILL 1           /* ioctl(UFFDIO_COPY) from the mapping at src into a userfaultfd region */
+
+/* One extent copied, and hashed as it lands, by fp_copy_extent (all in one call: the GIL is released once). */
+struct fp_copy {
+    uint64_t dst;          /* in: destination address (FILL: page-aligned, inside uffd's registered range) */
+    uint64_t src;          /* in, FILL: address of file byte file_offset in a read-only shared mapping */
+    uint64_t file_offset;  /* in: first byte of the file */
+    uint64_t nbytes;       /* in: bytes to copy (FILL: a multiple of 4096; the last page may lie past EOF) */
+    uint64_t piece_nbytes; /* in: the most bytes per pread(2) / UFFDIO_COPY; each piece is hashed after it */
+    uint64_t hash_nbytes;  /* in: hash dst[0, hash_nbytes) with XXH3-64 (seed 0); 0: no hash */
+    int32_t fd;            /* in: the file (PREAD: read from it; FILL: fstat(2) after the copy) */
+    int32_t uffd;          /* in, FILL: the userfaultfd the range is registered with */
+    uint32_t mode;         /* in: FP_COPY_PREAD or FP_COPY_FILL */
+    uint32_t unmap_src;    /* in, FILL: madvise(MADV_DONTNEED) each source piece once copied */
+    uint64_t done;         /* out: bytes landed from the start of the range */
+    uint64_t hashed;       /* out: bytes hashed (== hash_nbytes when digest is valid) */
+    uint64_t digest;       /* out: XXH3-64 of dst[0, hashed) */
+    int64_t file_nbytes;   /* out, FILL: st_size after the copy (fstat(2)); -1 when not asked or failed */
+    int32_t error;         /* out: 0, or the positive errno of the call that stopped the copy */
+    uint32_t pad;
+};
+
+/*
+ * NAME
+ *     fp_copy_extent - copy one extent and hash it as it lands, in one call
+ * SYNOPSIS
+ *     int fp_copy_extent(struct fp_copy *c);
+ * DESCRIPTION
+ *     FP_COPY_PREAD: pread(2) c->nbytes bytes at c->file_offset of c->fd into c->dst, piece by piece;
+ *     EINTR is retried and a short read resumed at the exact offset; a read returning 0 stops the copy
+ *     (the file is shorter: c->done < c->nbytes, c->error 0).
+ *     FP_COPY_FILL: ioctl(c->uffd, UFFDIO_COPY) piece by piece from c->src (ioctl_userfaultfd(2),
+ *     UFFDIO_COPY: a partial copy returns EAGAIN with uffdio_copy.copy > 0 and is resumed); after each
+ *     piece, with c->unmap_src, madvise(MADV_DONTNEED) on the source piece (the page cache keeps it,
+ *     the process's RSS does not); after the last, fstat(c->fd) into c->file_nbytes.
+ *     After each piece, the bytes landed below c->hash_nbytes are hashed while still in the CPU cache.
+ *     The caller owns the policy: error messages, releasing the region, checking the file size.
+ * RETURN VALUE
+ *     0 (results in *c), -EINVAL for a bad mode or zero piece size, or -ENOSYS when the shim was
+ *     compiled without xxhash.h (fp_copy_available() is 0).
+ */
+int fp_copy_extent(struct fp_copy *c);
+
+/* 1 when fp_copy_extent was compiled in (xxhash.h was found at build time), else 0. */
+int fp_copy_available(void);
+
 #ifdef FP_TESTING
 /* Fault injection (test build only): applied to each CQE's result before it is handled, and to
  * each io_uring submit call. The reads are real; only their reported results change. */

@@ -2,7 +2,8 @@
 """A load on a background thread while the calling thread runs Python: what the GIL costs it.
 
 Usage:
-    python perf/bench_contended.py [--size 1G] [--dir perf/out] [--runs 3] [--switch-interval-s S] [--keep]
+    python perf/bench_contended.py [--size 1G] [--dir perf/out] [--runs 3] [--switch-interval-s S]
+                                   [--copy native,python] [--keep]
 
 ``from_pretrained_flashpack`` reads the pack on a background thread while the main thread builds the model
 (``flashpack.deserialization.EarlyLoad``), and users load in threads of their own. The reader's worker threads
@@ -25,10 +26,16 @@ import time
 import _common as C
 
 
-def child(mode: str, path: str, switch_interval_s: float) -> dict:
-    """One cached load of ``path`` on a background thread, the main thread ``alone`` (joining) or ``busy``."""
+def child(mode: str, path: str, switch_interval_s: float, copy: str) -> dict:
+    """One cached load of ``path`` on a background thread, the main thread ``alone`` (joining) or ``busy``;
+    ``copy="python"`` turns the one-call C extent copy off (``flashpack.io.base.native_copy = None``)."""
     import flashpack
+    import flashpack.io.base
 
+    if copy == "python":
+        flashpack.io.base.native_copy = None
+    elif flashpack.io.base.native_copy is None:
+        raise RuntimeError("this build has no fp_copy_extent (built without xxhash.h?); pass --copy python")
     if switch_interval_s > 0:
         sys.setswitchinterval(switch_interval_s)
     C.warm_file(path)
@@ -54,7 +61,7 @@ def child(mode: str, path: str, switch_interval_s: float) -> dict:
     if "sd" not in out:
         raise RuntimeError("the load failed on its thread")
     return {"mode": mode, "load_s": out["load_s"], "busy_rate_fraction": n / wall / rate_alone if n else None,
-            "memory": stats.memory, "backend": stats.backend, "nbytes": stats.bytes_read,
+            "memory": stats.memory, "backend": stats.backend, "nbytes": stats.bytes_read, "copy": copy,
             "switch_interval_s": sys.getswitchinterval()}
 
 
@@ -64,17 +71,23 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=C.default_workdir(), help="where the pack goes")
     ap.add_argument("--runs", type=int, default=3, help="alone/busy pairs (medians)")
     ap.add_argument("--switch-interval-s", type=float, default=0.0, help="sys.setswitchinterval in the children")
+    ap.add_argument("--copy", default="native",
+                    help="comma-separated: native (an extent copied and hashed in one C call, the default), python "
+                         "(the per-step Python path, as before fp_copy_extent); each run does every one, side by side")
     ap.add_argument("--keep", action="store_true", help="keep the pack")
     ap.add_argument("--child", choices=("alone", "busy"), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return C.child_main(lambda: child(args.child, args.path, args.switch_interval_s))
+        return C.child_main(lambda: child(args.child, args.path, args.switch_interval_s, args.copy))
+    copies = [c.strip() for c in args.copy.split(",") if c.strip()]
+    if not copies or set(copies) - {"native", "python"}:
+        ap.error(f"--copy {args.copy!r}: expected native and/or python")
     folder = os.path.abspath(args.dir)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "bench_contended.flashpack")
     print(C.header(C.environment(folder), f"perf/bench_contended.py: {args.size}, runs={args.runs}, "
-                   f"switch interval {args.switch_interval_s or 'default'}"), flush=True)
+                   f"switch interval {args.switch_interval_s or 'default'}, copy {','.join(copies)}"), flush=True)
     try:
         import flashpack
 
@@ -82,28 +95,31 @@ def main(argv=None) -> int:
         flashpack.pack_to_file(sd, path)
         payload = C.state_dict_nbytes(sd)
         del sd
-        res: dict[str, list[dict]] = {"alone": [], "busy": []}
+        res: dict[tuple[str, str], list[dict]] = {(c, m): [] for c in copies for m in ("alone", "busy")}
         for run in range(args.runs):
-            for mode in ("alone", "busy"):
+            for copy, mode in res:
                 r = C.run_child([sys.executable, os.path.abspath(__file__), "--child", mode, "--path", path,
-                                 "--switch-interval-s", str(args.switch_interval_s)], cwd=C.REPO_ROOT)
+                                 "--switch-interval-s", str(args.switch_interval_s), "--copy", copy],
+                                cwd=C.REPO_ROOT)
                 if not r.ok:
                     print(r.error_line(), file=sys.stderr)
                     return 1
-                res[mode].append(r.result)
-                print(f"sample run={run} mode={mode} seconds={r.result['load_s']:.4f} "
+                res[copy, mode].append(r.result)
+                print(f"sample run={run} copy={copy} mode={mode} seconds={r.result['load_s']:.4f} "
                       f"{C.speed(payload, r.result['load_s'])} memory={r.result['memory']}", flush=True)
         rows = []
-        for mode, label in (("alone", "main thread joins the load"), ("busy", "main thread runs Python")):
-            sec = C.median([x["load_s"] for x in res[mode]])
-            frac = C.median([x["busy_rate_fraction"] for x in res[mode]]) if mode == "busy" else None
-            rows.append([label, res[mode][0]["memory"], f"{sec:.3f}", C.speed(payload, sec),
+        labels = {"alone": "main thread joins the load", "busy": "main thread runs Python"}
+        for (copy, mode), got in res.items():
+            sec = C.median([x["load_s"] for x in got])
+            frac = C.median([x["busy_rate_fraction"] for x in got]) if mode == "busy" else None
+            rows.append([f"{labels[mode]}, {copy} copy", got[0]["memory"], f"{sec:.3f}", C.speed(payload, sec),
                          "-" if frac is None else f"{frac:.2f}"])
         print("\n" + C.markdown_table(["cached load on a thread", "memory", "median s", "throughput",
                                        "busy loop rate / alone"], rows))
-        alone = C.median([x["load_s"] for x in res["alone"]])
-        busy = C.median([x["load_s"] for x in res["busy"]])
-        print(f"\nbusy / alone: {busy / alone:.2f}x the load time")
+        for copy in copies:
+            alone = C.median([x["load_s"] for x in res[copy, "alone"]])
+            busy = C.median([x["load_s"] for x in res[copy, "busy"]])
+            print(f"{copy} copy: busy / alone: {busy / alone:.2f}x the load time")
     finally:
         if not args.keep and os.path.exists(path):
             os.unlink(path)

@@ -64,3 +64,13 @@ def test_doctor_says_what_free_page_reporting_costs(tmp_path):
 def test_doctor_has_a_free_page_reporting_row(tmp_path):
     rows = dict(doctor.report(str(tmp_path)))
     assert rows["free page reporting"] == doctor.free_page_reporting()
+
+
+def test_doctor_says_how_an_extent_is_copied(tmp_path):
+    import flashpack.io.base as io_base
+
+    row = dict(doctor.report(str(tmp_path)))["extent copy"]
+    if io_base.native_copy is not None:
+        assert row.startswith("one C call per extent"), row
+    else:
+        assert row.startswith("Python steps") and "reinstall flashpack" in row, row

@@ -445,6 +445,7 @@ def test_c22_eio_mid_load_drains_everything(mib_pack, monkeypatch):
         return real(fd, bufs, offset)
 
     monkeypatch.setattr(io_base, "_preadv", preadv)
+    monkeypatch.setattr(io_base, "native_copy", None)  # the C copy calls no faked preadv
     err, ring, sink = run_with(path)
     assert isinstance(err, ReadError) and err.errno == errno.EIO and f"offset {bad}" in str(err)
     assert 0 < sink.copies < len(cut_pieces(plan_for(path)[1], PAGE_NBYTES, os.path.getsize(path)))
@@ -510,6 +511,7 @@ def test_errors_leave_the_next_load_working(mib_pack, monkeypatch):
         return real(fd, bufs, offset)
 
     monkeypatch.setattr(io_base, "_preadv", flaky)
+    monkeypatch.setattr(io_base, "native_copy", None)  # the C copy calls no faked preadv
     with pytest.raises(ReadError):
         load_staged(path, backend="threads", slot_nbytes=PAGE_NBYTES, num_slots=2)
     assert_same_dict(load_staged(path, backend="threads", slot_nbytes=PAGE_NBYTES, num_slots=2),

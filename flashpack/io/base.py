@@ -23,6 +23,8 @@ import os
 import threading
 from typing import ClassVar, Iterable
 
+import xxhash
+
 from ..errors import ReadError, short_read_error
 from ..settings import MAX_QUEUE_DEPTH, PAGE_NBYTES, Settings, settings
 from ..source import check_identity
@@ -49,6 +51,14 @@ DIRECT_REFUSED = (errno.EINVAL, errno.EBADF, errno.EOPNOTSUPP, errno.ENOTSUP)
 # Indirection so tests can fake kernel behaviour (short reads, refusals, EIO).
 _preadv = os.preadv
 _open = os.open
+
+try:  # the C shim: fp_copy_extent copies (and hashes) a whole extent with the GIL released once
+    from .. import _uring as _shim
+except ImportError:  # built without liburing, or not built at all: extents are copied by the Python path
+    _shim = None
+#: ``flashpack._uring`` when its ``fp_copy_extent`` was compiled in (xxhash.h found at build time), else ``None``.
+#: Tests that fake :data:`_preadv` or ``FillRegion.copy`` set it to ``None``: the C path makes neither call.
+native_copy = _shim if _shim is not None and _shim.lib.fp_copy_available() else None
 
 _notice_lock = threading.Lock()
 _notices: set[str] = set()
@@ -168,11 +178,28 @@ class FileHandles:
             self._prefetcher = pagecache.Prefetcher(self.fd, self.file_nbytes)
         return self._prefetcher.add(file_offset, nbytes)
 
+    @property
+    def source_address(self) -> int:
+        """Address of the read-only shared mapping of the file that fills copy from (0: none)."""
+        return self._source
+
+    def fill_length(self, address: int, file_offset: int, nbytes: int) -> int:
+        """Bytes a fill of ``[file_offset, file_offset + nbytes)`` at ``address`` copies: ``nbytes`` rounded up to
+        4096 (the last page is copied whole: past the end of the file it holds zeros), or 0 when the range is not
+        for the fill (no region, nothing mapped, unaligned, past the file's last page, outside the region)."""
+        region = self.fill
+        if region is None or not self._source or nbytes <= 0 or file_offset % PAGE_NBYTES or address % PAGE_NBYTES:
+            return 0
+        length = nbytes + (-nbytes) % PAGE_NBYTES
+        if file_offset + length > self.file_nbytes + (-self.file_nbytes) % PAGE_NBYTES or \
+                not region.covers(address, length):
+            return 0
+        return length
+
     def fill_copy(self, address: int, file_offset: int, nbytes: int, stats: ReaderStats, landed=None) -> int:
         """Copy file bytes ``[file_offset, file_offset + nbytes)`` to ``address`` with ``UFFDIO_COPY`` when
-        ``address`` lies in :attr:`fill` (both page-aligned; the last page is copied whole: past the end of the
-        file it holds zeros), ``FILL_PIECE_NBYTES`` at a time; ``landed(bytes done)`` (optional) is called after
-        each piece, while it is still in the CPU cache.
+        ``address`` lies in :attr:`fill` (:meth:`fill_length`), ``FILL_PIECE_NBYTES`` at a time; ``landed(bytes
+        done)`` (optional) is called after each piece, while it is still in the CPU cache.
 
         Returns:
             Bytes done from the start of the range (a multiple of 4096, or ``nbytes``): 0 when the range is not
@@ -181,28 +208,33 @@ class FileHandles:
             the file still holds count as done, so the caller reads the rest with preadv(2) and meets the error
             (a short read), if any, itself.
         """
-        region = self.fill
-        if region is None or not self._source or nbytes <= 0 or file_offset % PAGE_NBYTES or address % PAGE_NBYTES:
-            return 0
-        length = nbytes + (-nbytes) % PAGE_NBYTES
-        if file_offset + length > self.file_nbytes + (-self.file_nbytes) % PAGE_NBYTES or \
-                not region.covers(address, length):
+        length = self.fill_length(address, file_offset, nbytes)
+        if not length:
             return 0
         done = err = 0
         while done < length and not err:
             step = min(FILL_PIECE_NBYTES, length - done)
-            n, err = region.copy(address + done, self._source + file_offset + done, step)
+            n, err = self.fill.copy(address + done, self._source + file_offset + done, step)
             # unmap the source piece again: its page-cache pages stay cached but leave this process's RSS
             # (madvise(2), MADV_DONTNEED on a shared file mapping), so a load's peak RSS stays the destination's size
             pagecache._madvise(self._source + file_offset + done, step, mmap.MADV_DONTNEED)
             done += n
             if landed is not None and n:
                 landed(min(done, nbytes))
+        size_after = os.fstat(self.fd).st_size if not err and done else -1
+        return self.fill_settle(file_offset, nbytes, done, err, size_after, stats)
+
+    def fill_settle(self, file_offset: int, nbytes: int, done: int, err: int, size_after: int,
+                    stats: ReaderStats) -> int:
+        """The end of a fill that copied ``done`` bytes and stopped with ``err`` (0: none), the file being
+        ``size_after`` bytes long after it: the bytes that count as done (see :meth:`fill_copy`), counted in
+        ``stats``; the region is released when the fill failed or the file now ends inside the range.
+
+        A page the file ends inside is copied whole, zeros past the end: a file truncated inside the range since
+        the weight map was read would pass as zeros, where preadv(2) comes back short. Past the size after the
+        copy, the range goes back to preadv, which reports the short read."""
         if not err and done:
-            # A page the file ends inside is copied whole, zeros past the end: a file truncated inside this range
-            # since the weight map was read would pass as zeros, where preadv(2) comes back short. Ask for the
-            # size after the copy; past it, hand the range back to preadv, which reports the short read.
-            have = os.fstat(self.fd).st_size - file_offset
+            have = size_after - file_offset
             if have < min(done, nbytes):
                 done, err = max(0, have - have % PAGE_NBYTES), errno.ENODATA
         stats.bytes_filled += min(done, nbytes)
@@ -210,7 +242,7 @@ class FileHandles:
         if err:
             log.debug("flashpack: UFFDIO_COPY of %s at byte offset %d stopped (%s); reading the rest with preadv",
                       self.path, file_offset + done, os.strerror(err))
-            region.release()
+            self.fill.release()
         return min(done, nbytes)
 
     def drop_direct(self, reason: str) -> None:
@@ -275,7 +307,12 @@ def read_extent(files: FileHandles, ext: Extent, stats: ReaderStats) -> None:
     mv = ext.dest[: ext.nbytes] if ext.dest.nbytes != ext.nbytes else ext.dest
     off, nbytes, done = ext.file_offset, ext.nbytes, 0
     stats.extents += 1
-    hasher = ext.hasher() if ext.hasher is not None and 0 < ext.hash_nbytes <= nbytes else None
+    hashing = ext.hasher is not None and 0 < ext.hash_nbytes <= nbytes
+    if native_copy is not None and nbytes > 0 and (not hashing or ext.hasher is xxhash.xxh3_64):
+        done = _read_extent_native(files, ext, mv, stats, hashing)
+        if done == nbytes:
+            return
+    hasher = ext.hasher() if hashing else None
     hashed = 0
 
     def landed(upto: int) -> None:  # hash what has landed, in this worker, while it is still in the CPU cache
@@ -285,7 +322,8 @@ def read_extent(files: FileHandles, ext: Extent, stats: ReaderStats) -> None:
             hasher.update(mv[hashed:hi])
             hashed = hi
 
-    if files.fill is not None:
+    # done > 0: the C fill stopped partway (a truncated file, a refusal); the rest is read and all of it hashed here
+    if not done and files.fill is not None:
         done = files.fill_copy(buffer_address(mv), off, nbytes, stats, landed)
     if not done:
         done = _read_direct(files, mv, off, nbytes, stats)
@@ -293,6 +331,53 @@ def read_extent(files: FileHandles, ext: Extent, stats: ReaderStats) -> None:
     if hasher is not None:
         landed(nbytes)
         ext.digest = hasher.intdigest()
+
+
+def _read_extent_native(files: FileHandles, ext: Extent, mv: memoryview, stats: ReaderStats, hashing: bool) -> int:
+    """:func:`read_extent` in one C call (``fp_copy_extent``, native/fp_copy.c): the fill, or a buffered read,
+    of the whole extent, hashed (XXH3-64) as it lands, with the GIL released once instead of at every step.
+
+    Returns:
+        ``ext.nbytes`` when the extent is done (``ext.digest`` set when ``hashing``); else the bytes done from its
+        start: 0 for an extent it does not take (an O_DIRECT read), or where a fill stopped partway (the caller
+        reads the rest with preadv(2) and hashes the whole extent itself).
+
+    Raises:
+        ReadError: a buffered read failed (naming the file, offset and length), or the file is shorter.
+    """
+    ffi, lib = native_copy.ffi, native_copy.lib
+    off, nbytes = ext.file_offset, ext.nbytes
+    address = buffer_address(mv)
+    c = ffi.new("struct fp_copy *")
+    c.dst, c.file_offset, c.piece_nbytes, c.fd = address, off, FILL_PIECE_NBYTES, files.fd
+    c.hash_nbytes = ext.hash_nbytes if hashing else 0
+    length = files.fill_length(address, off, nbytes)
+    uffd = files.fill.uffd if length else -1
+    if uffd >= 0:
+        c.mode, c.uffd, c.src, c.nbytes, c.unmap_src = lib.FP_COPY_FILL, uffd, files.source_address + off, length, 1
+    elif files.fill is not None and files.fill.covers(address, nbytes) or files.use_direct(off, nbytes, address):
+        return 0  # left to the Python path: a region that a fill cannot take (a page past the file), O_DIRECT
+    else:
+        c.mode, c.nbytes = lib.FP_COPY_PREAD, nbytes
+    rc = lib.fp_copy_extent(c)
+    if rc < 0:  # only a bad argument; never expected, but never silent either
+        raise ReadError(-rc, f"fp_copy_extent refused an extent of {nbytes} bytes at byte offset {off}", files.path)
+    stats.extents_native += 1
+    if c.mode == lib.FP_COPY_FILL:
+        done = files.fill_settle(off, nbytes, c.done, c.error, c.file_nbytes, stats)
+        if done < nbytes:
+            return done
+    else:
+        stats.bytes_buffered += c.done
+        if c.error:
+            want = min(nbytes - c.done, FILL_PIECE_NBYTES)
+            raise ReadError(c.error, f"read of {want} bytes at byte offset {off + c.done} failed: "
+                                     f"{os.strerror(c.error)}", files.path)
+        if c.done < nbytes:
+            raise short_read_error(files.path, off, nbytes, c.done)
+    if hashing:
+        ext.digest = c.digest
+    return nbytes
 
 
 def _read_direct(files: FileHandles, mv: memoryview, off: int, nbytes: int, stats: ReaderStats) -> int:

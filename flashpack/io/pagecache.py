@@ -40,6 +40,11 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fstatfs.restype = ctypes.c_int
+#: libc again, called *without* releasing the GIL (``ctypes.PyDLL``), for system calls that take microseconds and are
+#: made many times per load (cachestat(2), once per 8 MiB): through :data:`libc` each call gives the GIL up, and while
+#: another thread runs Python, taking it back waits that thread's switch interval (5 ms): 129 calls for a 1 GiB file
+#: took 0.34 s of a load on a background thread instead of under 1 ms (perf/bench_contended.py).
+libc_holding_gil = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 #: What mmap(2) returns on failure.
 MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FAILED = MAP_FAILED
@@ -89,7 +94,8 @@ def cached_pages(fd: int, file_offset: int, nbytes: int) -> int | None:
     if nbytes == 0:
         return 0
     rng, st = _CachestatRange(file_offset, nbytes), _Cachestat()
-    if _libc.syscall(SYS_CACHESTAT, ctypes.c_uint(fd), ctypes.byref(rng), ctypes.byref(st), ctypes.c_uint(0)) != 0:
+    if libc_holding_gil.syscall(SYS_CACHESTAT, ctypes.c_uint(fd), ctypes.byref(rng), ctypes.byref(st),
+                                ctypes.c_uint(0)) != 0:
         return None
     return int(st.nr_cache)
 
@@ -211,8 +217,12 @@ class ResidencyMap:
 
     @staticmethod
     def _granules(fd: int, file_nbytes: int) -> np.ndarray | None:
+        # The runs of wholly cached granules are merged and set at the end, one numpy write per run: numpy releases
+        # the GIL in a write of more than a few hundred elements, and one write per granule made a load on a
+        # background thread wait for the GIL at each (perf/bench_contended.py).
         pages = np.zeros((file_nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES, dtype=bool)
         granule = RESIDENCY_GRANULE_NBYTES
+        runs: list[list[int]] = []  # [lo, hi) page ranges wholly cached
         for off in range(0, file_nbytes, granule):
             nbytes = min(granule, file_nbytes - off)
             lo, hi = off // PAGE_NBYTES, (off + nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES
@@ -220,12 +230,17 @@ class ResidencyMap:
             if cached is None:
                 return None
             if cached >= hi - lo:
-                pages[lo:hi] = True
+                if runs and runs[-1][1] == lo:
+                    runs[-1][1] = hi
+                else:
+                    runs.append([lo, hi])
             elif cached:
                 part = resident_pages(fd, file_nbytes, off, nbytes)
                 if part is None:
                     return None
                 pages[lo:hi] = part
+        for lo, hi in runs:
+            pages[lo:hi] = True
         return pages
 
     def fraction(self, file_offset: int, nbytes: int) -> float:

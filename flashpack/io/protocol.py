@@ -76,6 +76,8 @@ class ReaderStats:
     ``bytes_prefetched``: bytes read ahead into the page cache (``cache="keep"``) before their copy, and
     ``prefetch`` how (``"populate_read"``, ``"willneed"``, ``""`` when nothing was). ``bytes_filled``: of
     ``bytes_buffered``, those copied from the page cache with userfaultfd's ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`).
+    ``extents_native``: of ``extents``, those copied and hashed in one C call (``fp_copy_extent``, native/fp_copy.c)
+    by a worker thread.
     """
 
     bytes_direct: int = 0
@@ -85,6 +87,7 @@ class ReaderStats:
     bytes_prefetched: int = 0
     prefetch: str = ""
     bytes_filled: int = 0
+    extents_native: int = 0
 
     @property
     def bytes_read(self) -> int:
@@ -98,6 +101,7 @@ class ReaderStats:
         self.bytes_prefetched += other.bytes_prefetched
         self.prefetch = other.prefetch or self.prefetch
         self.bytes_filled += other.bytes_filled
+        self.extents_native += other.extents_native
 
 
 @runtime_checkable

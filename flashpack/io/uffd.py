@@ -125,6 +125,13 @@ class FillRegion:
         return self
 
     @property
+    def uffd(self) -> int:
+        """The userfaultfd descriptor, or -1 once released. A copy through a number read before a release fails
+        (``ENOENT`` after the unregister; a number reused meanwhile is not registered over this range): it never
+        writes elsewhere."""
+        return self._uffd
+
+    @property
     def released(self) -> bool:
         return self._uffd < 0
 

@@ -40,6 +40,9 @@ class LoadStats:
             landed (``Extent.hasher``); the loading thread hashed the rest after their reads completed.
         bytes_filled: of ``bytes_buffered``, bytes copied from the page cache into a ``"uffd"`` destination with
             userfaultfd's ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`).
+        extents_native: extents a worker thread copied (and hashed) in one C call, ``fp_copy_extent``
+            (native/fp_copy.c), the GIL released once; 0 where the shim lacks it (built without xxhash.h), for
+            O_DIRECT reads, and for small extents an io_uring ring read itself.
     """
 
     backend: str = ""
@@ -54,6 +57,7 @@ class LoadStats:
     prefetch: str = ""
     bytes_filled: int = 0
     chunks_hashed_by_reader: int = 0
+    extents_native: int = 0
 
     def add_reader(self, rs: ReaderStats) -> None:
         """Add a reader's byte counts."""
@@ -63,6 +67,7 @@ class LoadStats:
         self.bytes_prefetched += rs.bytes_prefetched
         self.prefetch = rs.prefetch or self.prefetch
         self.bytes_filled += rs.bytes_filled
+        self.extents_native += rs.extents_native
 
 
 def cache_mode(policy: str | None, nbytes: int, cfg: Settings, stats: LoadStats) -> str:

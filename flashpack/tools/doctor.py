@@ -2,9 +2,10 @@
 
 Prints the kernel, liburing, ``kernel.io_uring_disabled``, RLIMIT_MEMLOCK, whether O_DIRECT open and
 read work for ``path`` (default: the current directory; a directory is tested with a temporary file
-in it), every reader backend with its reason or features, whether userfaultfd can fill load destinations, how the
-page cache is asked which pages it holds, whether the machine hands free memory back to its hypervisor (free
-page reporting), the FLASHPACK_* settings, and the GPU.
+in it), every reader backend with its reason or features, how an extent is copied (one C call or Python
+steps), whether userfaultfd can fill load destinations, how the page cache is asked which pages it holds,
+whether the machine hands free memory back to its hypervisor (free page reporting), the FLASHPACK_* settings,
+and the GPU.
 torch is imported only for the GPU line.
 """
 
@@ -53,6 +54,21 @@ def liburing_version() -> str:
             parts.append("package: " + ", ".join(lines))
             break
     return "; ".join(parts)
+
+
+def extent_copy() -> str:
+    """How the reader's worker threads copy an extent: one C call (``fp_copy_extent``, native/fp_copy.c) or the
+    Python steps, and what to install for the first."""
+    try:
+        from flashpack import _uring
+    except ImportError:
+        return ("Python steps (flashpack._uring not built): each worker gives up and takes back the GIL at every "
+                "step of an extent, slow while another thread runs Python; install liburing-dev and libxxhash-dev "
+                "(Debian/Ubuntu) and reinstall flashpack")
+    if _uring.lib.fp_copy_available():
+        return "one C call per extent (fp_copy_extent: the copy and its XXH3 hash, the GIL released once)"
+    return ("Python steps (flashpack._uring was built without xxhash.h): slow while another thread runs Python; "
+            "install libxxhash-dev (Debian/Ubuntu) or xxhash-devel (Fedora) and reinstall flashpack")
 
 
 def memlock() -> str:
@@ -195,6 +211,7 @@ def report(path: str) -> list[tuple[str, str]]:
             rows.append((f"backend {name}", f"available; features: {', '.join(sorted(info.features)) or '-'}"
                          if info.available else f"unavailable: {info.reason}"))
         rows.append(("backend auto", f"-> {resolve_backend('auto')}"))
+        rows.append(("extent copy", extent_copy()))
         from flashpack.io import uffd
 
         ok, why = uffd.probe()

@@ -1,0 +1,257 @@
+"""One extent copied and hashed in one C call: ``fp_copy_extent`` (native/fp_copy.c) and the worker path that uses
+it (``flashpack.io.base.read_extent`` through ``_read_extent_native``).
+
+Everything here runs against real files, a real userfaultfd region and the real system calls; the fault cases are
+made with real truncated files and a directory descriptor, not fakes (the faked-``preadv`` tests elsewhere turn the
+C path off and test the Python one).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+
+import flashpack
+import flashpack.io.base as io_base
+from flashpack.errors import ChecksumMismatchError, ReadError
+from flashpack import read_weight_map
+from flashpack.io import uffd
+from flashpack.io.base import Extent, FileHandles, read_extent
+from flashpack.io.protocol import ReaderStats
+from flashpack.settings import MiB
+
+from _helpers import flip_byte
+
+shim = io_base.native_copy
+pytestmark = pytest.mark.skipif(shim is None, reason="flashpack._uring was built without fp_copy_extent "
+                                                      "(no liburing or no xxhash.h at build time)")
+UFFD_OK, UFFD_WHY = uffd.probe()
+
+
+def random_file(tmp_path, nbytes: int, name: str = "data.bin") -> tuple[str, bytes]:
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, data
+
+
+def copy_request(**fields):
+    c = shim.ffi.new("struct fp_copy *")
+    c.fd = c.uffd = -1
+    for k, v in fields.items():
+        setattr(c, k, v)
+    return c
+
+
+@pytest.mark.parametrize("nbytes,piece,hash_nbytes", [
+    (3 * MiB + 123, MiB, 3 * MiB + 123),  # pieces that do not divide it; hash all
+    (3 * MiB + 123, 8 * MiB, MiB + 7),    # one piece; hash a prefix only
+    (4096, 1000, 0),                      # no hash
+])
+def test_pread_copies_and_hashes_like_the_python_package(tmp_path, nbytes, piece, hash_nbytes):
+    path, data = random_file(tmp_path, nbytes + 5000)
+    buf = bytearray(nbytes)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        c = copy_request(dst=io_base.buffer_address(memoryview(buf)), file_offset=5000, nbytes=nbytes,
+                         piece_nbytes=piece, hash_nbytes=hash_nbytes, fd=fd, mode=shim.lib.FP_COPY_PREAD)
+        assert shim.lib.fp_copy_extent(c) == 0
+    finally:
+        os.close(fd)
+    assert (c.done, c.error, c.hashed) == (nbytes, 0, hash_nbytes)
+    assert bytes(buf) == data[5000:5000 + nbytes]
+    if hash_nbytes:
+        assert c.digest == xxhash.xxh3_64_intdigest(data[5000:5000 + hash_nbytes])
+
+
+def test_pread_past_the_end_stops_short_without_error(tmp_path):
+    path, data = random_file(tmp_path, 10_000)
+    buf = bytearray(8192)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        c = copy_request(dst=io_base.buffer_address(memoryview(buf)), file_offset=4096, nbytes=8192,
+                         piece_nbytes=4096, hash_nbytes=8192, fd=fd, mode=shim.lib.FP_COPY_PREAD)
+        assert shim.lib.fp_copy_extent(c) == 0
+    finally:
+        os.close(fd)
+    assert (c.done, c.error, c.hashed) == (10_000 - 4096, 0, 10_000 - 4096)
+    assert bytes(buf[:c.done]) == data[4096:]
+
+
+def test_pread_error_is_the_kernels_errno(tmp_path):
+    fd = os.open(str(tmp_path), os.O_RDONLY)  # read(2) of a directory: EISDIR
+    buf = bytearray(4096)
+    try:
+        c = copy_request(dst=io_base.buffer_address(memoryview(buf)), nbytes=4096, piece_nbytes=4096, fd=fd,
+                         mode=shim.lib.FP_COPY_PREAD)
+        assert shim.lib.fp_copy_extent(c) == 0
+    finally:
+        os.close(fd)
+    assert (c.done, c.error) == (0, errno.EISDIR)
+
+
+@pytest.mark.parametrize("fields", [dict(mode=7, piece_nbytes=4096), dict(mode=0, piece_nbytes=0)])
+def test_bad_mode_or_piece_size_is_einval(fields):
+    assert shim.lib.fp_copy_extent(copy_request(nbytes=4096, **fields)) == -errno.EINVAL
+
+
+@pytest.mark.skipif(not UFFD_OK, reason=f"userfaultfd unavailable here: {UFFD_WHY}")
+def test_fill_copies_hashes_unmaps_and_reports_the_size(tmp_path):
+    path, data = random_file(tmp_path, 3 * MiB)
+    region = uffd.FillRegion.create(3 * MiB)
+    fd = os.open(path, os.O_RDONLY)
+    src = mmap.mmap(fd, 3 * MiB, prot=mmap.PROT_READ)
+    view = np.frombuffer(src, dtype=np.uint8)
+    src_address = view.ctypes.data
+    try:
+        c = copy_request(dst=region.address, src=src_address + MiB, file_offset=MiB, nbytes=2 * MiB,
+                         piece_nbytes=MiB // 2, hash_nbytes=2 * MiB - 10, fd=fd, uffd=region.uffd,
+                         mode=shim.lib.FP_COPY_FILL, unmap_src=1)
+        assert shim.lib.fp_copy_extent(c) == 0
+        assert (c.done, c.error, c.hashed, c.file_nbytes) == (2 * MiB, 0, 2 * MiB - 10, 3 * MiB)
+        assert c.digest == xxhash.xxh3_64_intdigest(data[MiB:3 * MiB - 10])
+        assert region.mapping[:2 * MiB] == data[MiB:3 * MiB]
+        # a page already there: EEXIST, nothing copied; after the release: ENOENT
+        again = copy_request(dst=region.address, src=src_address, nbytes=4096, piece_nbytes=4096, fd=fd,
+                             uffd=region.uffd, mode=shim.lib.FP_COPY_FILL)
+        assert shim.lib.fp_copy_extent(again) == 0 and (again.done, again.error) == (0, errno.EEXIST)
+        uffd_number = region.uffd
+        region.release()
+        gone = copy_request(dst=region.address + 2 * MiB, src=src_address, nbytes=4096, piece_nbytes=4096, fd=fd,
+                            uffd=uffd_number, mode=shim.lib.FP_COPY_FILL)
+        assert shim.lib.fp_copy_extent(gone) == 0 and gone.done == 0 and gone.error != 0
+    finally:
+        region.release()
+        del view
+        src.close()
+        os.close(fd)
+
+
+@pytest.mark.skipif(not UFFD_OK, reason=f"userfaultfd unavailable here: {UFFD_WHY}")
+def test_fill_from_a_truncated_file_is_efault_not_sigbus(tmp_path):
+    path, data = random_file(tmp_path, 2 * MiB)
+    region = uffd.FillRegion.create(2 * MiB)
+    fd = os.open(path, os.O_RDONLY)
+    src = mmap.mmap(fd, 2 * MiB, prot=mmap.PROT_READ)
+    view = np.frombuffer(src, dtype=np.uint8)
+    try:
+        os.truncate(path, MiB)  # the second MiB of the mapping is now past the end of the file
+        c = copy_request(dst=region.address, src=view.ctypes.data, nbytes=2 * MiB,
+                         piece_nbytes=2 * MiB, hash_nbytes=2 * MiB, fd=fd, uffd=region.uffd,
+                         mode=shim.lib.FP_COPY_FILL)
+        assert shim.lib.fp_copy_extent(c) == 0
+        assert c.error == errno.EFAULT and c.done == MiB and c.file_nbytes == -1
+        assert region.mapping[:MiB] == data[:MiB]
+    finally:
+        region.release()
+        del view
+        src.close()
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------- the worker path
+
+
+def _extent(buf: memoryview, file_offset: int, nbytes: int, hash_nbytes: int = 0) -> Extent:
+    ext = Extent(file_offset, nbytes, buf[:nbytes], 0)
+    if hash_nbytes:
+        ext.hasher, ext.hash_nbytes = xxhash.xxh3_64, hash_nbytes
+    return ext
+
+
+def test_read_extent_buffered_in_one_call(tmp_path):
+    path, data = random_file(tmp_path, 5 * MiB + 11)
+    files = FileHandles(path, direct="off")
+    buf = memoryview(bytearray(5 * MiB + 11))
+    st = ReaderStats()
+    try:
+        ext = _extent(buf, 0, 5 * MiB + 11, 5 * MiB + 11)
+        read_extent(files, ext, st)
+    finally:
+        files.close()
+    assert (st.extents, st.extents_native, st.bytes_buffered) == (1, 1, 5 * MiB + 11)
+    assert bytes(buf) == data and ext.digest == xxhash.xxh3_64_intdigest(data)
+
+
+def test_read_extent_of_a_shorter_file_names_file_offset_and_counts(tmp_path):
+    path, _ = random_file(tmp_path, 3 * MiB)
+    files = FileHandles(path, direct="off")
+    buf = memoryview(bytearray(2 * MiB))
+    try:
+        with pytest.raises(ReadError) as ei:
+            read_extent(files, _extent(buf, 2 * MiB, 2 * MiB), ReaderStats())
+    finally:
+        files.close()
+    msg = str(ei.value)
+    assert path in msg and str(2 * MiB) in msg and str(MiB) in msg, msg
+
+
+def test_read_extent_with_another_hasher_takes_the_python_path(tmp_path):
+    path, data = random_file(tmp_path, MiB)
+    files = FileHandles(path, direct="off")
+    buf = memoryview(bytearray(MiB))
+    st = ReaderStats()
+    try:
+        ext = Extent(0, MiB, buf, 0)
+        ext.hasher, ext.hash_nbytes = xxhash.xxh64, MiB
+        read_extent(files, ext, st)
+    finally:
+        files.close()
+    assert st.extents_native == 0 and ext.digest == xxhash.xxh64_intdigest(data) and bytes(buf) == data
+
+
+@pytest.mark.skipif(not UFFD_OK, reason=f"userfaultfd unavailable here: {UFFD_WHY}")
+def test_read_extent_fill_of_a_file_truncated_since_open_reports_the_short_read(tmp_path):
+    path, data = random_file(tmp_path, 4 * MiB)
+    region = uffd.FillRegion.create(4 * MiB)
+    files = FileHandles(path, cache="keep", fill=region)
+    st = ReaderStats()
+    try:
+        os.truncate(path, 3 * MiB + 100)
+        with pytest.raises(ReadError, match="shorter|short|truncat") as ei:
+            read_extent(files, _extent(memoryview(region.mapping), 0, 4 * MiB, 4 * MiB), st)
+        assert path in str(ei.value)
+        assert region.released  # a fill that stopped releases the region, so preadv could read the rest
+        assert region.mapping[:3 * MiB] == data[:3 * MiB]
+    finally:
+        files.close()
+        region.release()
+
+
+@pytest.mark.skipif(not UFFD_OK, reason=f"userfaultfd unavailable here: {UFFD_WHY}")
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_keep_loads_give_the_same_tensors_and_say_which_path(tmp_path, backend, monkeypatch, native):
+    monkeypatch.setenv("FLASHPACK_HUGE_PAGES", "off")  # the userfaultfd fill (4 KiB pages)
+    if not native:
+        monkeypatch.setattr(io_base, "native_copy", None)
+    torch.manual_seed(0)
+    sd = {"w": torch.randn(5 * MiB), "h": torch.randn(3 * MiB).half(), "i": torch.arange(999)}
+    path = str(tmp_path / "m.flashpack")
+    flashpack.pack_to_file(sd, path)
+    flashpack.load(path, backend=backend, cache="keep")  # cached now
+    stats = flashpack.LoadStats()
+    out = flashpack.load(path, backend=backend, cache="keep", stats=stats)
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+    assert stats.chunks_verified > 0 and stats.bytes_read > 0
+    assert (stats.extents_native > 0) == native, stats
+
+
+@pytest.mark.parametrize("where", [100, 6 * MiB + 3])
+def test_a_flipped_byte_is_caught_by_the_c_hash(tmp_path, backend, where):
+    torch.manual_seed(1)
+    sd = {"w": torch.randn(4 * MiB)}
+    path = str(tmp_path / "m.flashpack")
+    flashpack.pack_to_file(sd, path)
+    flip_byte(path, read_weight_map(path).tensors["w"].offset + where)
+    flashpack.load(path, backend=backend, cache="keep", verify=False)  # cached now: the copies come from the cache
+    stats = flashpack.LoadStats()
+    with pytest.raises(ChecksumMismatchError) as ei:
+        flashpack.load(path, backend=backend, cache="keep", stats=stats)
+    assert path in str(ei.value) and "'w'" in str(ei.value)
