@@ -266,6 +266,19 @@ struct fp_copy {
  */
 int fp_copy_extent(struct fp_copy *c);
 
+/*
+ * NAME
+ *     fp_copy_extents - fp_copy_extent for each of n requests, in order, in one call
+ * SYNOPSIS
+ *     int fp_copy_extents(struct fp_copy *c, unsigned n);
+ * DESCRIPTION
+ *     One call for a worker's batch of extents: the GIL is released once for all of them. A request that
+ *     fails (its error, a short read) does not stop the ones after it; each reports in its own struct.
+ * RETURN VALUE
+ *     0, or the first negative return of fp_copy_extent (nothing after that request was copied).
+ */
+int fp_copy_extents(struct fp_copy *c, unsigned n);
+
 /* 1 when fp_copy_extent was compiled in (xxhash.h was found at build time), else 0. */
 int fp_copy_available(void);
 

@@ -255,3 +255,71 @@ def test_a_flipped_byte_is_caught_by_the_c_hash(tmp_path, backend, where):
     with pytest.raises(ChecksumMismatchError) as ei:
         flashpack.load(path, backend=backend, cache="keep", stats=stats)
     assert path in str(ei.value) and "'w'" in str(ei.value)
+
+
+def test_read_extents_reports_each_extent_of_a_batch_on_its_own(tmp_path):
+    """A batch in one C call where the file ends inside the second extent: the first is read and hashed, the second
+    is a short read naming its offset, the third (wholly past the end) a short read too; nothing raises."""
+    path, data = random_file(tmp_path, MiB + 5000)
+    files = FileHandles(path, direct="off")
+    bufs = [memoryview(bytearray(MiB)) for _ in range(3)]
+    exts = [_extent(b, i * MiB, MiB, MiB) for i, b in enumerate(bufs)]
+    stats = [ReaderStats() for _ in exts]
+    try:
+        errors = io_base.read_extents(files, exts, stats)
+    finally:
+        files.close()
+    assert errors[0] is None and bytes(bufs[0]) == data[:MiB] and exts[0].digest == xxhash.xxh3_64_intdigest(data[:MiB])
+    assert isinstance(errors[1], ReadError) and str(MiB) in str(errors[1]) and path in str(errors[1])
+    assert isinstance(errors[2], ReadError)
+    assert [s.extents_native for s in stats] == [1, 1, 1] and stats[1].bytes_buffered == 5000
+    assert bytes(bufs[1][:5000]) == data[MiB:] and stats[2].bytes_buffered == 0
+
+
+@pytest.mark.parametrize("queue_depth,most", [(32, 4), (1, 1)])
+def test_cached_extents_go_to_a_worker_in_batches_within_queue_depth(tmp_path, monkeypatch, queue_depth, most):
+    """16 cached 8 MiB extents (threads backend, cache="keep", 4 KiB destination): batches of up to
+    COPY_BATCH_NBYTES, never more extents in tasks at once than queue_depth; queue_depth=1 keeps one at a time."""
+    import flashpack.io.threads as io_threads
+
+    monkeypatch.setenv("FLASHPACK_HUGE_PAGES", "off")
+    monkeypatch.setenv("FLASHPACK_QUEUE_DEPTH", str(queue_depth))
+    sizes, real = [], io_threads.read_extents
+
+    def recording(files, exts, stats):
+        sizes.append(len(exts))
+        return real(files, exts, stats)
+
+    monkeypatch.setattr(io_threads, "read_extents", recording)
+    monkeypatch.setattr(io_threads, "_CPUS", 2)  # this machine's; batches spread over min(free workers, CPUs)
+    sd = {"w": torch.arange(32 * MiB, dtype=torch.int32)}  # 128 MiB
+    path = str(tmp_path / "m.flashpack")
+    flashpack.pack_to_file(sd, path)
+    flashpack.load(path, backend="threads", cache="keep")  # cached now
+    sizes.clear()
+    stats = flashpack.LoadStats()
+    out = flashpack.load(path, backend="threads", cache="keep", stats=stats)
+    assert torch.equal(out["w"], sd["w"])
+    assert sum(sizes) == stats.extents_native >= 16 and max(sizes) == most, sizes
+    assert io_threads.COPY_BATCH_NBYTES // (8 * MiB) == 4
+
+
+def test_extents_waiting_for_read_ahead_are_not_batched(tmp_path, monkeypatch):
+    """A cold keep load: every extent waits for its read-ahead, so each goes to a worker alone."""
+    import flashpack.io.threads as io_threads
+    from flashpack.io.pagecache import drop_from_cache
+
+    monkeypatch.setenv("FLASHPACK_HUGE_PAGES", "off")
+    sizes, real = [], io_threads.read_extents
+    monkeypatch.setattr(io_threads, "read_extents", lambda f, e, s: (sizes.append(len(e)), real(f, e, s))[1])
+    sd = {"w": torch.arange(16 * MiB, dtype=torch.int32)}
+    path = str(tmp_path / "m.flashpack")
+    flashpack.pack_to_file(sd, path)
+    os.sync()
+    drop_from_cache(path)
+    stats = flashpack.LoadStats()
+    out = flashpack.load(path, backend="threads", cache="keep", stats=stats)
+    assert torch.equal(out["w"], sd["w"])
+    if stats.bytes_prefetched == 0:
+        pytest.skip("the kernel kept the file cached (drop refused): nothing was read ahead")
+    assert max(sizes) == 1 and stats.bytes_prefetched >= 8 * MiB, (sizes, stats)

@@ -21,12 +21,16 @@ import sys
 
 import pytest
 
+import flashpack.io.base
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERF = os.path.join(ROOT, "perf")
 PEER_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
 TIMEOUT_S = 420
 OURS = "--workdir {d} --out-dir {d} --name smoke --timeout-s 180 --size 4M --runs 1"
 
+#: bench_contended's copies: the C one where the shim has it (built with xxhash.h), and the Python steps.
+CONTENDED_COPIES = (["native"] if flashpack.io.base.native_copy is not None else []) + ["python"]
 #: script -> arguments of its one smoke run ({d}: a temporary folder).
 SMOKE = {
     "compare.py": OURS + " --loaders flashpack[threads],flashpack[uring],flashpack[mmap],safetensors.load_file,"
@@ -42,7 +46,7 @@ SMOKE = {
     "bench_hf.py": "--models synthetic --size 4M --runs 1 --workdir {d} --json {d}/smoke.json",
     "bench_dist.py": "--world-size 2 --size 4M --dir {d} --no-baseline --runs 1",
     "bench_lazy.py": "--size 4M --dir {d} --runs 1",
-    "bench_contended.py": "--size 4M --dir {d} --runs 1",
+    "bench_contended.py": "--size 4M --dir {d} --runs 1 --copy " + ",".join(CONTENDED_COPIES),
 }
 
 
@@ -98,11 +102,14 @@ def test_perf_script_smoke(script, tmp_path):
     elif script == "bench_lazy.py":
         assert re.search(r"^\| `[^|]*\| off \| (\d+) \| (\d+) \| \2 \| 0\.1", text, re.M), text[-3000:]  # rows only
         assert re.search(r"measured growth .*: within", text), text[-3000:]
-    elif script == "bench_contended.py":  # both modes measured, each a load of the whole 4 MiB pack
-        assert re.search(r"^sample run=0 mode=alone seconds=\d+\.\d{4} ", text, re.M), text[-3000:]
-        assert re.search(r"^sample run=0 mode=busy seconds=\d+\.\d{4} ", text, re.M), text[-3000:]
-        assert re.search(r"^\| main thread runs Python \| \S+ \| \d+\.\d{3} \|.*\| \d\.\d\d \|$", text, re.M), text[-3000:]
-        assert re.search(r"^busy / alone: \d+\.\d\dx the load time$", text, re.M), text[-3000:]
+    elif script == "bench_contended.py":  # both modes and both copies measured, each a load of the whole pack
+        for copy in CONTENDED_COPIES:
+            for mode in ("alone", "busy"):
+                assert re.search(rf"^sample run=0 copy={copy} mode={mode} seconds=\d+\.\d{{4}} ", text, re.M), \
+                    text[-3000:]
+            assert re.search(rf"^\| main thread runs Python, {copy} copy \| \S+ \| \d+\.\d{{3}} \|.*\| \d\.\d\d \|$",
+                             text, re.M), text[-3000:]
+            assert re.search(rf"^{copy} copy: busy / alone: \d+\.\d\dx the load time$", text, re.M), text[-3000:]
     if script in ("gpu_check.py", "bench_convert.py", "bench_lazy.py", "bench_contended.py"):
         assert not os.listdir(d), os.listdir(d)  # their files are removed afterwards
 

@@ -13,7 +13,6 @@ The protocol itself (and :class:`Extent`, :class:`Completion`, :class:`ReaderSta
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import ctypes
 import errno
 import fcntl
@@ -300,70 +299,108 @@ def read_extent(files: FileHandles, ext: Extent, stats: ReaderStats) -> None:
     descriptor when :meth:`FileHandles.use_direct` says so; the unaligned tail, and everything after a refused or
     unaligned direct read, goes through the buffered descriptor at the exact offset reached. With
     ``ext.hasher``, the worker hashes ``ext.dest[:ext.hash_nbytes]`` as it lands and sets ``ext.digest``.
+    Where the C shim has ``fp_copy_extent``, a fill or buffered read hashed with XXH3-64 (or not at all) is made in
+    one C call (:func:`read_extents`).
 
     Raises:
         ReadError: EIO and friends (naming the file, offset and length), or a short file.
     """
-    mv = ext.dest[: ext.nbytes] if ext.dest.nbytes != ext.nbytes else ext.dest
-    off, nbytes, done = ext.file_offset, ext.nbytes, 0
-    stats.extents += 1
-    hashing = ext.hasher is not None and 0 < ext.hash_nbytes <= nbytes
-    if native_copy is not None and nbytes > 0 and (not hashing or ext.hasher is xxhash.xxh3_64):
-        done = _read_extent_native(files, ext, mv, stats, hashing)
-        if done == nbytes:
-            return
-    hasher = ext.hasher() if hashing else None
-    hashed = 0
-
-    def landed(upto: int) -> None:  # hash what has landed, in this worker, while it is still in the CPU cache
-        nonlocal hashed
-        hi = min(upto, ext.hash_nbytes)
-        if hasher is not None and hi > hashed:
-            hasher.update(mv[hashed:hi])
-            hashed = hi
-
-    # done > 0: the C fill stopped partway (a truncated file, a refusal); the rest is read and all of it hashed here
-    if not done and files.fill is not None:
-        done = files.fill_copy(buffer_address(mv), off, nbytes, stats, landed)
-    if not done:
-        done = _read_direct(files, mv, off, nbytes, stats)
-    read_buffered(files, mv, off, done, nbytes, stats)
-    if hasher is not None:
-        landed(nbytes)
-        ext.digest = hasher.intdigest()
+    error = read_extents(files, [ext], [stats])[0]
+    if error is not None:
+        raise error
 
 
-def _read_extent_native(files: FileHandles, ext: Extent, mv: memoryview, stats: ReaderStats, hashing: bool) -> int:
-    """:func:`read_extent` in one C call (``fp_copy_extent``, native/fp_copy.c): the fill, or a buffered read,
-    of the whole extent, hashed (XXH3-64) as it lands, with the GIL released once instead of at every step.
+def native_batchable(files: FileHandles, ext: Extent) -> bool:
+    """Whether :func:`read_extents` copies ``ext`` in its one C call: the shim has ``fp_copy_extent``, the extent is
+    not empty, its hash (if any) is XXH3-64, and it is a fill or a buffered read (O_DIRECT reads stay in Python)."""
+    if native_copy is None or ext.nbytes <= 0:
+        return False
+    if ext.hasher is not None and 0 < ext.hash_nbytes <= ext.nbytes and ext.hasher is not xxhash.xxh3_64:
+        return False
+    try:
+        address = buffer_address(_dest(ext))
+    except (TypeError, ValueError):
+        return False  # a bad destination: read_extent reports it
+    if files.fill_length(address, ext.file_offset, ext.nbytes):
+        return True
+    fill = files.fill
+    return not (fill is not None and fill.covers(address, ext.nbytes)) and \
+        not files.use_direct(ext.file_offset, ext.nbytes, address)
+
+
+def read_extents(files: FileHandles, exts: list[Extent], stats: list[ReaderStats]) -> list[BaseException | None]:
+    """Read every extent of ``exts`` as :func:`read_extent` does, adding to ``stats[i]`` for ``exts[i]``; returns
+    each one's error (``None``: read, and hashed when asked).
+
+    The extents :func:`native_batchable` takes are copied in one C call for all of them (``fp_copy_extents``,
+    native/fp_copy.c): the GIL is released once for the batch, so a worker is not held up at every step by a
+    thread running Python meanwhile. The others, and the rest of a fill that stopped partway (a truncated file, a
+    refusal: the region is released first), are read by the Python steps.
+    """
+    n = len(exts)
+    errors: list[BaseException | None] = [None] * n
+    taken: list[int] = []
+    reqs = None
+    for i, ext in enumerate(exts):
+        stats[i].extents += 1
+        if native_batchable(files, ext):
+            if reqs is None:
+                reqs = native_copy.ffi.new("struct fp_copy[]", n)
+            _native_request(files, ext, reqs[len(taken)])
+            taken.append(i)
+    if taken:
+        rc = native_copy.lib.fp_copy_extents(reqs, len(taken))
+        if rc < 0:  # only a bad argument: never expected, never silent either
+            raise ReadError(-rc, f"fp_copy_extents refused a batch of {len(taken)} extents", files.path)
+    k = 0
+    for i, ext in enumerate(exts):
+        try:
+            done = 0
+            if k < len(taken) and taken[k] == i:
+                k += 1
+                done = _native_settle(files, ext, reqs[k - 1], stats[i])
+            if done < ext.nbytes or ext.nbytes == 0:
+                _read_python(files, ext, stats[i], done)
+        except Exception as e:  # noqa: BLE001 - handed to the caller with its extent
+            errors[i] = e
+    return errors
+
+
+def _dest(ext: Extent) -> memoryview:
+    return ext.dest[: ext.nbytes] if ext.dest.nbytes != ext.nbytes else ext.dest
+
+
+def _hashing(ext: Extent) -> bool:
+    return ext.hasher is not None and 0 < ext.hash_nbytes <= ext.nbytes
+
+
+def _native_request(files: FileHandles, ext: Extent, c) -> None:
+    """Fill ``c`` (a ``struct fp_copy``) for ``ext``, which :func:`native_batchable` took."""
+    off, nbytes = ext.file_offset, ext.nbytes
+    address = buffer_address(_dest(ext))
+    c.dst, c.file_offset, c.piece_nbytes, c.fd = address, off, FILL_PIECE_NBYTES, files.fd
+    c.hash_nbytes = ext.hash_nbytes if _hashing(ext) else 0
+    length = files.fill_length(address, off, nbytes)
+    uffd = files.fill.uffd if length else -1
+    if uffd >= 0:
+        c.mode, c.uffd, c.src, c.nbytes, c.unmap_src = (native_copy.lib.FP_COPY_FILL, uffd,
+                                                        files.source_address + off, length, 1)
+    else:  # no fill, or released since native_batchable looked: the region is ordinary memory now
+        c.mode, c.uffd, c.nbytes = native_copy.lib.FP_COPY_PREAD, -1, nbytes
+
+
+def _native_settle(files: FileHandles, ext: Extent, c, stats: ReaderStats) -> int:
+    """The result of ``ext``'s C copy ``c``: counted in ``stats``, ``ext.digest`` set when it is whole.
 
     Returns:
-        ``ext.nbytes`` when the extent is done (``ext.digest`` set when ``hashing``); else the bytes done from its
-        start: 0 for an extent it does not take (an O_DIRECT read), or where a fill stopped partway (the caller
-        reads the rest with preadv(2) and hashes the whole extent itself).
+        ``ext.nbytes`` when done; less where a fill stopped partway (the caller reads and hashes the rest).
 
     Raises:
         ReadError: a buffered read failed (naming the file, offset and length), or the file is shorter.
     """
-    ffi, lib = native_copy.ffi, native_copy.lib
     off, nbytes = ext.file_offset, ext.nbytes
-    address = buffer_address(mv)
-    c = ffi.new("struct fp_copy *")
-    c.dst, c.file_offset, c.piece_nbytes, c.fd = address, off, FILL_PIECE_NBYTES, files.fd
-    c.hash_nbytes = ext.hash_nbytes if hashing else 0
-    length = files.fill_length(address, off, nbytes)
-    uffd = files.fill.uffd if length else -1
-    if uffd >= 0:
-        c.mode, c.uffd, c.src, c.nbytes, c.unmap_src = lib.FP_COPY_FILL, uffd, files.source_address + off, length, 1
-    elif files.fill is not None and files.fill.covers(address, nbytes) or files.use_direct(off, nbytes, address):
-        return 0  # left to the Python path: a region that a fill cannot take (a page past the file), O_DIRECT
-    else:
-        c.mode, c.nbytes = lib.FP_COPY_PREAD, nbytes
-    rc = lib.fp_copy_extent(c)
-    if rc < 0:  # only a bad argument; never expected, but never silent either
-        raise ReadError(-rc, f"fp_copy_extent refused an extent of {nbytes} bytes at byte offset {off}", files.path)
     stats.extents_native += 1
-    if c.mode == lib.FP_COPY_FILL:
+    if c.mode == native_copy.lib.FP_COPY_FILL:
         done = files.fill_settle(off, nbytes, c.done, c.error, c.file_nbytes, stats)
         if done < nbytes:
             return done
@@ -375,9 +412,34 @@ def _read_extent_native(files: FileHandles, ext: Extent, mv: memoryview, stats: 
                                      f"{os.strerror(c.error)}", files.path)
         if c.done < nbytes:
             raise short_read_error(files.path, off, nbytes, c.done)
-    if hashing:
+    if _hashing(ext):
         ext.digest = c.digest
     return nbytes
+
+
+def _read_python(files: FileHandles, ext: Extent, stats: ReaderStats, done: int) -> None:
+    """The Python steps of :func:`read_extent` from byte ``done`` of the extent (> 0: after a C fill that stopped
+    partway; the whole extent is hashed here then)."""
+    mv = _dest(ext)
+    off, nbytes = ext.file_offset, ext.nbytes
+    hasher = ext.hasher() if _hashing(ext) else None
+    hashed = 0
+
+    def landed(upto: int) -> None:  # hash what has landed, in this worker, while it is still in the CPU cache
+        nonlocal hashed
+        hi = min(upto, ext.hash_nbytes)
+        if hasher is not None and hi > hashed:
+            hasher.update(mv[hashed:hi])
+            hashed = hi
+
+    if not done and files.fill is not None:
+        done = files.fill_copy(buffer_address(mv), off, nbytes, stats, landed)
+    if not done:
+        done = _read_direct(files, mv, off, nbytes, stats)
+    read_buffered(files, mv, off, done, nbytes, stats)
+    if hasher is not None:
+        landed(nbytes)
+        ext.digest = hasher.intdigest()
 
 
 def _read_direct(files: FileHandles, mv: memoryview, off: int, nbytes: int, stats: ReaderStats) -> int:
@@ -406,25 +468,6 @@ def _read_direct(files: FileHandles, mv: memoryview, off: int, nbytes: int, stat
             if n % PAGE_NBYTES:
                 break  # an unaligned count: the remainder must not go back to O_DIRECT
     return done
-
-
-def collect_futures(pending: "dict[cf.Future, Extent]", timeout_s: float | None, stats: ReaderStats) -> list[Completion]:
-    """Pop the finished futures of ``read_extent`` calls from ``pending`` (waiting up to ``timeout_s`` for
-    the first one) as completions, adding the stats of the successful ones."""
-    if not pending:
-        return []
-    done, _ = cf.wait(pending, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
-    out = []
-    for fut in done:
-        ext = pending.pop(fut)
-        if fut.cancelled():
-            out.append(Completion(ext, cf.CancelledError("read cancelled after an earlier error")))
-            continue
-        err = fut.exception()
-        if err is None:
-            stats.add(fut.result())
-        out.append(Completion(ext, err))
-    return out
 
 
 def check_count(option: str, value: int, most: int) -> int:

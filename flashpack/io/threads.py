@@ -1,7 +1,9 @@
 """The ``threads`` backend: a pool of threads, each issuing large ``preadv(2)`` calls.
 
 Each worker reads one whole extent at a time (:func:`flashpack.io.base.read_extent`): O_DIRECT into
-the destination for cold, aligned ranges, buffered for cached ranges and tails. ``os.preadv``
+the destination for cold, aligned ranges, buffered for cached ranges and tails; where the C shim has
+``fp_copy_extents``, consecutive fills and buffered reads that need no read-ahead go to one worker as a batch
+(up to ``COPY_BATCH_NBYTES``) copied in one C call. ``os.preadv``
 releases the GIL, so the workers' reads overlap with each other and with the caller's work. At most
 ``queue_depth`` extents are handed to the ``threads`` workers at once; the rest wait in a queue.
 """
@@ -14,7 +16,16 @@ import threading
 from collections import deque
 from typing import Iterable
 
-from .base import MAX_THREADS, Completion, Extent, FileHandles, ReaderBase, ReaderStats, collect_futures, read_extent
+from .base import MAX_THREADS, Completion, Extent, FileHandles, ReaderBase, ReaderStats, native_batchable, read_extents
+
+#: Most bytes of extents one task hands a worker at once, copied in one C call (``fp_copy_extents``): each return
+#: from C waits for the GIL, up to the switch interval (5 ms) while another thread runs Python. A batch is only made
+#: of extents that need no read-ahead and that the C copy takes (fills and buffered reads), and holds at most a fair
+#: share of what is queued per free worker (or CPU, if fewer), so a short queue still spreads out; the extents in all
+#: tasks together stay within ``queue_depth``.
+COPY_BATCH_NBYTES = 32 * 1024 * 1024
+#: CPUs this process may run on (sched_getaffinity(2)), read once: batches are spread over at most this many workers.
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 _shared_pool: tuple[int, cf.ThreadPoolExecutor] | None = None
 _shared_lock = threading.Lock()
@@ -66,7 +77,7 @@ class ThreadsReader(ReaderBase):
         self._queue: deque[Extent] = deque()
         self._ahead = 0  # extents at the head of _queue already queued for read-ahead (cache="keep")
         self._ready: dict[int, threading.Event] = {}  # id(extent) -> set once it was read ahead
-        self._pending: dict[cf.Future, Extent] = {}
+        self._pending: dict[cf.Future, list[Extent]] = {}  # a task -> its extents, in order
         self._cancelled: list[Completion] = []
 
     @classmethod
@@ -74,18 +85,19 @@ class ThreadsReader(ReaderBase):
         """Available wherever ``os.preadv`` exists (Linux, Python >= 3.7)."""
         return (True, "") if hasattr(os, "preadv") else (False, "os.preadv is missing on this platform")
 
-    def _work(self, ext: Extent, ready: threading.Event | None) -> ReaderStats:
-        st = ReaderStats()
-        if ready is not None:
+    def _work(self, exts: list[Extent], ready: threading.Event | None) -> list[tuple[ReaderStats, BaseException | None]]:
+        stats = [ReaderStats() for _ in exts]
+        if ready is not None:  # a batch of one
             ready.wait()  # cache="keep": the range is in the page cache (read ahead) before it is copied
             # counted once read ahead: how is known only then (the helper thread may have found populate refused)
-            st.bytes_prefetched += ext.nbytes
-            st.prefetch = self._files.prefetch_method
-        read_extent(self._files, ext, st)
-        return st
+            stats[0].bytes_prefetched += exts[0].nbytes
+            stats[0].prefetch = self._files.prefetch_method
+        return list(zip(stats, read_extents(self._files, exts, stats)))
 
     def _fill(self) -> None:
-        while self._queue and len(self._pending) < min(self.queue_depth, self.threads):
+        slots = min(self.queue_depth, self.threads)  # tasks at once; extents at once: at most queue_depth
+        while self._queue and len(self._pending) < slots and (held := sum(map(len, self._pending.values()))) < \
+                self.queue_depth:
             if self._pool is None:
                 self._pool = shared_pool()
             if self._ahead:
@@ -93,7 +105,27 @@ class ThreadsReader(ReaderBase):
             else:
                 self._read_ahead(self._queue[0])
             ext = self._queue.popleft()
-            self._pending[self._pool.submit(self._work, ext, self._ready.pop(id(ext), None))] = ext
+            ready = self._ready.pop(id(ext), None)
+            batch, nbytes = [ext], ext.nbytes
+            if ready is None and native_batchable(self._files, ext):
+                # ceil(queued / free workers, or CPUs if fewer: a copy from the page cache is CPU-bound), within
+                # queue_depth
+                spread = max(1, min(slots - len(self._pending), _CPUS))
+                share = min(self.queue_depth - held, -(-(len(self._queue) + 1) // spread))
+                while self._queue and len(batch) < share:
+                    nxt = self._queue[0]
+                    if nbytes + nxt.nbytes > COPY_BATCH_NBYTES:
+                        break
+                    if not self._ahead:
+                        self._read_ahead(nxt)
+                        self._ahead = 1
+                    if id(nxt) in self._ready or not native_batchable(self._files, nxt):
+                        break
+                    self._queue.popleft()
+                    self._ahead -= 1
+                    batch.append(nxt)
+                    nbytes += nxt.nbytes
+            self._pending[self._pool.submit(self._work, batch, ready)] = batch
         # cache="keep": the prefetcher reads the next queue_depth extents into the page cache while the workers
         # copy the ones before them (bypass loads skip the look-ahead: nothing to queue)
         while self._files.cache == "keep" and self._ahead < min(len(self._queue), self.queue_depth):
@@ -113,12 +145,34 @@ class ThreadsReader(ReaderBase):
 
     @property
     def in_flight(self) -> int:
-        return len(self._queue) + len(self._pending) + len(self._cancelled)
+        return len(self._queue) + sum(map(len, self._pending.values())) + len(self._cancelled)
 
     def wait(self, timeout_s: float | None = None) -> list[Completion]:
         out, self._cancelled = self._cancelled, []
-        out += collect_futures(self._pending, 0 if out else timeout_s, self.stats)
+        out += self._collect(0 if out else timeout_s)
         self._fill()
+        return out
+
+    def _collect(self, timeout_s: float | None) -> list[Completion]:
+        """The completions of the finished tasks (waiting up to ``timeout_s`` for the first one); the stats of the
+        extents read are added to the reader's."""
+        if not self._pending:
+            return []
+        done, _ = cf.wait(self._pending, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
+        out = []
+        for fut in done:
+            batch = self._pending.pop(fut)
+            if fut.cancelled():
+                out += [Completion(ext, cf.CancelledError("read cancelled after an earlier error")) for ext in batch]
+                continue
+            err = fut.exception()
+            if err is not None:
+                out += [Completion(ext, err) for ext in batch]
+                continue
+            for ext, (st, error) in zip(batch, fut.result()):
+                if error is None:
+                    self.stats.add(st)
+                out.append(Completion(ext, error))
         return out
 
     def cancel_pending(self) -> None:

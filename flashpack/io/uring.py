@@ -317,18 +317,22 @@ class UringReader(ReaderBase):
         """Whether the ring holds anything: extents in flight, or no-ops of failed submissions."""
         return self._ring is not None and _uring.lib.fp_ring_in_flight(self._ring) > 0
 
-    def _copy(self, ext: Extent) -> None:
+    def _copy(self, extents: list[Extent]) -> None:
         if self._copier is None:
             self._copier = ThreadsReader.sharing(self._files, self.stats, queue_depth=self.queue_depth,
                                                  threads=self.threads)
-        self._copier.submit([ext])
+        self._copier.submit(extents)
 
     def _pump(self) -> None:
-        """Hand queued extents to free ring slots or to the copier (never blocks)."""
+        """Hand queued extents to free ring slots or to the copier (never blocks).
+
+        Extents for the copier count against ``queue_depth`` like ring reads, and go to it together at the end, so
+        that consecutive ones can go to one worker as a batch."""
         lib = _uring.lib
         k = 0
         taken: list[Extent] = []
-        while self._queue and len(self._active) + self._copying() + k < self.queue_depth:
+        to_copy: list[Extent] = []
+        while self._queue and len(self._active) + self._copying() + len(to_copy) + k < self.queue_depth:
             ext = self._queue.popleft()
             try:
                 mv = ext.dest if ext.dest.nbytes == ext.nbytes else ext.dest[: ext.nbytes]
@@ -342,11 +346,11 @@ class UringReader(ReaderBase):
                 continue
             fill = self._files.fill
             if fill is not None and ext.nbytes and fill.covers(addr, ext.nbytes):
-                self._copy(ext)  # UFFDIO_COPY by the copier's threads: a ring read cannot write into the region
+                to_copy.append(ext)  # UFFDIO_COPY by the copier's threads: a ring read cannot write into the region
                 continue
             direct = self._files.use_direct(ext.file_offset, ext.nbytes, addr)
             if not direct and ext.nbytes >= POOL_MIN_NBYTES:
-                self._copy(ext)
+                to_copy.append(ext)
                 continue
             req = self._reqs[k]
             req.tag = self._next_tag
@@ -363,6 +367,8 @@ class UringReader(ReaderBase):
             self._next_tag += 1
             taken.append(ext)
             k += 1
+        if to_copy:
+            self._copy(to_copy)
         if not k:
             return
         rc = lib.fp_ring_submit(self._ring, k, self._reqs)
