@@ -1,5 +1,5 @@
 """One extent copied and hashed in one C call: ``fp_copy_extent`` (native/fp_copy.c) and the worker path that uses
-it (``flashpack.io.base.read_extent`` through ``_read_extent_native``).
+it (``flashpack.io.base.read_extent`` / ``read_extents``, and the ``threads`` reader's batches).
 
 Everything here runs against real files, a real userfaultfd region and the real system calls; the fault cases are
 made with real truncated files and a directory descriptor, not fakes (the faked-``preadv`` tests elsewhere turn the
@@ -323,3 +323,76 @@ def test_extents_waiting_for_read_ahead_are_not_batched(tmp_path, monkeypatch):
     if stats.bytes_prefetched == 0:
         pytest.skip("the kernel kept the file cached (drop refused): nothing was read ahead")
     assert max(sizes) == 1 and stats.bytes_prefetched >= 8 * MiB, (sizes, stats)
+
+
+def test_a_destination_shorter_than_the_extent_is_never_written_past(tmp_path):
+    """The C copy trusts its length: a destination shorter than ``nbytes`` must go to the Python steps (a short
+    read of the destination's size, nothing written past it)."""
+    path, data = random_file(tmp_path, 2 * MiB)
+    whole = bytearray(2 * MiB)
+    dest = memoryview(whole)[:MiB]
+    files = FileHandles(path, direct="off")
+    st = ReaderStats()
+    try:
+        errors = io_base.read_extents(files, [Extent(0, 2 * MiB, dest, 0)], [st])
+    finally:
+        files.close()
+    assert isinstance(errors[0], ReadError) and st.extents_native == 0
+    assert bytes(whole[MiB:]) == bytes(MiB)  # the canary half is untouched
+    assert bytes(whole[:MiB]) == data[:MiB]
+
+
+def test_one_bad_extent_fails_alone_in_its_batch(tmp_path, backend):
+    """A negative offset (C cannot take it) and a bytearray destination (not a memoryview) in the middle of good
+    extents: each fails on its own, the others are read, and nothing escapes submit() or wait()."""
+    path, data = random_file(tmp_path, 4 * MiB)
+    bufs = [memoryview(bytearray(MiB)) for _ in range(4)]
+    exts = [Extent(0, MiB, bufs[0], "a"), Extent(-4096, MiB, bufs[1], "negative"),
+            Extent(MiB, MiB, bytearray(MiB), "bytearray"), Extent(2 * MiB, MiB, bufs[3], "d")]
+    got = {}
+    with flashpack.io.open_reader(path, backend=backend, direct="off") as r:
+        r.submit(exts)
+        while r.in_flight:
+            for c in r.wait():
+                got[c.extent.tag] = c.error
+    assert got["a"] is None and got["d"] is None, got
+    assert got["negative"] is not None and got["bytearray"] is not None, got
+    assert bytes(bufs[0]) == data[:MiB] and bytes(bufs[3]) == data[2 * MiB:3 * MiB]
+
+
+def test_a_stale_or_xxhash_less_build_falls_back_to_the_python_steps():
+    class Lib:
+        def __init__(self, names, available=1):
+            for n in names:
+                setattr(self, n, lambda *a: available)
+
+    class Shim:
+        def __init__(self, lib):
+            self.lib = lib
+
+    full = ("fp_copy_available", "fp_copy_extent", "fp_copy_extents")
+    assert io_base.usable_copy_shim(None) is None
+    assert io_base.usable_copy_shim(Shim(Lib(()))) is None  # built before fp_copy_extent
+    assert io_base.usable_copy_shim(Shim(Lib(full[:2]))) is None  # built before fp_copy_extents
+    assert io_base.usable_copy_shim(Shim(Lib(full, available=0))) is None  # compiled to the stub (no xxhash 0.8)
+    ok = Shim(Lib(full))
+    assert io_base.usable_copy_shim(ok) is ok
+    assert io_base.usable_copy_shim(shim) is shim  # this build
+
+
+def test_many_small_cached_extents_are_spread_over_the_cpus(tmp_path, monkeypatch):
+    """1000 cached 64 KiB extents, queue_depth 32, 2 CPUs: a batch holds at most ceil(32 / 2) extents (a fair share
+    of what queue_depth leaves free, not of the whole queue), and several copy at once."""
+    import flashpack.io.threads as io_threads
+
+    monkeypatch.setattr(io_threads, "_CPUS", 2)
+    sizes, real = [], io_threads.read_extents
+    monkeypatch.setattr(io_threads, "read_extents", lambda f, e, s: (sizes.append(len(e)), real(f, e, s))[1])
+    path, data = random_file(tmp_path, 1000 * 65536)
+    with open(path, "rb") as f:
+        f.read()  # cached
+    bufs = [memoryview(bytearray(65536)) for _ in range(1000)]
+    with flashpack.io.open_reader(path, backend="threads", direct="auto", queue_depth=32, threads=16) as r:
+        io_base.read_all(r, [Extent(i * 65536, 65536, b, i) for i, b in enumerate(bufs)])
+    assert sum(sizes) == 1000 and max(sizes) <= 16 and len(sizes) >= 1000 // 16, sizes[:20]
+    assert all(bytes(bufs[i]) == data[i * 65536:(i + 1) * 65536] for i in range(0, 1000, 97))

@@ -55,9 +55,21 @@ try:  # the C shim: fp_copy_extent copies (and hashes) a whole extent with the G
     from .. import _uring as _shim
 except ImportError:  # built without liburing, or not built at all: extents are copied by the Python path
     _shim = None
-#: ``flashpack._uring`` when its ``fp_copy_extent`` was compiled in (xxhash.h found at build time), else ``None``.
+
+
+def usable_copy_shim(shim):
+    """``shim`` when it has ``fp_copy_available``, ``fp_copy_extent`` and ``fp_copy_extents`` and the first says the
+    copy was compiled in (xxhash >= 0.8 headers at build time), else ``None``: a stale build of the extension from
+    before them, or one built without xxhash, leaves extents to the Python steps instead of failing the import."""
+    lib = getattr(shim, "lib", None)
+    if lib is None or not all(hasattr(lib, f) for f in ("fp_copy_available", "fp_copy_extent", "fp_copy_extents")):
+        return None
+    return shim if lib.fp_copy_available() else None
+
+
+#: ``flashpack._uring`` where its one-call extent copy is usable (:func:`usable_copy_shim`), else ``None``.
 #: Tests that fake :data:`_preadv` or ``FillRegion.copy`` set it to ``None``: the C path makes neither call.
-native_copy = _shim if _shim is not None and _shim.lib.fp_copy_available() else None
+native_copy = usable_copy_shim(_shim)
 
 _notice_lock = threading.Lock()
 _notices: set[str] = set()
@@ -181,6 +193,13 @@ class FileHandles:
     def source_address(self) -> int:
         """Address of the read-only shared mapping of the file that fills copy from (0: none)."""
         return self._source
+
+    def copies_from_cache(self, address: int, file_offset: int, nbytes: int) -> bool:
+        """Whether reading the range is a copy out of the page cache (CPU-bound, no disk wait): a fill, or a range
+        the residency snapshot at open found mostly cached (unknown counts as not)."""
+        if self.fill_length(address, file_offset, nbytes):
+            return True
+        return self._resident is not None and self._resident.fraction(file_offset, nbytes) >= 0.5
 
     def fill_length(self, address: int, file_offset: int, nbytes: int) -> int:
         """Bytes a fill of ``[file_offset, file_offset + nbytes)`` at ``address`` copies: ``nbytes`` rounded up to
@@ -312,20 +331,25 @@ def read_extent(files: FileHandles, ext: Extent, stats: ReaderStats) -> None:
 
 def native_batchable(files: FileHandles, ext: Extent) -> bool:
     """Whether :func:`read_extents` copies ``ext`` in its one C call: the shim has ``fp_copy_extent``, the extent is
-    not empty, its hash (if any) is XXH3-64, and it is a fill or a buffered read (O_DIRECT reads stay in Python)."""
-    if native_copy is None or ext.nbytes <= 0:
-        return False
-    if ext.hasher is not None and 0 < ext.hash_nbytes <= ext.nbytes and ext.hasher is not xxhash.xxh3_64:
+    not empty and starts at a byte offset >= 0, its destination is a writable, C-contiguous buffer of at least
+    ``ext.nbytes`` bytes, its hash (if any) is XXH3-64, and it is a fill or a buffered read (O_DIRECT reads stay in
+    Python). Never raises: anything it cannot judge goes to the Python steps, which report it for that extent."""
+    if native_copy is None or ext.nbytes <= 0 or ext.file_offset < 0:
         return False
     try:
-        address = buffer_address(_dest(ext))
-    except (TypeError, ValueError):
-        return False  # a bad destination: read_extent reports it
-    if files.fill_length(address, ext.file_offset, ext.nbytes):
-        return True
-    fill = files.fill
-    return not (fill is not None and fill.covers(address, ext.nbytes)) and \
-        not files.use_direct(ext.file_offset, ext.nbytes, address)
+        if _hashing(ext) and ext.hasher is not xxhash.xxh3_64:
+            return False
+        mv = _dest(ext)
+        if mv.nbytes < ext.nbytes or not mv.c_contiguous or mv.readonly:
+            return False
+        address = buffer_address(mv)
+        if files.fill_length(address, ext.file_offset, ext.nbytes):
+            return True
+        fill = files.fill
+        return not (fill is not None and fill.covers(address, ext.nbytes)) and \
+            not files.use_direct(ext.file_offset, ext.nbytes, address)
+    except Exception:  # noqa: BLE001 - not a destination this can take (a bytearray, a read-only buffer...)
+        return False
 
 
 def read_extents(files: FileHandles, exts: list[Extent], stats: list[ReaderStats]) -> list[BaseException | None]:
@@ -346,7 +370,10 @@ def read_extents(files: FileHandles, exts: list[Extent], stats: list[ReaderStats
         if native_batchable(files, ext):
             if reqs is None:
                 reqs = native_copy.ffi.new("struct fp_copy[]", n)
-            _native_request(files, ext, reqs[len(taken)])
+            try:
+                _native_request(files, ext, reqs[len(taken)])
+            except Exception:  # noqa: BLE001 - a value C cannot take: the Python steps read it, or report why
+                continue
             taken.append(i)
     if taken:
         rc = native_copy.lib.fp_copy_extents(reqs, len(taken))
@@ -407,8 +434,8 @@ def _native_settle(files: FileHandles, ext: Extent, c, stats: ReaderStats) -> in
     else:
         stats.bytes_buffered += c.done
         if c.error:
-            want = min(nbytes - c.done, FILL_PIECE_NBYTES)
-            raise ReadError(c.error, f"read of {want} bytes at byte offset {off + c.done} failed: "
+            want = min(nbytes - c.done, FILL_PIECE_NBYTES)  # what was left of the failing piece
+            raise ReadError(c.error, f"read of up to {want} bytes at byte offset {off + c.done} failed: "
                                      f"{os.strerror(c.error)}", files.path)
         if c.done < nbytes:
             raise short_read_error(files.path, off, nbytes, c.done)

@@ -76,8 +76,8 @@ class ReaderStats:
     ``bytes_prefetched``: bytes read ahead into the page cache (``cache="keep"``) before their copy, and
     ``prefetch`` how (``"populate_read"``, ``"willneed"``, ``""`` when nothing was). ``bytes_filled``: of
     ``bytes_buffered``, those copied from the page cache with userfaultfd's ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`).
-    ``extents_native``: of ``extents``, those copied and hashed in one C call (``fp_copy_extent``, native/fp_copy.c)
-    by a worker thread.
+    ``extents_native``: of ``extents``, those a worker thread handed to the C copy (``fp_copy_extent``,
+    native/fp_copy.c: copied and hashed in one call; a fill that stopped partway is finished by the Python steps).
     """
 
     bytes_direct: int = 0

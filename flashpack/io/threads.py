@@ -16,7 +16,8 @@ import threading
 from collections import deque
 from typing import Iterable
 
-from .base import MAX_THREADS, Completion, Extent, FileHandles, ReaderBase, ReaderStats, native_batchable, read_extents
+from .base import (MAX_THREADS, Completion, Extent, FileHandles, ReaderBase, ReaderStats, buffer_address,
+                   native_batchable, read_extents)
 
 #: Most bytes of extents one task hands a worker at once, copied in one C call (``fp_copy_extents``): each return
 #: from C waits for the GIL, up to the switch interval (5 ms) while another thread runs Python. A batch is only made
@@ -100,18 +101,20 @@ class ThreadsReader(ReaderBase):
                 self.queue_depth:
             if self._pool is None:
                 self._pool = shared_pool()
-            if self._ahead:
-                self._ahead -= 1
-            else:
+            if not self._ahead:
                 self._read_ahead(self._queue[0])
+                self._ahead = 1
+            head = self._queue[0]
+            batching = id(head) not in self._ready and self._batchable(head)
             ext = self._queue.popleft()
+            self._ahead -= 1
             ready = self._ready.pop(id(ext), None)
             batch, nbytes = [ext], ext.nbytes
-            if ready is None and native_batchable(self._files, ext):
-                # ceil(queued / free workers, or CPUs if fewer: a copy from the page cache is CPU-bound), within
-                # queue_depth
+            if batching:
+                # ceil(what is queued, within the free queue_depth / free workers, or CPUs if fewer: a copy out of
+                # the page cache is CPU-bound)
                 spread = max(1, min(slots - len(self._pending), _CPUS))
-                share = min(self.queue_depth - held, -(-(len(self._queue) + 1) // spread))
+                share = -(-min(len(self._queue) + 1, self.queue_depth - held) // spread)
                 while self._queue and len(batch) < share:
                     nxt = self._queue[0]
                     if nbytes + nxt.nbytes > COPY_BATCH_NBYTES:
@@ -119,7 +122,7 @@ class ThreadsReader(ReaderBase):
                     if not self._ahead:
                         self._read_ahead(nxt)
                         self._ahead = 1
-                    if id(nxt) in self._ready or not native_batchable(self._files, nxt):
+                    if id(nxt) in self._ready or not self._batchable(nxt):
                         break
                     self._queue.popleft()
                     self._ahead -= 1
@@ -131,6 +134,16 @@ class ThreadsReader(ReaderBase):
         while self._files.cache == "keep" and self._ahead < min(len(self._queue), self.queue_depth):
             self._read_ahead(self._queue[self._ahead])
             self._ahead += 1
+
+    def _batchable(self, ext: Extent) -> bool:
+        """Whether ``ext`` may share a worker with its neighbours: the C copy takes it and it is a copy out of the
+        page cache (a cold buffered read waits for the disk, and more of them in flight read faster). Never raises."""
+        if not native_batchable(self._files, ext):
+            return False
+        try:
+            return self._files.copies_from_cache(buffer_address(ext.dest), ext.file_offset, ext.nbytes)
+        except Exception:  # noqa: BLE001 - native_batchable judged the destination already; be safe anyway
+            return False
 
     def _read_ahead(self, ext: Extent) -> None:
         ready = self._files.read_ahead(ext.file_offset, ext.nbytes)

@@ -340,7 +340,7 @@ class UringReader(ReaderBase):
                     raise ValueError(f"destination of {mv.nbytes} bytes (readonly={mv.readonly}, "
                                      f"contiguous={mv.c_contiguous}) cannot take {ext.nbytes} bytes")
                 addr = buffer_address(mv) if ext.nbytes else 0
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, AttributeError) as e:  # AttributeError: not a memoryview
                 self._cancelled.append(Completion(ext, ValueError(f"bad extent at byte offset {ext.file_offset} "
                                                                   f"of {self.path}: {e}")))
                 continue
