@@ -8,6 +8,7 @@ C path off and test the Python one).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -102,15 +103,27 @@ def test_bad_mode_or_piece_size_is_einval(fields):
     assert shim.lib.fp_copy_extent(copy_request(nbytes=4096, **fields)) == -errno.EINVAL
 
 
+@contextlib.contextmanager
+def fill_source(path: str, nbytes: int):
+    """``(region, fd, src_address)``: a userfaultfd region of ``nbytes`` and a read-only shared mapping of ``path``
+    (its first ``nbytes``) to fill it from; everything released on exit."""
+    region = uffd.FillRegion.create(nbytes)
+    fd = os.open(path, os.O_RDONLY)
+    src = mmap.mmap(fd, nbytes, prot=mmap.PROT_READ)
+    view = np.frombuffer(src, dtype=np.uint8)
+    try:
+        yield region, fd, view.ctypes.data
+    finally:
+        region.release()
+        del view
+        src.close()
+        os.close(fd)
+
+
 @pytest.mark.skipif(not UFFD_OK, reason=f"userfaultfd unavailable here: {UFFD_WHY}")
 def test_fill_copies_hashes_unmaps_and_reports_the_size(tmp_path):
     path, data = random_file(tmp_path, 3 * MiB)
-    region = uffd.FillRegion.create(3 * MiB)
-    fd = os.open(path, os.O_RDONLY)
-    src = mmap.mmap(fd, 3 * MiB, prot=mmap.PROT_READ)
-    view = np.frombuffer(src, dtype=np.uint8)
-    src_address = view.ctypes.data
-    try:
+    with fill_source(path, 3 * MiB) as (region, fd, src_address):
         c = copy_request(dst=region.address, src=src_address + MiB, file_offset=MiB, nbytes=2 * MiB,
                          piece_nbytes=MiB // 2, hash_nbytes=2 * MiB - 10, fd=fd, uffd=region.uffd,
                          mode=shim.lib.FP_COPY_FILL, unmap_src=1)
@@ -127,33 +140,19 @@ def test_fill_copies_hashes_unmaps_and_reports_the_size(tmp_path):
         gone = copy_request(dst=region.address + 2 * MiB, src=src_address, nbytes=4096, piece_nbytes=4096, fd=fd,
                             uffd=uffd_number, mode=shim.lib.FP_COPY_FILL)
         assert shim.lib.fp_copy_extent(gone) == 0 and gone.done == 0 and gone.error != 0
-    finally:
-        region.release()
-        del view
-        src.close()
-        os.close(fd)
 
 
 @pytest.mark.skipif(not UFFD_OK, reason=f"userfaultfd unavailable here: {UFFD_WHY}")
 def test_fill_from_a_truncated_file_is_efault_not_sigbus(tmp_path):
     path, data = random_file(tmp_path, 2 * MiB)
-    region = uffd.FillRegion.create(2 * MiB)
-    fd = os.open(path, os.O_RDONLY)
-    src = mmap.mmap(fd, 2 * MiB, prot=mmap.PROT_READ)
-    view = np.frombuffer(src, dtype=np.uint8)
-    try:
+    with fill_source(path, 2 * MiB) as (region, fd, src_address):
         os.truncate(path, MiB)  # the second MiB of the mapping is now past the end of the file
-        c = copy_request(dst=region.address, src=view.ctypes.data, nbytes=2 * MiB,
+        c = copy_request(dst=region.address, src=src_address, nbytes=2 * MiB,
                          piece_nbytes=2 * MiB, hash_nbytes=2 * MiB, fd=fd, uffd=region.uffd,
                          mode=shim.lib.FP_COPY_FILL)
         assert shim.lib.fp_copy_extent(c) == 0
         assert c.error == errno.EFAULT and c.done == MiB and c.file_nbytes == -1
         assert region.mapping[:MiB] == data[:MiB]
-    finally:
-        region.release()
-        del view
-        src.close()
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------- the worker path

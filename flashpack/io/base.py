@@ -339,7 +339,7 @@ def native_batchable(files: FileHandles, ext: Extent) -> bool:
     try:
         if _hashing(ext) and ext.hasher is not xxhash.xxh3_64:
             return False
-        mv = _dest(ext)
+        mv = extent_dest(ext)
         if mv.nbytes < ext.nbytes or not mv.c_contiguous or mv.readonly:
             return False
         address = buffer_address(mv)
@@ -360,6 +360,9 @@ def read_extents(files: FileHandles, exts: list[Extent], stats: list[ReaderStats
     native/fp_copy.c): the GIL is released once for the batch, so a worker is not held up at every step by a
     thread running Python meanwhile. The others, and the rest of a fill that stopped partway (a truncated file, a
     refusal: the region is released first), are read by the Python steps.
+
+    Raises:
+        ReadError: only if the C call refuses the batch itself (a bad mode or piece size: never expected).
     """
     n = len(exts)
     errors: list[BaseException | None] = [None] * n
@@ -393,7 +396,8 @@ def read_extents(files: FileHandles, exts: list[Extent], stats: list[ReaderStats
     return errors
 
 
-def _dest(ext: Extent) -> memoryview:
+def extent_dest(ext: Extent) -> memoryview:
+    """``ext.dest`` cut to ``ext.nbytes`` (it may be longer). Raises AttributeError when it is not a memoryview."""
     return ext.dest[: ext.nbytes] if ext.dest.nbytes != ext.nbytes else ext.dest
 
 
@@ -404,7 +408,7 @@ def _hashing(ext: Extent) -> bool:
 def _native_request(files: FileHandles, ext: Extent, c) -> None:
     """Fill ``c`` (a ``struct fp_copy``) for ``ext``, which :func:`native_batchable` took."""
     off, nbytes = ext.file_offset, ext.nbytes
-    address = buffer_address(_dest(ext))
+    address = buffer_address(extent_dest(ext))
     c.dst, c.file_offset, c.piece_nbytes, c.fd = address, off, FILL_PIECE_NBYTES, files.fd
     c.hash_nbytes = ext.hash_nbytes if _hashing(ext) else 0
     length = files.fill_length(address, off, nbytes)
@@ -447,7 +451,7 @@ def _native_settle(files: FileHandles, ext: Extent, c, stats: ReaderStats) -> in
 def _read_python(files: FileHandles, ext: Extent, stats: ReaderStats, done: int) -> None:
     """The Python steps of :func:`read_extent` from byte ``done`` of the extent (> 0: after a C fill that stopped
     partway; the whole extent is hashed here then)."""
-    mv = _dest(ext)
+    mv = extent_dest(ext)
     off, nbytes = ext.file_offset, ext.nbytes
     hasher = ext.hasher() if _hashing(ext) else None
     hashed = 0

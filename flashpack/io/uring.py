@@ -34,7 +34,7 @@ from typing import Iterable
 from ..errors import BackendUnavailableError, ReadError, short_read_error
 from ..settings import GiB, Settings
 from ..settings import settings as _settings
-from .base import Completion, Extent, ReaderBase, buffer_address, common_features, notice_once
+from .base import Completion, Extent, ReaderBase, buffer_address, common_features, extent_dest, notice_once
 from .protocol import c_error
 from .threads import ThreadsReader
 
@@ -335,7 +335,7 @@ class UringReader(ReaderBase):
         while self._queue and len(self._active) + self._copying() + len(to_copy) + k < self.queue_depth:
             ext = self._queue.popleft()
             try:
-                mv = ext.dest if ext.dest.nbytes == ext.nbytes else ext.dest[: ext.nbytes]
+                mv = extent_dest(ext)
                 if mv.nbytes < ext.nbytes or not mv.c_contiguous or mv.readonly or ext.nbytes < 0:
                     raise ValueError(f"destination of {mv.nbytes} bytes (readonly={mv.readonly}, "
                                      f"contiguous={mv.c_contiguous}) cannot take {ext.nbytes} bytes")
