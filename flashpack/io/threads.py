@@ -86,7 +86,8 @@ class ThreadsReader(ReaderBase):
         """Available wherever ``os.preadv`` exists (Linux, Python >= 3.7)."""
         return (True, "") if hasattr(os, "preadv") else (False, "os.preadv is missing on this platform")
 
-    def _work(self, exts: list[Extent], ready: threading.Event | None) -> list[tuple[ReaderStats, BaseException | None]]:
+    def _work(self, exts: list[Extent],
+              ready: threading.Event | None) -> list[tuple[ReaderStats, BaseException | None]]:
         stats = [ReaderStats() for _ in exts]
         if ready is not None:  # a batch of one
             ready.wait()  # cache="keep": the range is in the page cache (read ahead) before it is copied
