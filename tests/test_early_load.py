@@ -56,12 +56,27 @@ def loads(monkeypatch):
     return calls
 
 
-def test_from_flashpack_loads_on_the_early_thread_while_building(tmp_path, loads, backend):
+def test_from_flashpack_loads_on_the_early_thread_while_building(tmp_path, loads, backend, monkeypatch):
     src = Net(64)
     path = tmp_path / "net.flashpack"
     src.save_flashpack(path)
     seen_during_build = []
-    m = Net.from_flashpack(path, 64, hook=lambda: seen_during_build.append(early_threads()), backend=backend)
+    # the read is held at its start until __init__ has looked, so the check does not depend on how fast a 33 KiB
+    # read is (CI once saw it finish before __init__ ran)
+    gate = threading.Event()
+    spy = deser.load
+
+    def held(path, **kw):
+        assert gate.wait(timeout=30), "__init__ never ran while the early load waited"
+        return spy(path, **kw)
+
+    monkeypatch.setattr(deser, "load", held)
+
+    def hook():
+        seen_during_build.append(early_threads())
+        gate.set()
+
+    m = Net.from_flashpack(path, 64, hook=hook, backend=backend)
     assert seen_during_build == [["flashpack-early-load"]]  # the read was running while __init__ ran
     assert [(name, outcome) for name, _, outcome in loads] == [("flashpack-early-load", "ok")]  # loaded once
     for k, v in src.state_dict().items():
