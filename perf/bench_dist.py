@@ -13,8 +13,9 @@ the ``init_process_group`` handshake are left out. The configurations alternate 
 every configuration, then run 1, ...), so a slow moment of a shared machine does not land on one of them.
 
 ``--cache`` is the page-cache policy (``both``: ``keep`` and ``bypass`` side by side). With ``keep`` (or
-``auto`` on a file that fits), ranks on this one host each read the whole file through the page cache and
-exchange nothing; with ``bypass`` each reads a share with O_DIRECT and the shares are exchanged.
+``auto`` on a file that fits), rank 0 of this one host reads the whole file through the page cache into shared
+memory that the other ranks map, and nothing is exchanged; with ``bypass`` each reads a share with O_DIRECT and the
+shares are exchanged.
 
 Prints an environment header, one ``sample`` line per rank and run, and one ``result`` line per world
 size, exchange and cache policy: the median over ``--runs`` of the wall time (the slowest rank), bytes read

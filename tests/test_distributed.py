@@ -69,6 +69,7 @@ def _files(folder: Path) -> dict[str, str]:
     paths = {
         "mixed": mixed,
         "huge": {"w": torch.randn(300_007, generator=g)},  # one tensor spanning every share
+        "big": {"w": torch.randn(1_500_007, generator=g), "b": torch.randn(7, generator=g).bfloat16()},  # >= 4 MiB
         "zeros_only": {"a": torch.empty(0), "b": torch.empty(0, 3, dtype=torch.bfloat16)},
         "empty": {},
     }
@@ -126,7 +127,8 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
         res[label] = {"digests": digests(sd), "bytes_read": stats.bytes_read, "chunks": stats.chunks_verified,
                       "allocations": len(mappings_holding(sd.values())), "alias_same": sd.get("alias_f32") is sd.get("f32") if sd else None,
                       "cache": stats.cache, "cache_reason": stats.cache_reason, "direct": stats.bytes_direct,
-                      "memory": stats.memory, "maps": mapping_of(next(iter(sd.values()), None))}
+                      "memory": stats.memory, "maps": mapping_of(next(iter(sd.values()), None)),
+                      "filled": stats.bytes_filled}
         return sd
 
     for name in ("mixed", "huge", "zeros_only", "empty", "tied"):
@@ -170,6 +172,7 @@ def _worker(rank: int, world: int, port: int, files: dict[str, str], out: str) -
     dist.barrier()
     res["shared_after_write"] = digests(shared)
     del shared
+    run("shared_big", lambda st: flashpack.load(files["big"], process_group="default", stats=st))
     run("shared_keys", lambda st: flashpack.load(files["mixed"], keys=["bf16", "alias_f32", "empty_i8"],
                                                  process_group="default", stats=st))
     run("shared_corrupt", lambda st: flashpack.load(files["corrupt"], process_group="default", stats=st))
@@ -378,6 +381,21 @@ def test_ranks_on_one_host_share_one_read_through_sealed_shared_memory(world, fi
     keys, kst = _single(files["mixed"], keys=["bf16", "alias_f32", "empty_i8"])
     assert all(res[r]["shared_keys"]["digests"] == keys for r in range(w))
     assert [res[r]["shared_keys"]["bytes_read"] for r in range(w)] == [kst.bytes_read] + [0] * (w - 1)
+
+
+def test_shared_memory_of_4_mib_or_more_is_filled_with_uffdio_copy(world, files):
+    """Rank 0 fills the memory file's shmem pages with UFFDIO_COPY from the page cache (no fault and no zeroed
+    page per 4 KiB; measured in perf/bench_dist.py): every byte it read went through the fill, and the result is
+    the single-process load's, in every rank."""
+    w, res = world
+    expect, st = _single(files["big"])
+    for r in range(w):
+        got = res[r]["shared_big"]
+        assert got["digests"] == expect and got["maps"] == "/memfd:flashpack:big.flashpack (deleted)"
+        if r == 0:
+            assert got["memory"] == "memfd+uffd" and got["filled"] == got["bytes_read"] == st.bytes_read > 4 << 20
+        else:
+            assert (got["memory"], got["filled"], got["bytes_read"]) == ("memfd (mapped)", 0, 0)
 
 
 def test_a_rank_that_cannot_map_the_shared_memory_reads_the_file_itself(world, files):

@@ -194,6 +194,56 @@ def test_shared_buffer_sealed_and_mapped_copy_on_write():
         os.close(fd)
 
 
+def test_shared_buffer_of_4_mib_is_filled_with_uffdio_copy_then_sealed(tmp_path, monkeypatch):
+    """A shared destination of >= 4 MiB is registered with a userfaultfd (kind "memfd+uffd"): a keep load given its
+    region fills every shmem page with UFFDIO_COPY, releases it, and the memory file then seals and maps as one
+    that was faulted in. Refused (a kernel without userfaultfd on shmem), it is plain "memfd", asked once."""
+    from flashpack.io import uffd
+    from flashpack.loading.common import assemble, prepare
+    from flashpack.loading.host import read_into
+    from flashpack.settings import settings
+    from flashpack.source import read_pack_map
+
+    if not uffd.probe()[0]:
+        pytest.skip(f"userfaultfd refused here: {uffd.probe()[1]}")
+    sd = {"w": torch.randn(1_200_000), "i": torch.arange(1001, dtype=torch.int16)}
+    path = tmp_path / "m.flashpack"
+    flashpack.pack_to_file(sd, path)
+    cfg = settings()
+    job = prepare(read_pack_map(str(path)), None, verify=True, cfg=cfg)
+    fd, b = memory.shared_buffer(job.plan.buffer_nbytes, name="flashpack:test")
+    try:
+        assert b.kind == "memfd+uffd" and b.region.mapping is None
+        assert (b.region.address, b.region.nbytes) == (b.tensor.data_ptr(), -(-job.plan.buffer_nbytes // 4096) * 4096)
+        st = flashpack.LoadStats()
+        read_into(job.wm, job.plan, b.tensor, backend="threads", verify=True, stats=st, cfg=cfg, cache="keep",
+                  fill=b.region)
+        assert b.region.released and st.bytes_filled == st.bytes_read == job.plan.read_nbytes
+        del b
+        got = assemble(job, memory.map_shared(memory.seal_shared(fd)))
+        assert all(torch.equal(got[k], v) for k, v in sd.items())
+    finally:
+        os.close(fd)
+    refused = []
+
+    def refuse(address, nbytes):
+        refused.append(nbytes)
+        raise OSError(errno.EPERM, "userfaultfd: Operation not permitted")
+
+    monkeypatch.setattr(memory.FillRegion, "over", staticmethod(refuse))
+    monkeypatch.setattr(memory, "_shared_fill_refused", "")
+    for _ in range(2):
+        fd, b = memory.shared_buffer(4 << 20)
+        assert (b.kind, b.region) == ("memfd", None)
+        del b
+        os.close(fd)
+    assert refused == [4 << 20]  # asked once per process
+    fd, b = memory.shared_buffer(4 << 20, userfaultfd=False)  # FLASHPACK_USERFAULTFD=0
+    assert (b.kind, b.region) == ("memfd", None)
+    del b
+    os.close(fd)
+
+
 def test_map_shared_refuses_what_is_not_the_sealed_memory():
     fd, b = memory.shared_buffer(4096)
     try:

@@ -88,13 +88,17 @@ class FillRegion:
     then fail and they read the rest themselves).
 
     Attributes:
-        mapping: the memory; address: its first byte (page-aligned); nbytes: its size (a multiple of 4096).
+        mapping: the memory (``None`` for a region registered :meth:`over` a mapping the caller owns); address: its
+            first byte (page-aligned); nbytes: its size (a multiple of 4096).
     """
 
-    def __init__(self, mapping: mmap.mmap, uffd: int):
+    def __init__(self, mapping: mmap.mmap | None, uffd: int, address: int = 0, nbytes: int = 0):
         self.mapping = mapping
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))  # the export ends with the temporary
-        self.nbytes = len(mapping)
+        if mapping is not None:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))  # the export ends with the temporary
+            nbytes = len(mapping)
+        self.address = address
+        self.nbytes = nbytes
         self._uffd = uffd
         self._lock = threading.Lock()
 
@@ -111,14 +115,38 @@ class FillRegion:
             raise ValueError(f"nbytes must be > 0, got {nbytes}")
         nbytes += -nbytes % PAGE_NBYTES
         mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return cls._register(mapping, 0, 0)
+
+    @classmethod
+    def over(cls, address: int, nbytes: int) -> "FillRegion":
+        """Register an existing mapping ``[address, address + nbytes)`` (page-aligned; ``nbytes`` is rounded up to
+        4096) that has no page yet: a shared mapping of a fresh memory file (memfd_create(2)), whose shmem pages
+        ``UFFDIO_COPY`` then allocates and fills (userfaultfd(2) supports shmem since Linux 4.11). Each 4 KiB page
+        otherwise costs a fault and a zeroed page; measured on the 2-vCPU VM this was built on, 2 GiB from the page
+        cache by the reader's threads: 0.58-0.60 s against 0.93-1.08 s faulted (pwrite(2) into the file was no
+        better, 0.94-1.0 s: writes to one shmem file hold its inode lock, so two threads do not overlap).
+
+        The caller owns the mapping and keeps it alive until :meth:`release`; nothing may touch a page of it meanwhile
+        (the class docstring). ``mapping`` is ``None`` for such a region.
+
+        Raises:
+            OSError: as :meth:`create` (``EINVAL``: the range is not a mapping userfaultfd can register).
+            ValueError: ``nbytes`` <= 0 or ``address`` not page-aligned.
+        """
+        if nbytes <= 0 or address % PAGE_NBYTES:
+            raise ValueError(f"a region needs a page-aligned address and bytes: got {address:#x}, {nbytes} bytes")
+        return cls._register(None, address, nbytes + (-nbytes) % PAGE_NBYTES)
+
+    @classmethod
+    def _register(cls, mapping: mmap.mmap | None, address: int, nbytes: int) -> "FillRegion":
         uffd = _userfaultfd()
         try:
-            self = cls(mapping, uffd)
+            self = cls(mapping, uffd, address, nbytes)
             fcntl.ioctl(uffd, UFFDIO_API, bytearray(struct.pack("<QQQ", UFFD_API, 0, 0)))
-            reg = bytearray(struct.pack("<QQQQ", self.address, nbytes, UFFDIO_REGISTER_MODE_MISSING, 0))
+            reg = bytearray(struct.pack("<QQQQ", self.address, self.nbytes, UFFDIO_REGISTER_MODE_MISSING, 0))
             fcntl.ioctl(uffd, UFFDIO_REGISTER, reg)
             if not struct.unpack("<QQQQ", reg)[3] & (1 << _UFFDIO_COPY_NR):
-                raise OSError(errno.EOPNOTSUPP, "userfaultfd: UFFDIO_COPY is not offered for anonymous memory")
+                raise OSError(errno.EOPNOTSUPP, "userfaultfd: UFFDIO_COPY is not offered for this memory")
         except BaseException:
             os.close(uffd)  # unregisters whatever was registered
             raise

@@ -24,7 +24,8 @@ Ranks on one host share the loaded bytes: the first agreement also gathers each 
 (:func:`host_name`), the file's ``(st_dev, st_ino)`` and its page-cache decision
 (:func:`flashpack.io.pagecache.decide_cache`, ``cache=``/``FLASHPACK_CACHE``). When every rank of the group is on
 one host, sees the same file and decided ``keep``, steps 2-4 are replaced: rank 0 reads the whole plan through the
-page cache (``cache="keep"``) into an anonymous memory file (memfd_create(2)), verifying it, and seals it
+page cache (``cache="keep"``) into an anonymous memory file (memfd_create(2)), verifying it (its shmem pages filled
+with ``UFFDIO_COPY`` where userfaultfd is allowed, :meth:`flashpack.io.uffd.FillRegion.over`), and seals it
 (``F_SEAL_WRITE``/``SHRINK``/``GROW``, fcntl(2)); every rank then maps it copy-on-write (``MAP_PRIVATE`` of
 ``/proc/<pid>/fd/<fd>``, :func:`flashpack.loading.memory.map_shared`). The disk and the CPU copy run once for the
 host, the ranks hold one physical copy until they write to it, and each rank's tensors are still private and
@@ -209,7 +210,8 @@ def load_distributed(path: str | os.PathLike | None, *, device: str | torch.devi
         cache: page-cache policy, ``auto``/``keep``/``bypass`` (default ``FLASHPACK_CACHE``), as for
             :func:`flashpack.load`. When every rank is on one host with the same file and all decide ``keep``,
             rank 0 reads the file once into sealed shared memory that every rank maps copy-on-write, and nothing
-            is exchanged (module docstring); ``stats.cache_reason`` and ``stats.memory`` (``"memfd"``) say so.
+            is exchanged (module docstring); ``stats.cache_reason`` and ``stats.memory`` (``"memfd+uffd"`` or
+            ``"memfd"`` on rank 0, ``"memfd (mapped)"`` on the others) say so.
 
     Returns:
         ``dict[str, Tensor]`` as :func:`flashpack.load` returns it, bit-identical on every rank.
@@ -357,10 +359,11 @@ def _load_shared(job, dev: torch.device, backend: str | None, stats: LoadStats, 
         err = handle = None
         if rank == 0:
             try:  # allocation too: a rank out of memory must still reach the agreement
-                fd, dest = memory.shared_buffer(nbytes, name=f"flashpack:{os.path.basename(job.wm.path)}")
+                fd, dest = memory.shared_buffer(nbytes, name=f"flashpack:{os.path.basename(job.wm.path)}",
+                                                userfaultfd=cfg.userfaultfd)
                 stats.memory = dest.kind
                 read_into(job.wm, job.plan, dest.tensor, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
-                          cache="keep")  # faulted in by the reader threads, like torch's allocator
+                          cache="keep", fill=dest.region)  # UFFDIO_COPY from the page cache, or faulted in
                 del dest  # the writable shared mapping must be gone before the write seal
                 handle = memory.seal_shared(fd)
             except Exception as e:  # noqa: BLE001 - reported to every rank

@@ -60,8 +60,10 @@ MADV_POPULATE_WRITE = 23
 
 _libc = libc  # the shared binding (flashpack.io.pagecache)
 _populate_refused = False
-#: Why userfaultfd regions cannot be made in this process ("" until refused once; then not tried again).
+#: Why userfaultfd regions cannot be made in this process ("" until refused once; then not tried again): private
+#: anonymous memory, and the shared memory of :func:`shared_buffer`.
 _fill_refused = ""
+_shared_fill_refused = ""
 log = logging.getLogger("flashpack")
 
 
@@ -85,9 +87,10 @@ class HostBuffer:
             copying from the page cache: the reads fault them in), ``"torch"`` (torch's allocator) and ``"memfd"``
             (shared with the other ranks of a host, :func:`shared_buffer`), never pre-faulted: the reads fault
             them in; ``"uffd"``: a fresh mapping registered with a userfaultfd, filled by the reader with
-            ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`); ``region`` is then the registration, released by the load
-            once its reads are done.
-        region: the :class:`~flashpack.io.uffd.FillRegion` of a ``"uffd"`` buffer, else ``None``.
+            ``UFFDIO_COPY`` (:mod:`flashpack.io.uffd`), and ``"memfd+uffd"``, shared memory registered the same
+            way; ``region`` is then the registration, released by the load once its reads are done.
+        region: the :class:`~flashpack.io.uffd.FillRegion` of a ``"uffd"`` or ``"memfd+uffd"`` buffer, else
+            ``None``.
     """
 
     tensor: torch.Tensor
@@ -99,7 +102,8 @@ class HostBuffer:
     def prefault(self):
         """:meth:`populate` for a buffer the load should pre-fault window by window (``read_into``'s ``populate``),
         ``None`` for one the reads themselves fault in or fill (``"torch"``, ``"memfd"``, ``"uffd"``, ``"*+fault"``)."""
-        return None if self.kind in ("torch", "memfd", "uffd") or self.kind.endswith("+fault") else self.populate
+        return None if self.kind in ("torch", "memfd", "uffd", "memfd+uffd") or self.kind.endswith("+fault") \
+            else self.populate
 
     @property
     def nbytes(self) -> int:
@@ -109,7 +113,7 @@ class HostBuffer:
         """Pre-fault bytes ``[offset, offset + nbytes)`` (widened to whole pages) so reads into them do not
         fault. Thread-safe; a no-op for a ``"torch"``, ``"memfd"`` or ``"uffd"`` buffer. Never raises: a refusal falls back to touching."""
         global _populate_refused
-        if self.kind in ("torch", "memfd", "uffd") or nbytes <= 0:
+        if self.kind in ("torch", "memfd", "uffd", "memfd+uffd") or nbytes <= 0:
             return
         lo = offset - offset % PAGE_NBYTES
         hi = min(self.nbytes, offset + nbytes)
@@ -242,19 +246,27 @@ class SharedHandle:
     nbytes: int
 
 
-def shared_buffer(nbytes: int, name: str = "flashpack") -> tuple[int, HostBuffer]:
+def shared_buffer(nbytes: int, name: str = "flashpack", *, userfaultfd: bool = True) -> tuple[int, HostBuffer]:
     """A load destination other processes of this host can map: an anonymous memory file (memfd_create(2),
     ``MFD_ALLOW_SEALING``) of ``nbytes`` bytes, mapped shared and writable here.
 
+    Args:
+        nbytes: bytes (> 0); name: a label for /proc/<pid>/maps (cut to :data:`MEMFD_NAME_MAX` bytes).
+        userfaultfd: register the mapping with a userfaultfd (``FLASHPACK_USERFAULTFD``), for ``nbytes`` of at
+            least ``MIN_FILL_NBYTES`` (4 MiB), so a ``cache="keep"`` load fills its shmem pages with ``UFFDIO_COPY``
+            (:meth:`flashpack.io.uffd.FillRegion.over`) instead of faulting them in; where the kernel refuses, once
+            per process, the reason is logged at DEBUG level and the reads fault the pages in.
+
     Returns:
         ``(fd, buffer)``: the memfd (close-on-exec; the caller closes it) and a :class:`HostBuffer` of kind
-        ``"memfd"`` (4 KiB shmem pages, faulted in by the reader threads, as for ``"torch"``) whose tensor is a
-        CPU uint8 tensor of ``nbytes`` bytes, page-aligned. Drop every reference to the tensor before
-        :func:`seal_shared`.
+        ``"memfd+uffd"`` (``region`` set: give it to the load as ``fill=``, which releases it) or ``"memfd"``
+        (4 KiB shmem pages faulted in by the reader threads, as for ``"torch"``) whose tensor is a CPU uint8 tensor
+        of ``nbytes`` bytes, page-aligned. Drop every reference to the tensor before :func:`seal_shared`.
 
     Raises:
         OSError: memfd_create(2) or ftruncate(2) failed (``ENOMEM``, ``EMFILE``, ...); ValueError: ``nbytes`` <= 0.
     """
+    global _shared_fill_refused
     if nbytes <= 0:
         raise ValueError(f"a shared destination needs at least one byte, got {nbytes}")
     # memfd_create(2) refuses (EINVAL) a name over 249 bytes; the name is only a label (/proc/<pid>/maps)
@@ -266,6 +278,13 @@ def shared_buffer(nbytes: int, name: str = "flashpack") -> tuple[int, HostBuffer
         os.close(fd)
         raise
     tensor = torch.empty(0, dtype=torch.uint8).set_(storage)
+    if userfaultfd and nbytes >= MIN_FILL_NBYTES and not _shared_fill_refused:
+        try:
+            return fd, HostBuffer(tensor, False, "memfd+uffd", FillRegion.over(tensor.data_ptr(), nbytes))
+        except OSError as e:  # a kernel or seccomp filter without userfaultfd on shmem
+            _shared_fill_refused = str(e) or "refused"
+            log.debug("flashpack: userfaultfd refused for shared memory (%s); its pages are faulted in by the "
+                      "reads", _shared_fill_refused)
     return fd, HostBuffer(tensor, False, "memfd")
 
 
