@@ -395,3 +395,28 @@ def test_many_small_cached_extents_are_spread_over_the_cpus(tmp_path, monkeypatc
         io_base.read_all(r, [Extent(i * 65536, 65536, b, i) for i, b in enumerate(bufs)])
     assert sum(sizes) == 1000 and max(sizes) <= 16 and len(sizes) >= 1000 // 16, sizes[:20]
     assert all(bytes(bufs[i]) == data[i * 65536:(i + 1) * 65536] for i in range(0, 1000, 97))
+
+
+def test_batches_share_the_queued_bytes_not_the_extent_count(tmp_path, monkeypatch):
+    """A cached 16 MiB load's extents (8 MiB, 6.4 MiB, 1.5 MiB, 100 KiB, 68 KiB), 2 CPUs: each batch holds at most
+    ceil(the bytes queued / 2), so the two large extents go to different workers (counted by extents, three of them
+    went to one worker and the other copied 168 KiB)."""
+    import flashpack.io.threads as io_threads
+
+    monkeypatch.setattr(io_threads, "_CPUS", 2)
+    batches, real = [], io_threads.read_extents
+    monkeypatch.setattr(io_threads, "read_extents",
+                        lambda f, e, s: (batches.append([x.nbytes for x in e]), real(f, e, s))[1])
+    sizes = [8 << 20, 6556 << 10, 1476 << 10, 100 << 10, 68 << 10]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    path, data = random_file(tmp_path, sum(sizes))
+    with open(path, "rb") as f:
+        f.read()  # cached
+    bufs = [memoryview(bytearray(n)) for n in sizes]
+    with flashpack.io.open_reader(path, backend="threads", direct="auto", queue_depth=32, threads=16) as r:
+        io_base.read_all(r, [Extent(o, n, b, i) for i, (o, n, b) in enumerate(zip(offsets, sizes, bufs))])
+    share = -(-sum(sizes) // 2)
+    # share = 8,351,744 bytes: 8 MiB alone, then 6.4 MiB + 1.5 MiB + 100 KiB (7.98 MiB), then 68 KiB
+    assert sorted(batches) == sorted([[8 << 20], [6556 << 10, 1476 << 10, 100 << 10], [68 << 10]]), batches
+    assert all(sum(b) <= share for b in batches)
+    assert all(bytes(b) == data[o:o + n] for o, n, b in zip(offsets, sizes, bufs))
