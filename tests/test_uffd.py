@@ -381,3 +381,64 @@ def test_a_dropped_region_closes_its_descriptor():
     del regions
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_region_over_a_memory_file_fills_its_shmem_pages():
+    """FillRegion.over registers a shared mapping of a memory file (the distributed load's shared destination):
+    UFFDIO_COPY allocates and fills the file's own pages (read back through the descriptor), a present page is
+    never overwritten, and once released the rest is ordinary shared memory."""
+    fd = os.memfd_create("flashpack-test", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 4 * 4096)
+        m = mmap.mmap(fd, 4 * 4096, flags=mmap.MAP_SHARED)
+        address = np.frombuffer(m, dtype=np.uint8).ctypes.data
+        with pytest.raises(ValueError, match="page-aligned"):
+            uffd.FillRegion.over(address + 1, 4096)
+        region = uffd.FillRegion.over(address, 3 * 4096 + 1)
+        assert (region.mapping, region.address, region.nbytes) == (None, address, 4 * 4096)
+        src = torch.arange(4 * 4096, dtype=torch.int64).to(torch.uint8)
+        assert region.copy(address, src.data_ptr(), 2 * 4096) == (2 * 4096, 0)
+        assert region.copy(address + 4096, src.data_ptr(), 4096) == (0, errno.EEXIST)
+        region.release()
+        os.preadv(fd, [memoryview(m)[2 * 4096:3 * 4096]], 0)  # a kernel write into it works once released
+        assert os.pread(fd, 3 * 4096, 0) == bytes(src[:2 * 4096].numpy()) + bytes(src[:4096].numpy())
+        assert os.pread(fd, 4096, 3 * 4096) == bytes(4096)  # never filled: a zeroed page
+        m.close()
+    finally:
+        os.close(fd)
+
+
+def test_a_shared_fill_that_stops_midway_falls_back_to_preadv(pack, monkeypatch):
+    """A UFFDIO_COPY into the shared memory file refused partway (ENOMEM): the region is released and the reads
+    finish the load into the shared mapping with preadv(2); the sealed file holds the file's bytes."""
+    from flashpack.loading.common import assemble, prepare
+    from flashpack.loading.host import read_into
+    from flashpack.settings import settings
+    from flashpack.source import read_pack_map
+
+    path, sd = pack
+    real, calls = uffd.FillRegion.copy, []
+
+    def stop_on_second(self, address, src_address, nbytes):
+        calls.append(nbytes)
+        if len(calls) == 2:
+            done, _ = real(self, address, src_address, nbytes // 2)
+            return done, errno.ENOMEM
+        return real(self, address, src_address, nbytes)
+
+    monkeypatch.setattr(uffd.FillRegion, "copy", stop_on_second)
+    monkeypatch.setattr(flashpack.io.base, "native_copy", None)  # the C copy calls no faked copy
+    cfg = settings()
+    job = prepare(read_pack_map(path), None, verify=True, cfg=cfg)
+    fd, b = memory.shared_buffer(job.plan.buffer_nbytes)
+    try:
+        assert b.kind == "memfd+uffd"
+        st = flashpack.LoadStats()
+        read_into(job.wm, job.plan, b.tensor, backend="threads", verify=True, stats=st, cfg=cfg, cache="keep",
+                  fill=b.region)
+        assert b.region.released and 0 < st.bytes_filled < st.bytes_read == st.bytes_buffered
+        del b
+        out = assemble(job, memory.map_shared(memory.seal_shared(fd)))
+        assert all(torch.equal(out[k], sd[k]) for k in sd)
+    finally:
+        os.close(fd)
