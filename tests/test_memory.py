@@ -211,7 +211,7 @@ def test_shared_buffer_of_4_mib_is_filled_with_uffdio_copy_then_sealed(tmp_path,
     flashpack.pack_to_file(sd, path)
     cfg = settings()
     job = prepare(read_pack_map(str(path)), None, verify=True, cfg=cfg)
-    fd, b = memory.shared_buffer(job.plan.buffer_nbytes, name="flashpack:test")
+    fd, b = memory.shared_buffer(job.plan.buffer_nbytes, name="flashpack:test", userfaultfd=True)
     try:
         assert b.kind == "memfd+uffd" and b.region.mapping is None
         assert (b.region.address, b.region.nbytes) == (b.tensor.data_ptr(), -(-job.plan.buffer_nbytes // 4096) * 4096)
@@ -228,18 +228,21 @@ def test_shared_buffer_of_4_mib_is_filled_with_uffdio_copy_then_sealed(tmp_path,
 
     def refuse(address, nbytes):
         refused.append(nbytes)
-        raise OSError(errno.EPERM, "userfaultfd: Operation not permitted")
+        raise OSError(refused_errno, os.strerror(refused_errno))
 
     monkeypatch.setattr(memory.FillRegion, "over", staticmethod(refuse))
     monkeypatch.setattr(memory, "_shared_fill_refused", "")
-    for _ in range(2):
-        fd, b = memory.shared_buffer(4 << 20)
-        assert (b.kind, b.region) == ("memfd", None)
-        del b
-        os.close(fd)
-    assert refused == [4 << 20]  # asked once per process
-    fd, b = memory.shared_buffer(4 << 20, userfaultfd=False)  # FLASHPACK_USERFAULTFD=0
-    assert (b.kind, b.region) == ("memfd", None)
+    for refused_errno, asked in ((errno.ENOMEM, 2), (errno.EPERM, 3)):  # a shortage is asked again; EPERM is kept
+        for _ in range(2):
+            fd, b = memory.shared_buffer(4 << 20, userfaultfd=True)
+            assert (b.kind, b.region) == ("memfd", None)
+            del b
+            os.close(fd)
+        assert len(refused) == asked
+    assert memory._shared_fill_refused == "[Errno 1] Operation not permitted"
+    monkeypatch.setattr(memory, "_shared_fill_refused", "")
+    fd, b = memory.shared_buffer(4 << 20)  # not asked for (FLASHPACK_USERFAULTFD=0, or any other caller)
+    assert (b.kind, b.region, len(refused)) == ("memfd", None, 3)
     del b
     os.close(fd)
 

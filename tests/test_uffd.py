@@ -430,7 +430,7 @@ def test_a_shared_fill_that_stops_midway_falls_back_to_preadv(pack, monkeypatch)
     monkeypatch.setattr(flashpack.io.base, "native_copy", None)  # the C copy calls no faked copy
     cfg = settings()
     job = prepare(read_pack_map(path), None, verify=True, cfg=cfg)
-    fd, b = memory.shared_buffer(job.plan.buffer_nbytes)
+    fd, b = memory.shared_buffer(job.plan.buffer_nbytes, userfaultfd=True)
     try:
         assert b.kind == "memfd+uffd"
         st = flashpack.LoadStats()
@@ -442,3 +442,26 @@ def test_a_shared_fill_that_stops_midway_falls_back_to_preadv(pack, monkeypatch)
         assert all(torch.equal(out[k], sd[k]) for k in sd)
     finally:
         os.close(fd)
+
+
+def test_a_refused_registration_closes_its_descriptor_once(tmp_path):
+    """UFFDIO_REGISTER refused (a shared mapping of an ext4 file: EINVAL): the descriptor is closed once, and the
+    dropped half-made region does not close its number again (by then another file's: it was, before)."""
+    import gc
+
+    f = tmp_path / "plain"
+    f.write_bytes(bytes(4096))
+    with open(f, "r+b") as fh:
+        m = mmap.mmap(fh.fileno(), 4096, flags=mmap.MAP_SHARED)
+    address = np.frombuffer(m, dtype=np.uint8).ctypes.data
+    with pytest.raises(OSError) as e:
+        uffd.FillRegion.over(address, 4096)
+    assert e.value.errno == errno.EINVAL
+    reused = os.open(os.devnull, os.O_RDONLY)  # most likely the number the region's descriptor had
+    try:
+        del e
+        gc.collect()  # the region's __del__, with the traceback gone
+        os.fstat(reused)  # still open
+    finally:
+        os.close(reused)
+    m.close()

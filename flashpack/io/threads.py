@@ -22,8 +22,8 @@ from .base import (MAX_THREADS, Completion, Extent, FileHandles, ReaderBase, Rea
 #: Most bytes of extents one task hands a worker at once, copied in one C call (``fp_copy_extents``): each return
 #: from C waits for the GIL, up to the switch interval (5 ms) while another thread runs Python. A batch is only made
 #: of extents that need no read-ahead and that the C copy takes (fills and buffered reads), and holds at most a fair
-#: share of the bytes queued per CPU, so a short queue still spreads out; the extents in all tasks together stay
-#: within ``queue_depth``.
+#: share of the bytes queued per worker (or CPU, if fewer), so a short queue still spreads out; the extents in all
+#: tasks together stay within ``queue_depth``.
 COPY_BATCH_NBYTES = 32 * 1024 * 1024
 #: CPUs this process may run on (sched_getaffinity(2)), read once: batches are spread over at most this many workers.
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -98,7 +98,7 @@ class ThreadsReader(ReaderBase):
 
     def _fill(self) -> None:
         slots = min(self.queue_depth, self.threads)  # tasks at once; extents at once: at most queue_depth
-        share_nbytes = 0  # a batch's bytes: the bytes queued within the free queue_depth / CPUs (set once, below)
+        share_nbytes = 0  # a batch's bytes: the bytes queued within the free queue_depth / workers (set once, below)
         while self._queue and len(self._pending) < slots and (held := sum(map(len, self._pending.values()))) < \
                 self.queue_depth:
             if self._pool is None:
@@ -115,8 +115,8 @@ class ThreadsReader(ReaderBase):
             if batching:
                 room = self.queue_depth - held - 1  # extents after this one that the free queue_depth admits
                 if not share_nbytes:
-                    # ceil(the bytes queued within the free queue_depth / CPUs: a copy out of the page cache is
-                    # CPU-bound), once per call, so the batches cut from one queue are alike; in bytes, not extents:
+                    # ceil(the bytes queued within the free queue_depth / workers, or CPUs if fewer: a copy out of
+                    # the page cache is CPU-bound), once per call, so the batches cut from one queue are alike; in bytes, not extents:
                     # a 16 MiB load of two 8 MiB extents and three small ones went to one worker as three extents,
                     # the other copying 168 KiB (7.6 ms against ~4)
                     window = ext.nbytes + sum(self._queue[i].nbytes for i in range(min(room, len(self._queue))))

@@ -80,10 +80,12 @@ def _userfaultfd() -> int:
 
 
 class FillRegion:
-    """Fresh private anonymous memory, registered with a userfaultfd to be filled with ``UFFDIO_COPY``.
+    """Fresh memory registered with a userfaultfd, to be filled with ``UFFDIO_COPY``: private anonymous memory
+    (:meth:`create`) or the shared mapping of a fresh memory file (:meth:`over`).
 
-    Create with :meth:`create`. ``mapping`` (a Python ``mmap`` object) owns the memory: wrap it
-    (``torch.frombuffer``, ``memoryview``) to use it; it is unmapped when the last such view dies. Thread-safe:
+    From :meth:`create`, ``mapping`` (a Python ``mmap`` object) owns the memory: wrap it (``torch.frombuffer``,
+    ``memoryview``) to use it; it is unmapped when the last such view dies. From :meth:`over`, the caller owns the
+    mapping and ``mapping`` is ``None``. Thread-safe:
     several threads may :meth:`copy` into disjoint pages at once; :meth:`release` may race with them (their copies
     then fail and they read the rest themselves).
 
@@ -139,16 +141,17 @@ class FillRegion:
 
     @classmethod
     def _register(cls, mapping: mmap.mmap | None, address: int, nbytes: int) -> "FillRegion":
-        uffd = _userfaultfd()
+        self = cls(mapping, _userfaultfd(), address, nbytes)
+        uffd = self._uffd
         try:
-            self = cls(mapping, uffd, address, nbytes)
             fcntl.ioctl(uffd, UFFDIO_API, bytearray(struct.pack("<QQQ", UFFD_API, 0, 0)))
             reg = bytearray(struct.pack("<QQQQ", self.address, self.nbytes, UFFDIO_REGISTER_MODE_MISSING, 0))
             fcntl.ioctl(uffd, UFFDIO_REGISTER, reg)
             if not struct.unpack("<QQQQ", reg)[3] & (1 << _UFFDIO_COPY_NR):
                 raise OSError(errno.EOPNOTSUPP, "userfaultfd: UFFDIO_COPY is not offered for this memory")
         except BaseException:
-            os.close(uffd)  # unregisters whatever was registered
+            self._uffd = -1  # its __del__ (the traceback keeps it alive) must not close the number again: it may
+            os.close(uffd)   # be another file's by then; closing unregisters whatever was registered
             raise
         return self
 

@@ -361,9 +361,13 @@ def _load_shared(job, dev: torch.device, backend: str | None, stats: LoadStats, 
             try:  # allocation too: a rank out of memory must still reach the agreement
                 fd, dest = memory.shared_buffer(nbytes, name=f"flashpack:{os.path.basename(job.wm.path)}",
                                                 userfaultfd=cfg.userfaultfd)
-                stats.memory = dest.kind
-                read_into(job.wm, job.plan, dest.tensor, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
-                          cache="keep", fill=dest.region)  # UFFDIO_COPY from the page cache, or faulted in
+                try:
+                    stats.memory = dest.kind
+                    read_into(job.wm, job.plan, dest.tensor, backend=backend, verify=job.verify, stats=stats,
+                              cfg=cfg, cache="keep", fill=dest.region)  # UFFDIO_COPY from the page cache, or faulted
+                finally:
+                    if dest.region is not None:  # released by read_into; here too if it was never reached
+                        dest.region.release()
                 del dest  # the writable shared mapping must be gone before the write seal
                 handle = memory.seal_shared(fd)
             except Exception as e:  # noqa: BLE001 - reported to every rank

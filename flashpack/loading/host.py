@@ -108,7 +108,6 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
         if fill is not None:
             fill.release()
         return
-    buf = memoryview(dest.numpy()).cast("B")
     remaining = list(plan.chunk_extent_counts)
 
     def done(ext: Extent) -> None:
@@ -125,6 +124,7 @@ def read_into(wm: WeightMap, plan: LoadPlan, dest: torch.Tensor, *, backend: str
                 stats.chunks_verified += 1
 
     try:
+        buf = memoryview(dest.numpy()).cast("B")
         with open_pack_reader(wm, backend, cfg=cfg, cache=cache, **({} if fill is None else {"fill": fill})) \
                 as reader:  # a sharded pack: every shard in one load
             stats.backend = reader.name

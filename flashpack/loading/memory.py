@@ -111,7 +111,7 @@ class HostBuffer:
 
     def populate(self, offset: int, nbytes: int) -> None:
         """Pre-fault bytes ``[offset, offset + nbytes)`` (widened to whole pages) so reads into them do not
-        fault. Thread-safe; a no-op for a ``"torch"``, ``"memfd"`` or ``"uffd"`` buffer. Never raises: a refusal falls back to touching."""
+        fault. Thread-safe; a no-op for a ``"torch"``, ``"memfd"``, ``"uffd"`` or ``"memfd+uffd"`` buffer. Never raises: a refusal falls back to touching."""
         global _populate_refused
         if self.kind in ("torch", "memfd", "uffd", "memfd+uffd") or nbytes <= 0:
             return
@@ -246,16 +246,20 @@ class SharedHandle:
     nbytes: int
 
 
-def shared_buffer(nbytes: int, name: str = "flashpack", *, userfaultfd: bool = True) -> tuple[int, HostBuffer]:
+def shared_buffer(nbytes: int, name: str = "flashpack", *, userfaultfd: bool = False) -> tuple[int, HostBuffer]:
     """A load destination other processes of this host can map: an anonymous memory file (memfd_create(2),
     ``MFD_ALLOW_SEALING``) of ``nbytes`` bytes, mapped shared and writable here.
 
     Args:
         nbytes: bytes (> 0); name: a label for /proc/<pid>/maps (cut to :data:`MEMFD_NAME_MAX` bytes).
-        userfaultfd: register the mapping with a userfaultfd (``FLASHPACK_USERFAULTFD``), for ``nbytes`` of at
-            least ``MIN_FILL_NBYTES`` (4 MiB), so a ``cache="keep"`` load fills its shmem pages with ``UFFDIO_COPY``
-            (:meth:`flashpack.io.uffd.FillRegion.over`) instead of faulting them in; where the kernel refuses, once
-            per process, the reason is logged at DEBUG level and the reads fault the pages in.
+        userfaultfd: register the mapping with a userfaultfd (the distributed load passes
+            ``FLASHPACK_USERFAULTFD``), for ``nbytes`` of at least ``MIN_FILL_NBYTES`` (4 MiB), so a ``cache="keep"``
+            load given ``fill=buffer.region`` fills its shmem pages with ``UFFDIO_COPY``
+            (:meth:`flashpack.io.uffd.FillRegion.over`) instead of faulting them in. Until the region is released,
+            nothing in this process may touch the tensor (a missing page would wait forever; a kernel write into it
+            fails with ``EFAULT``). Where the kernel refuses (no userfaultfd, a seccomp filter, no shmem support), the
+            reason is logged at DEBUG level once and the reads fault the pages in; a passing shortage (``ENOMEM``,
+            ``EMFILE``) is not remembered.
 
     Returns:
         ``(fd, buffer)``: the memfd (close-on-exec; the caller closes it) and a :class:`HostBuffer` of kind
@@ -282,9 +286,10 @@ def shared_buffer(nbytes: int, name: str = "flashpack", *, userfaultfd: bool = T
         try:
             return fd, HostBuffer(tensor, False, "memfd+uffd", FillRegion.over(tensor.data_ptr(), nbytes))
         except OSError as e:  # a kernel or seccomp filter without userfaultfd on shmem
-            _shared_fill_refused = str(e) or "refused"
+            if e.errno not in (errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN):
+                _shared_fill_refused = str(e) or "refused"
             log.debug("flashpack: userfaultfd refused for shared memory (%s); its pages are faulted in by the "
-                      "reads", _shared_fill_refused)
+                      "reads", e)
     return fd, HostBuffer(tensor, False, "memfd")
 
 
