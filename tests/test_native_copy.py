@@ -420,3 +420,25 @@ def test_batches_share_the_queued_bytes_not_the_extent_count(tmp_path, monkeypat
     assert sorted(batches) == sorted([[8 << 20], [6556 << 10, 1476 << 10, 100 << 10], [68 << 10]]), batches
     assert all(sum(b) <= share for b in batches)
     assert all(bytes(b) == data[o:o + n] for o, n, b in zip(offsets, sizes, bufs))
+
+
+def test_batches_come_in_a_multiple_of_the_workers(tmp_path, monkeypatch):
+    """Eleven cached 2 MiB extents, batches of at most 8 MiB, 2 CPUs: ceil(22 / 8) = 3 batches would leave the third
+    to run after the first two (BERT's 87 MiB in batches of <= 32 MiB), so the queue is cut in 4 shares of 5.5 MiB:
+    batches of two extents, each <= 5.5 MiB."""
+    import flashpack.io.threads as io_threads
+
+    monkeypatch.setattr(io_threads, "_CPUS", 2)
+    monkeypatch.setattr(io_threads, "COPY_BATCH_NBYTES", 8 << 20)
+    batches, real = [], io_threads.read_extents
+    monkeypatch.setattr(io_threads, "read_extents",
+                        lambda f, e, s: (batches.append([x.nbytes for x in e]), real(f, e, s))[1])
+    n = 2 << 20
+    path, data = random_file(tmp_path, 11 * n)
+    with open(path, "rb") as f:
+        f.read()  # cached
+    bufs = [memoryview(bytearray(n)) for _ in range(11)]
+    with flashpack.io.open_reader(path, backend="threads", direct="auto", queue_depth=32, threads=16) as r:
+        io_base.read_all(r, [Extent(i * n, n, b, i) for i, b in enumerate(bufs)])
+    assert sorted(batches) == [[n]] + [[n, n]] * 5, batches
+    assert all(bytes(b) == data[i * n:(i + 1) * n] for i, b in enumerate(bufs))

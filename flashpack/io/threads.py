@@ -115,15 +115,19 @@ class ThreadsReader(ReaderBase):
             if batching:
                 room = self.queue_depth - held - 1  # extents after this one that the free queue_depth admits
                 if not share_nbytes:
-                    # ceil(the bytes queued within the free queue_depth / workers, or CPUs if fewer: a copy out of
-                    # the page cache is CPU-bound), once per call, so the batches cut from one queue are alike; in bytes, not extents:
-                    # a 16 MiB load of two 8 MiB extents and three small ones went to one worker as three extents,
-                    # the other copying 168 KiB (7.6 ms against ~4)
+                    # once per call, so the batches cut from one queue are alike: the bytes queued within the free
+                    # queue_depth cut into batches of <= COPY_BATCH_NBYTES, as many as the workers that copy at
+                    # once (free workers, or CPUs if fewer: a copy out of the page cache is CPU-bound) or a multiple.
+                    # In bytes, not extents: a 16 MiB load's two 8 MiB extents went to one worker (7.6 ms against
+                    # ~4); a multiple: BERT's 87 MiB made three batches of <= 32 MiB for two CPUs, the third copied
+                    # after the first two
                     window = ext.nbytes + sum(self._queue[i].nbytes for i in range(min(room, len(self._queue))))
-                    share_nbytes = max(1, -(-window // max(1, min(slots, _CPUS))))
+                    spread = max(1, min(slots, _CPUS))
+                    batches = -(-window // COPY_BATCH_NBYTES)
+                    share_nbytes = max(1, -(-window // (-(-batches // spread) * spread)))
                 while self._queue and len(batch) <= room:
                     nxt = self._queue[0]
-                    if nbytes + nxt.nbytes > min(COPY_BATCH_NBYTES, share_nbytes):
+                    if nbytes + nxt.nbytes > share_nbytes:
                         break
                     if not self._ahead:
                         self._read_ahead(nxt)
