@@ -12,6 +12,8 @@ import contextlib
 import errno
 import mmap
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -442,3 +444,82 @@ def test_batches_come_in_a_multiple_of_the_workers(tmp_path, monkeypatch):
         io_base.read_all(r, [Extent(i * n, n, b, i) for i, b in enumerate(bufs)])
     assert sorted(batches) == [[n]] + [[n, n]] * 5, batches
     assert all(bytes(b) == data[i * n:(i + 1) * n] for i, b in enumerate(bufs))
+
+
+# --- the read pool and the caller that runs a task no worker started -------------------------------------------
+
+
+def test_read_pool_runs_tasks_reuses_idle_threads_and_keeps_no_task_alive():
+    """A task's result and error come back through its future; a task cancelled before it started never runs; one
+    thread serves tasks submitted one after the other; a finished task's arguments are not held by the pool."""
+    import gc
+    import weakref
+
+    from flashpack.io.threads import ReadPool
+
+    pool = ReadPool(4)
+    assert pool.submit(lambda a, b: a + b, 2, 3).result(timeout=10) == 5
+    with pytest.raises(ZeroDivisionError):
+        pool.submit(lambda: 1 // 0).result(timeout=10)
+
+    class Payload:
+        pass
+
+    payload = Payload()
+    ref = weakref.ref(payload)
+    assert pool.submit(lambda p: type(p).__name__, payload).result(timeout=10) == "Payload"
+    del payload
+    for _ in range(50):  # the worker drops its references after setting the result
+        gc.collect()
+        if ref() is None:
+            break
+        time.sleep(0.01)
+    assert ref() is None
+    assert pool._threads == 1  # each task found the one thread idle
+
+    gate, started = threading.Event(), threading.Event()
+    ran = []
+    blocker = pool.submit(lambda: (started.set(), gate.wait(10)))
+    assert started.wait(10)
+    first = [pool.submit(gate.wait, 10) for _ in range(3)]  # the other three threads
+    queued = pool.submit(ran.append, "queued")  # max_threads reached: waits in the queue
+    assert queued.cancel()
+    gate.set()
+    assert all(f.result(timeout=10) for f in [blocker, *first])
+    assert pool.submit(ran.append, "after").result(timeout=10) is None
+    assert ran == ["after"] and pool._threads == 4
+    deadline = time.monotonic() + 10  # the thread that skipped the cancelled task may count itself idle just now
+    while pool._idle != 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool._idle == 4  # the queued task owed a thread; the one that took it is idle again
+
+
+def test_the_waiting_caller_reads_the_oldest_task_no_worker_started(tmp_path, monkeypatch):
+    """Every pool thread busy elsewhere: the load is not held up; the thread that waits reads the queued batches
+    itself, oldest first (a later extent may need a page an earlier fill copies), and the bytes are right."""
+    import flashpack.io.threads as io_threads
+
+    pool = io_threads.ReadPool(1)
+    gate, started = threading.Event(), threading.Event()
+    busy = pool.submit(lambda: (started.set(), gate.wait(60)))
+    assert started.wait(10)
+    monkeypatch.setattr(io_threads, "shared_pool", lambda: pool)
+    monkeypatch.setattr(io_threads, "_CPUS", 2)
+    monkeypatch.setattr(io_threads, "COPY_BATCH_NBYTES", 4 << 20)
+    order, real = [], io_threads.read_extents
+    monkeypatch.setattr(io_threads, "read_extents",
+                        lambda f, e, s: (order.append((threading.get_ident(), e[0].file_offset)), real(f, e, s))[1])
+    n = 1 << 20
+    path, data = random_file(tmp_path, 8 * n)
+    with open(path, "rb") as f:
+        f.read()  # cached: batches of copies
+    bufs = [memoryview(bytearray(n)) for _ in range(8)]
+    try:
+        with flashpack.io.open_reader(path, backend="threads", direct="auto", queue_depth=32, threads=16) as r:
+            io_base.read_all(r, [Extent(i * n, n, b, i) for i, b in enumerate(bufs)])
+    finally:
+        gate.set()
+    busy.result(timeout=10)
+    assert all(bytes(b) == data[i * n:(i + 1) * n] for i, b in enumerate(bufs))
+    assert len(order) >= 2 and {ident for ident, _ in order} == {threading.get_ident()}, order
+    assert [off for _, off in order] == sorted(off for _, off in order), order
