@@ -482,8 +482,13 @@ def test_read_pool_runs_tasks_reuses_idle_threads_and_keeps_no_task_alive():
     blocker = pool.submit(lambda: (started.set(), gate.wait(10)))
     assert started.wait(10)
     first = [pool.submit(gate.wait, 10) for _ in range(3)]  # the other three threads
-    queued = pool.submit(ran.append, "queued")  # max_threads reached: waits in the queue
+    queued_payload = Payload()
+    queued_ref = weakref.ref(queued_payload)
+    queued = pool.submit(ran.append, queued_payload)  # max_threads reached: waits in the queue
+    del queued_payload
     assert queued.cancel()
+    gc.collect()
+    assert queued_ref() is None  # still queued, but a cancelled task holds nothing (a shared buffer could be sealed)
     gate.set()
     assert all(f.result(timeout=10) for f in [blocker, *first])
     assert pool.submit(ran.append, "after").result(timeout=10) is None

@@ -30,16 +30,34 @@ COPY_BATCH_NBYTES = 32 * 1024 * 1024
 #: CPUs this process may run on (sched_getaffinity(2)), read once: batches are spread over at most this many workers.
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+class _Task(cf.Future):
+    """A future that holds what it runs until it starts or is cancelled: a task cancelled before it started (taken
+    back by the caller, or after an error) waits in the queue until a thread takes it, and must not keep the load's
+    buffers alive meanwhile (a shared destination could not be sealed: ``EBUSY``)."""
+
+    def __init__(self, fn, args: tuple):
+        super().__init__()
+        self.call: tuple | None = (fn, args)
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            self.call = None
+            return True
+        return False
+
+
 class ReadPool:
     """Threads that run read tasks, answered through :class:`concurrent.futures.Future` (``cancel`` before the task
     starts, ``result``, ``exception``, ``concurrent.futures.wait``). A task goes to an idle thread, else to a new one
-    while there are fewer than ``max_threads``; there is always one for it.
+    while there are fewer than ``max_threads``, else waits for the next thread to finish. Neither the queue nor an
+    idle thread holds a finished or cancelled task's arguments.
 
     Threads are started with ``_thread.start_new_thread``, which returns at once. ``threading.Thread.start``, which
     ``ThreadPoolExecutor`` uses, waits until the new thread has run: 0.3-3.5 ms per thread on the 2-vCPU VM while a
-    copy held the other vCPU, so a cached 16 MiB load, the first of a process, took 9.7 ms (median of 15) against
-    7.3 ms this way. The threads never end (each waits for its next task), are not ``threading.Thread`` objects
-    (``threading.enumerate`` does not list them), and, like daemon threads, do not hold the interpreter at exit.
+    copy held the other vCPU, so a cached 16 MiB load, the first of a process, took 9.6-10.8 ms (medians of 15)
+    against 7.1-7.6 ms this way. The threads never end (each waits for its next task), are not ``threading.Thread``
+    objects (``threading.enumerate`` does not list them), and, like daemon threads, do not hold the interpreter at
+    exit.
 
     Raises (``submit``): RuntimeError: a needed thread cannot be started (the task is not queued).
     """
@@ -52,7 +70,7 @@ class ReadPool:
         self._idle = 0  # threads waiting with no queued task promised to them; below zero: tasks no thread is free for
 
     def submit(self, fn, *args) -> cf.Future:
-        fut: cf.Future = cf.Future()
+        task = _Task(fn, args)
         with self._lock:
             start = self._idle <= 0 and self._threads < self.max_threads
             if start:
@@ -66,28 +84,30 @@ class ReadPool:
                 with self._lock:
                     self._threads -= 1
                 raise
-        self._tasks.put((fut, fn, args))
-        return fut
+        self._tasks.put(task)
+        return task
 
     def _run(self) -> None:
         while True:
-            fut, fn, args = self._tasks.get()
+            task: _Task = self._tasks.get()
             result = error = None
-            run = fut.set_running_or_notify_cancel()
+            run = task.set_running_or_notify_cancel()
             if run:
+                fn, args = task.call
+                task.call = None
                 try:
                     result = fn(*args)
                 except BaseException as e:  # noqa: BLE001 - the task's error goes to whoever waits on it
                     error = e
-            fn = args = None  # the task's buffers are not held while this thread waits
+                fn = args = None  # the task's buffers are not held while this thread waits
             with self._lock:  # idle before the answer: a task submitted once it is seen finds this thread
                 self._idle += 1
             if run:
                 if error is None:
-                    fut.set_result(result)
+                    task.set_result(result)
                 else:
-                    fut.set_exception(error)
-            fut = result = error = None
+                    task.set_exception(error)
+            task = result = error = None
 
 
 _shared_pool: tuple[int, ReadPool] | None = None
