@@ -30,6 +30,7 @@ COPY_BATCH_NBYTES = 32 * 1024 * 1024
 #: CPUs this process may run on (sched_getaffinity(2)), read once: batches are spread over at most this many workers.
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+
 class _Task(cf.Future):
     """A future that holds what it runs until it starts or is cancelled: a task cancelled before it started (taken
     back by the caller, or after an error) waits in the queue until a thread takes it, and must not keep the load's
