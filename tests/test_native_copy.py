@@ -57,6 +57,11 @@ def copy_request(**fields):
     (3 * MiB + 123, MiB, 3 * MiB + 123),  # pieces that do not divide it; hash all
     (3 * MiB + 123, 8 * MiB, MiB + 7),    # one piece; hash a prefix only
     (4096, 1000, 0),                      # no hash
+    # the C side hashes in 256 KiB steps with the AVX2 loop where the CPU has it: uneven updates across
+    # XXH3's 1 KiB blocks and 256-byte buffer, a step that ends inside a piece, a hash that stops mid-step
+    (2 * 256 * 1024 + 3 * 64 + 1, 3 * 4096 + 17, 2 * 256 * 1024 + 3 * 64 + 1),
+    (300_000, 256 * 1024 + 1, 299_999),
+    (MiB, 8 * MiB, 256 * 1024 - 1),
 ])
 def test_pread_copies_and_hashes_like_the_python_package(tmp_path, nbytes, piece, hash_nbytes):
     path, data = random_file(tmp_path, nbytes + 5000)
