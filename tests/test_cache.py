@@ -240,6 +240,44 @@ def test_residency_map_agrees_with_mincore_per_range(tmp_path):
         os.close(fd)
 
 
+@pytest.mark.parametrize("kernel", ["cachestat", "mincore"])
+def test_residency_map_across_granules_agrees_with_mincore_page_by_page(tmp_path, monkeypatch, kernel):
+    """The map keeps a count per granule and pages only for partly cached granules: ranges that start, end or lie
+    inside wholly cached, empty and partly cached 256 KiB granules (and the short last one) give mincore's
+    fraction, with cachestat(2) and from a mincore(2) snapshot alike."""
+    path = tmp_path / "g.bin"
+    n = 4 * MiB + 5 * 4096  # 16 granules of 64 pages and a last one of 5
+    with open(path, "wb") as f:
+        f.write(b"\1" * n)
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages are not dropped
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what is read
+        for off, nbytes in ((0, 256 * 1024), (512 * 1024, 100 * 4096), (2 * MiB + 3 * 4096, 7 * 4096),
+                            (3 * MiB, 256 * 1024 + 4096), (4 * MiB, 5 * 4096)):
+            os.pread(fd, nbytes, off)
+        pages = resident_pages(fd, n)
+        if pages is None or not pages[:64].all() or pages[64:128].any():
+            pytest.skip("this file system does not leave exactly the pages read in the page cache")
+        monkeypatch.setattr(pagecache, "RESIDENCY_GRANULE_NBYTES", 256 * 1024)
+        if kernel == "mincore":
+            monkeypatch.setattr(pagecache, "cached_pages", lambda *a: None)
+        elif pagecache.cached_pages(fd, 0, n) is None:
+            pytest.skip("the kernel has no cachestat(2) (Linux < 6.5) or a filter refuses it")
+        res = pagecache.ResidencyMap(fd, n)
+        assert res.method == kernel
+        starts = [0, 4096, 63 * 4096, 64 * 4096, 100 * 4096, 128 * 4096 - 1, 2 * MiB + 4096, 3 * MiB, 4 * MiB - 4096, n - 1]
+        for off in starts:
+            for nbytes in (1, 4096, 65 * 4096, MiB + 7, n):
+                lo, hi = off // 4096, min(len(pages), (off + nbytes + 4095) // 4096)
+                assert res.fraction(off, nbytes) == pytest.approx(float(pages[lo:hi].mean())), (off, nbytes)
+        assert res.fraction(n, 4096) == 0.0 and res.fraction(0, 0) == 0.0
+    finally:
+        os.close(fd)
+
+
 def test_residency_map_without_cachestat_takes_a_mincore_snapshot(tmp_path, monkeypatch):
     """A kernel without cachestat(2) (before 6.5, or a seccomp filter that refuses it): one mincore snapshot."""
     fd, n = _half_cached(tmp_path)
