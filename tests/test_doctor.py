@@ -61,9 +61,45 @@ def test_doctor_says_what_free_page_reporting_costs(tmp_path):
     assert doctor.free_page_reporting(str(tmp_path), str(buddy)) == "off (no virtio balloon reports free pages)"
 
 
+def _damon_tree(root, *, state="on", operations="paddr", action="pageout", age_min="12", aggr_us="5000000",
+                nr_accesses_min="0", quota="134217728"):
+    ctx = root / "kernel" / "mm" / "damon" / "admin" / "kdamonds" / "0" / "contexts" / "0"
+    scheme = ctx / "schemes" / "0"
+    for d, name, text in ((ctx.parent.parent, "state", state), (ctx, "operations", operations),
+                          (ctx / "monitoring_attrs" / "intervals", "aggr_us", aggr_us), (scheme, "action", action),
+                          (scheme / "access_pattern" / "age", "min", age_min),
+                          (scheme / "access_pattern" / "nr_accesses", "min", nr_accesses_min),
+                          (scheme / "quotas", "bytes", quota), (scheme / "quotas", "reset_interval_ms", "1000")):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text + "\n")
+    return root
+
+
+def test_doctor_says_when_damon_pages_out_idle_memory(tmp_path):
+    """A running DAMON scheme on physical memory that pages out regions not accessed for 12 aggregation intervals
+    of 5 s (this project's VM): idle 60 s, capped at 128 MiB a second. Anything else is off."""
+    row = doctor.proactive_reclaim(str(_damon_tree(tmp_path / "vm")))
+    assert row == ("on (DAMON kdamond 0, physical memory: pages out memory idle for 60 s or more, at most 128 MiB "
+                   "per 1 s): the page cache of a pack left idle that long is evicted bit by bit, and a load after "
+                   "such a pause reads that part from the disk again whatever its cache policy"), row
+    off = "off (no DAMON scheme pages out idle memory)"
+    assert doctor.proactive_reclaim(str(tmp_path / "bare")) == off
+    for i, change in enumerate(({"state": "off"}, {"operations": "vaddr"}, {"action": "stat"},
+                                {"nr_accesses_min": "3"})):
+        assert doctor.proactive_reclaim(str(_damon_tree(tmp_path / f"t{i}", **change))) == off, change
+    params = tmp_path / "rec" / "module" / "damon_reclaim" / "parameters"
+    params.mkdir(parents=True)
+    for name, text in (("enabled", "Y"), ("min_age", "120000000"), ("quota_sz", "0"),
+                       ("quota_reset_interval_ms", "1000")):
+        (params / name).write_text(text + "\n")
+    assert doctor.proactive_reclaim(str(tmp_path / "rec")).startswith(
+        "on (DAMON_RECLAIM: pages out memory idle for 120 s or more): ")
+
+
 def test_doctor_has_a_free_page_reporting_row(tmp_path):
     rows = dict(doctor.report(str(tmp_path)))
     assert rows["free page reporting"] == doctor.free_page_reporting()
+    assert rows["proactive reclaim"] == doctor.proactive_reclaim()
 
 
 def test_doctor_says_how_an_extent_is_copied(tmp_path):
