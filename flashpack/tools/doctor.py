@@ -222,9 +222,9 @@ def proactive_reclaim(sysfs: str = "/sys") -> str:
     scheme that pages out cold physical memory (sysfs admin interface), or the DAMON_RECLAIM module
     (``module/damon_reclaim/parameters``: ``enabled``, ``min_age`` in microseconds, ``quota_sz`` bytes per
     ``quota_reset_interval_ms``; Documentation/admin-guide/mm/damon/reclaim.rst). Seen on the Firecracker VM this
-    project is developed on (a scheme paging out memory idle 60 s, at most 128 MiB a second): of a cached 1 GiB file
-    left alone, 4% was gone after about a minute and 13% after two, so a load after a pause reads that part from the disk
-    whatever its ``cache`` policy (``sysfs`` for tests).
+    project is developed on (a scheme paging out memory idle 60 s, at most 128 MiB a second): of a cached 1 GiB
+    file left alone, 4% was gone after about a minute and 13% after two, so a load after a pause reads that part
+    from the disk whatever its ``cache`` policy (``sysfs`` for tests).
 
     Returns:
         ``"off (...)"``, or ``"on (...)"`` naming the scheme, how long memory must be idle and the rate cap.
