@@ -5,8 +5,10 @@
  * extent that each released and took back the GIL (the copy, the unmap, fstat, the hash, the digest).
  * While the caller's thread runs Python, taking the GIL back waits for its switch interval (5 ms), so a
  * load on a background thread ran 5.5x slower than joined. Here the whole extent is one cffi call: the
- * GIL is released once (fp_copy_extents: once for a batch of extents). XXH3-64 comes from the xxhash library's header (inlined, XXH_INLINE_ALL); its
- * digests are those of the Python xxhash package (XXH3 output is stable since xxHash 0.8.0).
+ * GIL is released once (fp_copy_extents: once for a batch of extents). XXH3-64 comes from the xxhash library's
+ * header (inlined, XXH_INLINE_ALL); its digests are those of the Python xxhash package (XXH3 output is stable since
+ * xxHash 0.8.0). Hashing in 256 KiB steps with the AVX2 loop took a cached 1 GiB load from 333 to 257 ms on a
+ * 2-vCPU Xeon VM (the hash had been 27% of the load's CPU samples, as much as the kernel's copy).
  */
 
 #ifndef _GNU_SOURCE

@@ -231,7 +231,7 @@ struct fp_copy {
     uint64_t src;          /* in, FILL: address of file byte file_offset in a read-only shared mapping */
     uint64_t file_offset;  /* in: first byte of the file */
     uint64_t nbytes;       /* in: bytes to copy (FILL: a multiple of 4096; the last page may lie past EOF) */
-    uint64_t piece_nbytes; /* in: the most bytes per pread(2) / UFFDIO_COPY; each piece is hashed after it */
+    uint64_t piece_nbytes; /* in: pieces of the copy (FILL: unmapped piece by piece); hashed in 256 KiB steps */
     uint64_t hash_nbytes;  /* in: hash dst[0, hash_nbytes) with XXH3-64 (seed 0); 0: no hash */
     int32_t fd;            /* in: the file (PREAD: read from it; FILL: fstat(2) after the copy) */
     int32_t uffd;          /* in, FILL: the userfaultfd the range is registered with */
@@ -251,6 +251,8 @@ struct fp_copy {
  * SYNOPSIS
  *     int fp_copy_extent(struct fp_copy *c);
  * DESCRIPTION
+ *     Bytes to hash are copied in steps of at most 256 KiB (FP_COPY_HASH_STEP_NBYTES), each hashed right after
+ *     it lands, from the copying core's L2 cache; with xxhash's AVX2 loop where the CPU has it.
  *     FP_COPY_PREAD: pread(2) c->nbytes bytes at c->file_offset of c->fd into c->dst, piece by piece;
  *     EINTR is retried and a short read resumed at the exact offset; a read returning 0 stops the copy
  *     (the file is shorter: c->done < c->nbytes, c->error 0).
