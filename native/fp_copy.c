@@ -26,10 +26,11 @@
  * digests and lacks XXH3_INITSTATE, so with it this file compiles to the stub and the Python steps hash instead. */
 #if defined(__has_include)
 #if __has_include(<xxhash.h>) && __has_include(<linux/userfaultfd.h>)
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__AVX2__)
 /* xxhash.h's hooks for runtime dispatch (the recipe of its xxh_x86dispatch.c): the AVX2 loop is compiled with a
  * target attribute beside the default SSE2 one, and hash_update() picks it where the CPU has AVX2. XXH_X86DISPATCH
- * aligns the accumulators to 64 bytes, which the AVX2 loop's aligned loads need. Same digests either way. */
+ * aligns the accumulators to 64 bytes, which the AVX2 loop's aligned loads need. Same digests either way. A build
+ * for AVX2 or later (-march=...) has the widest loop as its default already and skips this. */
 #define XXH_X86DISPATCH
 #define XXH_DISPATCH_AVX2 1
 #define XXH_TARGET_AVX2 __attribute__((__target__("avx2")))

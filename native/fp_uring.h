@@ -260,7 +260,7 @@ struct fp_copy {
  *     UFFDIO_COPY: a partial copy returns EAGAIN with uffdio_copy.copy > 0 and is resumed); after each
  *     piece, with c->unmap_src, madvise(MADV_DONTNEED) on the source piece (the page cache keeps it,
  *     the process's RSS does not); after the last, fstat(c->fd) into c->file_nbytes.
- *     After each piece, the bytes landed below c->hash_nbytes are hashed while still in the CPU cache.
+ *     After each step, the bytes landed below c->hash_nbytes are hashed while still in the L2 cache.
  *     The caller owns the policy: error messages, releasing the region, checking the file size.
  * RETURN VALUE
  *     0 (results in *c), -EINVAL for a bad mode or zero piece size, or -ENOSYS when the shim was
