@@ -216,9 +216,10 @@ def environment(data_path: str | None = None) -> dict[str, Any]:
                                for n, i in flashpack.backends().items()},
         "fio": shutil.which("fio") or "not installed", "cache_eviction": eviction_method(),
     }
-    from flashpack.tools.doctor import free_page_reporting
+    from flashpack.tools.doctor import free_page_reporting, proactive_reclaim
 
     env["free_page_reporting"] = free_page_reporting()  # why cold loads vary with --cold-settle-s (evict)
+    env["proactive_reclaim"] = proactive_reclaim()  # why a restart after a pause is partly cold
     if data_path:
         env["disk"] = filesystem_of(data_path)
     for mod in ("safetensors", "numpy", "transformers"):
@@ -238,6 +239,11 @@ def machine_title(env: dict[str, Any]) -> str:
             f"{d.get('filesystem', '?')} on {d.get('model', '?')}, GPU {env['gpu']}")
 
 
+def _first_words(row: str | None) -> str:
+    """A doctor row up to its explanation: ``"on (DAMON kdamond 0, ...)"`` without what follows the colon."""
+    return "?" if not row else row.split("):", 1)[0] + (")" if "):" in row else "")
+
+
 def header(env: dict[str, Any], title: str, *extra: str) -> str:
     """The environment header every script prints first (markdown), then ``extra`` lines and the command."""
     lines = [f"# {title}", "",
@@ -249,6 +255,8 @@ def header(env: dict[str, Any], title: str, *extra: str) -> str:
              f"{env.get('safetensors', '?')}, flashpack {env['flashpack']}, fio: {env['fio']}; git {env['git_commit']}",
              "- flashpack backends: " + ", ".join(f"{k}: {v}" for k, v in env["flashpack_backends"].items()),
              f"- cache eviction: {env['cache_eviction']}",
+             f"- host memory: free page reporting {_first_words(env.get('free_page_reporting'))}; proactive reclaim "
+             f"{_first_words(env.get('proactive_reclaim'))} (python -m flashpack.tools.doctor says more)",
              f"- units: Gbps = 10^9 bit/s, GiB/s = 2^30 B/s; measured {env['time_utc']}",
              *(f"- {x}" for x in extra),
              f"- command: {' '.join([os.path.relpath(sys.executable, REPO_ROOT)] + sys.argv)}", ""]
