@@ -229,7 +229,9 @@ class ResidencyMap:
     def _granule_pages(self, g: int) -> int:
         return min(self._granule_npages, self._npages - g * self._granule_npages)
 
-    def _running(self, part: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _running(part: np.ndarray) -> np.ndarray:
+        """Cached pages before each page of ``part`` (a bool per page), and the total: ``len(part) + 1`` counts."""
         return np.concatenate(([0], np.cumsum(part, dtype=np.int64)))
 
     def _granules(self, fd: int, file_nbytes: int) -> tuple[list[int], dict[int, np.ndarray]] | None:
