@@ -349,16 +349,41 @@ def state_dict_nbytes(sd: dict) -> int:
 
 
 def touch(tensors: Iterable) -> int:
-    """Fault in every page of every tensor (one byte per 4096 read), so that a lazy (mmap) load has really
-    read its bytes when the clock stops; meta tensors are skipped. Returns the sum, so nothing is optimised away."""
+    """Fault in every page of every tensor (one byte per 4096 read, and each tensor's last byte), so that a lazy
+    (mmap) load has really read its bytes when the clock stops; meta tensors are skipped. Returns the sum, so nothing
+    is optimised away.
+
+    Contiguous CPU tensors are grouped by the storage they view: the byte ranges of one storage's tensors are sorted
+    and merged where less than a page apart, and each merged range is read with one strided sum. The pages read are
+    the same as tensor by tensor (plus at most the bytes of a gap shorter than a page); the cost is one torch call
+    per range instead of five per tensor (~25 us each: 5 ms for BERT's 200 tensors, a sixth of its load), which
+    would otherwise be counted as load time. Same rule for every loader."""
     import torch
 
     total = 0
+    by_storage: dict[int, tuple] = {}
     for t in tensors.values() if isinstance(tensors, dict) else tensors:
         if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
             continue
-        b = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        total += int(b[::PAGE_NBYTES].sum(dtype=torch.int64)) + int(b[-1])
+        if t.device.type != "cpu" or not t.is_contiguous():
+            b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            total += int(b[::PAGE_NBYTES].sum(dtype=torch.int64)) + int(b[-1])
+            continue
+        storage = t.untyped_storage()
+        lo = t.storage_offset() * t.element_size()
+        by_storage.setdefault(storage.data_ptr(), (storage, []))[1].append((lo, lo + t.numel() * t.element_size()))
+    for storage, spans in by_storage.values():
+        whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+        spans.sort()
+        merged = [list(spans[0])]
+        for lo, hi in spans[1:]:
+            if lo - merged[-1][1] < PAGE_NBYTES:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        for lo, hi in merged:
+            b = whole[lo:hi]
+            total += int(b[::PAGE_NBYTES].sum(dtype=torch.int64)) + int(b[-1])
     return total
 
 

@@ -209,3 +209,46 @@ def test_common_units_and_synthetic():
     sd = C.make_state_dict(4 * 2 ** 20)
     assert all(t.isfinite().all() for t in sd.values() if t.is_floating_point())
     assert C.touch(sd) > 0
+
+
+def test_touch_reads_every_page_of_every_tensor_and_no_far_gap():
+    """perf/_common.touch merges the byte ranges of tensors that view one storage and reads one byte a page: every
+    page of every tensor must be faulted in afterwards and the pages of a far gap between two tensors must not.
+    Seen with mincore(2) on a fresh anonymous mapping (a read fault maps one page; no readahead, no fault-around)."""
+    import ctypes
+    import mmap
+
+    import torch
+
+    sys.path.insert(0, PERF)
+    try:
+        import _common as C
+    finally:
+        sys.path.remove(PERF)
+
+    page, npages = 4096, 256
+    region = mmap.mmap(-1, npages * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * npages)()
+
+    def resident() -> set[int]:
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(npages * page), vec) == 0, ctypes.get_errno()
+        return {i for i in range(npages) if vec[i] & 1}
+
+    whole = torch.frombuffer(region, dtype=torch.uint8)
+    assert resident() == set()
+    a = whole[:3 * page].view(torch.int32)  # pages 0-2
+    b = whole[3 * page + 100:6 * page]  # pages 3-5, 100 bytes after a: merged with it
+    c = whole[200 * page + 8:200 * page + 8 + 1536 * 4].view(torch.float32)  # pages 200-201, far: its own range
+    d = whole[201 * page:201 * page + 16]  # inside c's last page
+    sd = {"a": a, "b": b, "c": c, "d": d, "meta": torch.empty(3, device="meta"), "empty": whole[:0]}
+    total = C.touch(sd)
+    assert resident() == {0, 1, 2, 3, 4, 5, 200, 201}
+    assert total == 0  # fresh anonymous pages read as zeros
+    whole[3 * page - 1] = 7  # a's last byte
+    whole[201 * page + 8] = 3  # one page after c's first byte: the strided read
+    whole[201 * page + 9] = 100  # read by no rule: one byte a page
+    whole[200 * page + 8 + 1536 * 4 - 1] = 5  # c's last byte
+    assert C.touch({"a": a, "c": c}) == 7 + 3 + 5
+    del sd, a, b, c, d, whole
