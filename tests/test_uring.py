@@ -95,6 +95,8 @@ def test_extension_not_built_says_how_to_build(tmp_path, monkeypatch, caplog, fr
     with caplog.at_level(logging.WARNING, logger="flashpack"):
         with open_reader(path, backend="auto") as r:
             assert r.name == "threads"
+        # the notice comes when a load needs the ring: not for this wholly cached file where cachestat(2) says so
+        assert resolve_backend("auto") == "threads"
     assert sum("liburing-dev" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -291,6 +293,55 @@ def test_cached_extents_are_copied_by_threads_and_cold_ones_go_to_the_ring(tmp_p
         read_all(r, split(nbytes, 1024 * 1024, buf2))
         if r.stats.bytes_direct:  # the kernel honoured DONTNEED: the cold extents went to the ring
             assert r.ring_stats()["sqes"] > 0
+    assert np.array_equal(buf2, data)
+
+
+def test_auto_copies_a_wholly_cached_file_without_making_a_ring(tmp_path, monkeypatch, fresh_probe):
+    """``auto`` on a file wholly in the page cache opens the threads backend, which copies every extent as the uring
+    backend's copier would, and neither probes io_uring nor sets a ring up (0.3-0.9 ms in a fresh process); once a
+    page is missing, ``auto`` is ``uring`` again where io_uring runs. The same bytes either way."""
+    from flashpack.io import wholly_cached
+    from flashpack.io.pagecache import cached_pages, drop_from_cache
+
+    path = tmp_path / "warm.bin"
+    nbytes = 4 * 1024 * 1024 + 4096 * 3 + 5
+    data = make_file(path, nbytes)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if cached_pages(fd, 0, nbytes) is None:
+            pytest.skip("no cachestat(2) on this kernel (Linux 6.5+): auto keeps its usual choice")
+    finally:
+        os.close(fd)
+    path.read_bytes()
+    assert wholly_cached(path)
+    ok, _ = uring.probe()
+    monkeypatch.setattr(uring, "_probe_cache", None)
+    monkeypatch.setattr(uring, "setup_ring", lambda depth: pytest.fail("a ring was set up for a cached file"))
+    buf = aligned(nbytes)
+    with open_reader(path, backend="auto", direct="auto") as r:
+        assert r.name == "threads"
+        read_all(r, split(nbytes, 1024 * 1024, buf))
+        assert r.stats.bytes_buffered == nbytes and r.stats.bytes_direct == 0
+    assert np.array_equal(buf, data)
+    assert uring._probe_cache is None  # never probed
+    assert not wholly_cached(tmp_path / "missing.bin") and not wholly_cached(tmp_path)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert not wholly_cached(tmp_path / "empty.bin")
+    monkeypatch.undo()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # DONTNEED drops clean pages only
+        drop_from_cache(path)
+        left = cached_pages(fd, 0, nbytes)
+    finally:
+        os.close(fd)
+    if left == -(-nbytes // 4096):
+        pytest.skip("posix_fadvise(DONTNEED) left the file cached here (tmpfs?)")
+    assert not wholly_cached(path)
+    buf2 = aligned(nbytes)
+    with open_reader(path, backend="auto", direct="auto") as r:
+        assert r.name == ("uring" if ok else "threads")
+        read_all(r, split(nbytes, 1024 * 1024, buf2))
     assert np.array_equal(buf2, data)
 
 
