@@ -360,3 +360,50 @@ def test_loading_leaves_register_parameter_unpatched(tmp_path):
 
 # --------------------------------------------------------------------------- the benchmark script
 
+
+
+# --------------------------------------------------------------------------- init of what the pack does not hold
+
+
+def test_llama_rotary_buffers_initialised_before_the_fill_and_loaded_weights_flagged(tmp_path, monkeypatch):
+    """transformers' init of the buffers a pack does not hold (rotary ``inv_freq``) runs on the meta model before
+    the fill (overlapping an early load), and afterwards every loaded tensor is flagged ``_is_hf_initialized`` as
+    from_pretrained leaves it: the model's own ``initialize_weights()`` then changes no loaded value."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import flashpack.integrations.transformers as fp_tr
+
+    class FlashPackLlamaForCausalLM(FlashPackTransformersModelMixin, LlamaForCausalLM):
+        pass
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, rope_theta=5000.0, tie_word_embeddings=False)
+    src = FlashPackLlamaForCausalLM(cfg).eval()
+    src.save_pretrained_flashpack(tmp_path / "llama")
+    seen = []
+    real = fp_tr._init_unloaded_buffers
+
+    def spy(model):
+        seen.append({p.device.type for p in model.parameters()})
+        real(model)
+
+    monkeypatch.setattr(fp_tr, "_init_unloaded_buffers", spy)
+    got = FlashPackLlamaForCausalLM.from_pretrained_flashpack(tmp_path / "llama")
+    assert seen == [{"meta"}]  # ran once, before any weight was filled
+    want_buffers = dict(src.named_buffers())
+    got_buffers = dict(got.named_buffers())
+    assert want_buffers.keys() == got_buffers.keys() and want_buffers
+    for name, b in want_buffers.items():
+        assert got_buffers[name].device.type == "cpu" and torch.equal(got_buffers[name], b), name
+    sd_src, sd_got = src.state_dict(), got.state_dict()
+    assert sd_src.keys() == sd_got.keys() and all(torch.equal(sd_src[k], sd_got[k]) for k in sd_src)
+    if fp_tr._flag_aware_init():
+        assert all(getattr(p, "_is_hf_initialized", False) for p in got.parameters())
+        with torch.no_grad():
+            got.initialize_weights()
+        sd_after = got.state_dict()
+        assert all(torch.equal(sd_src[k], sd_after[k]) for k in sd_src)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(src(ids).logits, got(ids).logits)

@@ -23,6 +23,8 @@ transformers is imported only when a method runs; nothing in transformers is pat
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 import inspect
 import os
 import re
@@ -198,8 +200,10 @@ class FlashPackTransformersModelMixin:
             return checkpoint_key_renames(model, wm.keys(), key_mapping=key_mapping,
                                           strict=assign.get("strict") is not False, path=wm.path)
 
-        model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign, key_renames=key_renames)
-        _init_unloaded_buffers(model)
+        model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign, key_renames=key_renames,
+                           before_fill=_init_unloaded_buffers)
+        if _flag_aware_init():
+            _flag_initialized(model)  # the loaded tensors, flagged as from_pretrained leaves them
         if model.can_generate() and os.path.isfile(os.path.join(folder, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.config._name_or_path = os.fspath(name_or_path)
@@ -358,22 +362,34 @@ def _no_init_weights():
     return no_init_weights()
 
 
-def _init_unloaded_buffers(model) -> None:
-    """Run the model's own ``initialize_weights`` for what the pack did not fill (non-persistent buffers such as
-    ``position_ids`` or rotary ``inv_freq``), the way transformers' ``from_pretrained`` does: every loaded
-    parameter and buffer is flagged ``_is_hf_initialized`` first, so transformers' init functions skip it.
-    Only on transformers versions with flag-aware init (``transformers.initialization``, v5)."""
-    try:
-        import transformers.initialization  # noqa: F401
-    except ImportError:
-        return
-    if not hasattr(model, "initialize_weights"):
-        return
+@functools.cache
+def _flag_aware_init() -> bool:
+    """Whether transformers' init functions skip tensors flagged ``_is_hf_initialized`` (``transformers.initialization``,
+    v5)."""
+    return importlib.util.find_spec("transformers.initialization") is not None
+
+
+def _flag_initialized(model) -> None:
+    """Flag every parameter and persistent buffer ``_is_hf_initialized`` (transformers v5's init functions skip a
+    flagged tensor), as transformers' ``from_pretrained`` leaves the tensors it loaded: a later ``init_weights()``
+    does not overwrite them. Non-persistent buffers (``position_ids``, rotary ``inv_freq``) stay unflagged."""
     non_persistent = {id(b) for _, b in model.named_non_persistent_buffers()} \
         if hasattr(model, "named_non_persistent_buffers") else set()
     for t in (*model.parameters(), *model.buffers()):
         if id(t) not in non_persistent:
             t._is_hf_initialized = True
+
+
+def _init_unloaded_buffers(model) -> None:
+    """Run the model's own ``initialize_weights`` for what the pack does not fill (non-persistent buffers such as
+    ``position_ids`` or rotary ``inv_freq``), the way transformers' ``from_pretrained`` does: every parameter and
+    persistent buffer (the tensors the pack fills, still on the meta device here) is flagged ``_is_hf_initialized``
+    first, so transformers' init functions skip it. Runs before the fill (``load_model``'s ``before_fill``), while
+    the pack is still being read: ~6 ms of Python for a 1 GiB Llama that no longer follows the read.
+    Only on transformers versions with flag-aware init (``transformers.initialization``, v5)."""
+    if not _flag_aware_init() or not hasattr(model, "initialize_weights"):
+        return
+    _flag_initialized(model)
     with torch.no_grad():
         model.initialize_weights()
 
