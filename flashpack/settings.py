@@ -4,6 +4,8 @@
 variable                        default      meaning
 ==============================  ===========  ==========================================================
 ``FLASHPACK_BACKEND``           ``auto``     reader backend: ``auto``, ``uring`` or ``threads``
+                                             (``auto``: ``threads`` for a file wholly in the page
+                                             cache, else ``uring`` where io_uring runs)
 ``FLASHPACK_VERIFY``            ``1``        verify payload checksums on load (``0`` to skip)
 ``FLASHPACK_DIRECT``            ``auto``     O_DIRECT policy: ``auto`` (direct when the pages are not
                                              cached), ``on`` (always direct), ``off`` (always buffered)
