@@ -31,7 +31,7 @@ RSS_MARGIN_NBYTES = 256 * C.MiB
 def flashpack_loaders() -> list[str]:
     import flashpack
 
-    return [f"flashpack[{n}]" for n, info in flashpack.backends().items() if info.available]
+    return ["flashpack[auto]"] + [f"flashpack[{n}]" for n, info in flashpack.backends().items() if info.available]
 
 
 def main(argv=None) -> int:

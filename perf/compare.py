@@ -14,6 +14,9 @@ starts at this parent's peak), the table shows its median per loader and mode. P
 evicted after the child's imports), then ``restart`` (a new process right after that load: the page
 cache is what the loader itself left), then ``warm`` (the child first reads the file buffered).
 Loaders alternate A B C ... A B C ... so drift hits each alike; medians over ``--runs`` rounds.
+``flashpack[auto]`` is what a user gets by default (backend ``auto``: the threads backend for a file wholly in the
+page cache, else io_uring where it runs); ``flashpack[uring]`` and ``flashpack[threads]`` name a backend, which is
+then used whatever the cache holds.
 
 Ceilings, measured in the same rounds: disk (fio io_uring O_DIRECT when installed, else one-thread
 sequential 8 MiB O_DIRECT preadv), a buffered read of the cached file into a prefaulted buffer (and
@@ -140,6 +143,9 @@ class Loader:
 
 def loaders() -> dict[str, Loader]:
     out = [
+        # the library's default: backend "auto" (threads for a file wholly in the page cache, else uring where it runs)
+        Loader("flashpack[auto]", "flashpack", "main", lambda p: load_flashpack(p, "auto"),
+               "private anonymous, checksums verified", ours=True, private_anon=True),
         Loader("flashpack[threads]", "flashpack", "main", lambda p: load_flashpack(p, "threads"),
                "private anonymous, checksums verified", ours=True, private_anon=True),
         Loader("flashpack[uring]", "flashpack", "main", lambda p: load_flashpack(p, "uring"),

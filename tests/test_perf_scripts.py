@@ -33,7 +33,7 @@ OURS = "--workdir {d} --out-dir {d} --name smoke --timeout-s 180 --size 4M --run
 CONTENDED_COPIES = (["native"] if flashpack.io.base.native_copy is not None else []) + ["python"]
 #: script -> arguments of its one smoke run ({d}: a temporary folder).
 SMOKE = {
-    "compare.py": OURS + " --loaders flashpack[threads],flashpack[uring],flashpack[mmap],safetensors.load_file,"
+    "compare.py": OURS + " --loaders flashpack[auto],flashpack[threads],flashpack[uring],flashpack[mmap],safetensors.load_file,"
                          "torch.load(mmap)" + (",fal-flashpack[eager],fal-flashpack[lazy] --peer-python "
                                                + PEER_PYTHON if os.path.exists(PEER_PYTHON) else ""),
     "bench_load.py": OURS,
