@@ -296,6 +296,7 @@ def test_cached_extents_are_copied_by_threads_and_cold_ones_go_to_the_ring(tmp_p
     assert np.array_equal(buf2, data)
 
 
+@pytest.mark.timeout(60)
 def test_auto_copies_a_wholly_cached_file_without_making_a_ring(tmp_path, monkeypatch, fresh_probe):
     """``auto`` on a file wholly in the page cache opens the threads backend, which copies every extent as the uring
     backend's copier would, and neither probes io_uring nor sets a ring up (0.3-0.9 ms in a fresh process); once a
@@ -327,7 +328,11 @@ def test_auto_copies_a_wholly_cached_file_without_making_a_ring(tmp_path, monkey
     assert not wholly_cached(tmp_path / "missing.bin") and not wholly_cached(tmp_path)
     (tmp_path / "empty.bin").write_bytes(b"")
     assert not wholly_cached(tmp_path / "empty.bin")
+    os.mkfifo(tmp_path / "fifo")  # no writer: a blocking open(2) would hang here
+    assert not wholly_cached(tmp_path / "fifo")
     monkeypatch.undo()
+    with open_reader(tmp_path / "fifo", backend="auto") as r:  # opened as by a named backend (loads refuse FIFOs
+        assert r.name == ("uring" if ok else "threads")         # above this layer, naming the file)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)  # DONTNEED drops clean pages only

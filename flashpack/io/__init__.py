@@ -21,6 +21,7 @@ The options every backend takes (``direct``, ``queue_depth``, ``threads``, ``reg
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from ..errors import BackendUnavailableError
@@ -101,13 +102,14 @@ def wholly_cached(path) -> bool:
     """Whether every page of the file at ``path`` is in the page cache now (cachestat(2), Linux 6.5+; one system
     call, nothing mapped). ``False`` when it cannot be told (an older kernel, a file that cannot be opened, an empty
     file): a hint for choosing a reader, never a promise (pages may be evicted a moment later)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # O_NONBLOCK: a FIFO without a writer must not hang open(2) (the reader then refuses it by name)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except (OSError, TypeError, ValueError):
         return False
     try:
-        nbytes = os.fstat(fd).st_size
-        if nbytes <= 0:
+        st = os.fstat(fd)
+        nbytes = st.st_size
+        if not stat.S_ISREG(st.st_mode) or nbytes <= 0:
             return False
         got = pagecache.cached_pages(fd, 0, nbytes)
         return got is not None and got >= -(-nbytes // PAGE_NBYTES)
