@@ -361,7 +361,7 @@ def touch(tensors: Iterable) -> int:
     import torch
 
     total = 0
-    by_storage: dict[int, tuple] = {}
+    by_storage: dict[tuple[int, int], tuple] = {}
     for t in tensors.values() if isinstance(tensors, dict) else tensors:
         if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
             continue
@@ -371,7 +371,9 @@ def touch(tensors: Iterable) -> int:
             continue
         storage = t.untyped_storage()
         lo = t.storage_offset() * t.element_size()
-        by_storage.setdefault(storage.data_ptr(), (storage, []))[1].append((lo, lo + t.numel() * t.element_size()))
+        # by address and size: two storages may start at one address (frombuffer over part of a buffer and over all)
+        by_storage.setdefault((storage.data_ptr(), storage.nbytes()), (storage, []))[1].append(
+            (lo, lo + t.numel() * t.element_size()))
     for storage, spans in by_storage.values():
         whole = torch.empty(0, dtype=torch.uint8).set_(storage)
         spans.sort()

@@ -251,4 +251,10 @@ def test_touch_reads_every_page_of_every_tensor_and_no_far_gap():
     whole[201 * page + 9] = 100  # read by no rule: one byte a page
     whole[200 * page + 8 + 1536 * 4 - 1] = 5  # c's last byte
     assert C.touch({"a": a, "c": c}) == 7 + 3 + 5
+    # two storages at one address (one over part of the region, one over more): each tensor's pages are read
+    small = torch.frombuffer(region, dtype=torch.uint8, count=page)
+    big = torch.frombuffer(region, dtype=torch.uint8, count=3 * page)
+    assert small.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
+    whole[page] = 11  # page 1: only in ``big``
+    assert C.touch({"small": small, "big": big[page:]}) == 11 + 7  # big[page:] reads pages 1-2 and its last byte
     del sd, a, b, c, d, whole

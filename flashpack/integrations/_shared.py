@@ -221,8 +221,7 @@ def rename_weight_map(wm: WeightMap, renames: dict[str, str]) -> WeightMap:
 
 def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path: str, device: torch.device,
                *, tie: Callable[[torch.nn.Module], None] | None = None, assign: dict | None = None,
-               key_renames: Callable[[torch.nn.Module, WeightMap], dict[str, str]] | None = None,
-               before_fill: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+               key_renames: Callable[[torch.nn.Module, WeightMap], dict[str, str]] | None = None) -> torch.nn.Module:
     """Build a model with meta parameters, fill it from ``pack_path`` and return it ready (eval mode). The pack's
     bytes are read while ``build`` runs when :func:`flashpack.deserialization.start_early_load` allows it.
 
@@ -237,9 +236,6 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
         key_renames: ``key_renames(model, weight map)`` returns ``{stored key: model key}`` for a pack written in
             an older key layout (the library's checkpoint key conversions); applied with
             :func:`rename_weight_map` before the fill.
-        before_fill: ``before_fill(model)`` runs on the built model (weights still on meta, dtypes matched to the
-            pack) right before the fill, while an early load may still be reading: work that does not need the
-            weights (the library's init of buffers the pack does not hold) overlaps the read instead of following it.
 
     Raises:
         ModelMismatchError: the pack does not fit the model, or something was left on the meta device.
@@ -257,8 +253,6 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
             if early is not None:
                 early.rename(renames)
         match_file_dtypes(model, wm)
-        if before_fill is not None:
-            before_fill(model)
         assign_from_file(model, wm, device=device, early=early, **options)
     if tie is not None:
         tie(model)

@@ -200,10 +200,8 @@ class FlashPackTransformersModelMixin:
             return checkpoint_key_renames(model, wm.keys(), key_mapping=key_mapping,
                                           strict=assign.get("strict") is not False, path=wm.path)
 
-        model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign, key_renames=key_renames,
-                           before_fill=_init_unloaded_buffers)
-        if _flag_aware_init():
-            _flag_initialized(model)  # the loaded tensors, flagged as from_pretrained leaves them
+        model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign, key_renames=key_renames)
+        _init_unloaded_buffers(model)
         if model.can_generate() and os.path.isfile(os.path.join(folder, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.config._name_or_path = os.fspath(name_or_path)
@@ -381,11 +379,14 @@ def _flag_initialized(model) -> None:
 
 
 def _init_unloaded_buffers(model) -> None:
-    """Run the model's own ``initialize_weights`` for what the pack does not fill (non-persistent buffers such as
-    ``position_ids`` or rotary ``inv_freq``), the way transformers' ``from_pretrained`` does: every parameter and
-    persistent buffer (the tensors the pack fills, still on the meta device here) is flagged ``_is_hf_initialized``
-    first, so transformers' init functions skip it. Runs before the fill (``load_model``'s ``before_fill``), while
-    the pack is still being read: ~6 ms of Python for a 1 GiB Llama that no longer follows the read.
+    """Run the model's own ``initialize_weights`` for what the pack did not fill (non-persistent buffers such as
+    ``position_ids`` or rotary ``inv_freq``), the way transformers' ``from_pretrained`` does: every loaded
+    parameter and buffer is flagged ``_is_hf_initialized`` first, so transformers' init functions skip it.
+
+    After the fill, not before it on the meta model (which would overlap the read): some models' ``_init_weights``
+    write into loaded weights through a view the flag does not reach (ChineseCLIP zeroes
+    ``embedding.weight[padding_idx]``), and ``from_pretrained`` keeps that effect; run on meta tensors it would be
+    lost and the weights would differ from ``from_pretrained``'s.
     Only on transformers versions with flag-aware init (``transformers.initialization``, v5)."""
     if not _flag_aware_init() or not hasattr(model, "initialize_weights"):
         return
