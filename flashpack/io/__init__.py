@@ -20,12 +20,13 @@ The options every backend takes (``direct``, ``queue_depth``, ``threads``, ``reg
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from dataclasses import dataclass
 
 from ..errors import BackendUnavailableError
-from ..settings import MAX_QUEUE_DEPTH, PAGE_NBYTES, Settings, settings
+from ..settings import MAX_QUEUE_DEPTH, Settings, settings
 from . import pagecache
 from ..source import ShardedWeightMap
 from .base import FileIdentity, ReaderBase, notice_once, read_all
@@ -102,7 +103,7 @@ def wholly_cached(path) -> bool:
     """Whether every page of the file at ``path`` is in the page cache now (cachestat(2), Linux 6.5+; one system
     call, nothing mapped). ``False`` when it cannot be told (an older kernel, a file that cannot be opened, an empty
     file): a hint for choosing a reader, never a promise (pages may be evicted a moment later)."""
-    try:  # O_NONBLOCK: a FIFO without a writer must not hang open(2) (the reader then refuses it by name)
+    try:  # O_NONBLOCK: a FIFO without a writer must not hang open(2) (loads refuse it above, naming the file)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except (OSError, TypeError, ValueError):
         return False
@@ -112,7 +113,7 @@ def wholly_cached(path) -> bool:
         if not stat.S_ISREG(st.st_mode) or nbytes <= 0:
             return False
         got = pagecache.cached_pages(fd, 0, nbytes)
-        return got is not None and got >= -(-nbytes // PAGE_NBYTES)
+        return got is not None and got >= -(-nbytes // mmap.PAGESIZE)  # cachestat counts pages of this size
     finally:
         os.close(fd)
 
