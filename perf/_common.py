@@ -349,9 +349,9 @@ def state_dict_nbytes(sd: dict) -> int:
 
 
 def touch(tensors: Iterable) -> int:
-    """Fault in every page of every tensor (one byte per 4096 read, and each tensor's last byte), so that a lazy
-    (mmap) load has really read its bytes when the clock stops; meta tensors are skipped. Returns the sum, so nothing
-    is optimised away.
+    """Fault in every page of every tensor (one byte per 4096 read, and the last byte of each range read), so that a
+    lazy (mmap) load has really read its bytes when the clock stops; meta tensors are skipped. Returns the sum, so
+    nothing is optimised away.
 
     Contiguous CPU tensors are grouped by the storage they view: the byte ranges of one storage's tensors are sorted
     and merged where less than a page apart, and each merged range is read with one strided sum. The pages read are
@@ -366,8 +366,7 @@ def touch(tensors: Iterable) -> int:
         if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
             continue
         if t.device.type != "cpu" or not t.is_contiguous():
-            b = t.detach().contiguous().reshape(-1).view(torch.uint8)
-            total += int(b[::PAGE_NBYTES].sum(dtype=torch.int64)) + int(b[-1])
+            total += _read_pages(t.detach().contiguous().reshape(-1).view(torch.uint8))
             continue
         storage = t.untyped_storage()
         lo = t.storage_offset() * t.element_size()
@@ -383,10 +382,15 @@ def touch(tensors: Iterable) -> int:
                 merged[-1][1] = max(merged[-1][1], hi)
             else:
                 merged.append([lo, hi])
-        for lo, hi in merged:
-            b = whole[lo:hi]
-            total += int(b[::PAGE_NBYTES].sum(dtype=torch.int64)) + int(b[-1])
+        total += sum(_read_pages(whole[lo:hi]) for lo, hi in merged)
     return total
+
+
+def _read_pages(b) -> int:
+    """Read one byte of each page of the 1-D uint8 tensor ``b`` (every 4096th from its first) and its last byte."""
+    import torch
+
+    return int(b[::PAGE_NBYTES].sum(dtype=torch.int64)) + int(b[-1])
 
 
 # --------------------------------------------------------------------------- page cache
