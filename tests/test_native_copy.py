@@ -405,8 +405,9 @@ def test_many_small_cached_extents_are_spread_over_the_cpus(tmp_path, monkeypatc
 
 
 def test_batches_share_the_queued_bytes_not_the_extent_count(tmp_path, monkeypatch):
-    """A cached 16 MiB load's extents (8 MiB, 6.4 MiB, 1.5 MiB, 100 KiB, 68 KiB), 2 CPUs: each batch holds at most
-    ceil(the bytes queued / 2), so the two large extents go to different workers (counted by extents, three of them
+    """A cached 16 MiB load's extents (8 MiB, 6.4 MiB, 1.5 MiB, 100 KiB, 68 KiB), 2 CPUs (one helper and the caller):
+    each claim takes the oldest extent, then more only while it holds at most a quarter of the bytes left, so the two
+    large extents go to different threads and each extent is a claim of its own (by extent count, three of them
     went to one worker and the other copied 168 KiB)."""
     import flashpack.io.threads as io_threads
 
@@ -422,24 +423,30 @@ def test_batches_share_the_queued_bytes_not_the_extent_count(tmp_path, monkeypat
     bufs = [memoryview(bytearray(n)) for n in sizes]
     with flashpack.io.open_reader(path, backend="threads", direct="auto", queue_depth=32, threads=16) as r:
         io_base.read_all(r, [Extent(o, n, b, i) for i, (o, n, b) in enumerate(zip(offsets, sizes, bufs))])
-    share = -(-sum(sizes) // 2)
-    # share = 8,351,744 bytes: 8 MiB alone, then 6.4 MiB + 1.5 MiB + 100 KiB (7.98 MiB), then 68 KiB
-    assert sorted(batches) == sorted([[8 << 20], [6556 << 10, 1476 << 10, 100 << 10], [68 << 10]]), batches
-    assert all(sum(b) <= share for b in batches)
+    # bytes left 16 MiB -> share 4 MiB: 8 MiB alone; 8 MiB left -> 2 MiB: 6.4 MiB alone; 1.6 MiB left -> 0.4 MiB:
+    # 1.44 MiB alone; then 100 KiB and 68 KiB, each more than a quarter of what is left
+    assert sorted(batches) == sorted([[n] for n in sizes]), batches
     assert all(bytes(b) == data[o:o + n] for o, n, b in zip(offsets, sizes, bufs))
 
 
-def test_batches_come_in_a_multiple_of_the_workers(tmp_path, monkeypatch):
-    """Eleven cached 2 MiB extents, batches of at most 8 MiB, 2 CPUs: ceil(22 / 8) = 3 batches would leave the third
-    to run after the first two (BERT's 87 MiB in batches of <= 32 MiB), so the queue is cut in 4 shares of 5.5 MiB:
-    batches of two extents, each <= 5.5 MiB."""
+def test_claims_shrink_as_the_copies_run_out(tmp_path, monkeypatch):
+    """Eleven cached 2 MiB extents, claims of at most 8 MiB, 2 CPUs (one helper and the caller): the first claims
+    hold two extents (a quarter of the 22 MiB left is 5.5 MiB), the last ones one, in file order whichever thread
+    takes them, and every extent is copied once (fixed batches of 4 MiB left one thread copying the last batch while
+    the other waited)."""
     import flashpack.io.threads as io_threads
 
     monkeypatch.setattr(io_threads, "_CPUS", 2)
     monkeypatch.setattr(io_threads, "COPY_BATCH_NBYTES", 8 << 20)
-    batches, real = [], io_threads.read_extents
-    monkeypatch.setattr(io_threads, "read_extents",
-                        lambda f, e, s: (batches.append([x.nbytes for x in e]), real(f, e, s))[1])
+    claims, real = [], io_threads.ThreadsReader._claim
+
+    def recording(self):
+        batch = real(self)  # _cond is held: claims are recorded in the order they were made
+        if batch:
+            claims.append([x.file_offset for x in batch])
+        return batch
+
+    monkeypatch.setattr(io_threads.ThreadsReader, "_claim", recording)
     n = 2 << 20
     path, data = random_file(tmp_path, 11 * n)
     with open(path, "rb") as f:
@@ -447,7 +454,9 @@ def test_batches_come_in_a_multiple_of_the_workers(tmp_path, monkeypatch):
     bufs = [memoryview(bytearray(n)) for _ in range(11)]
     with flashpack.io.open_reader(path, backend="threads", direct="auto", queue_depth=32, threads=16) as r:
         io_base.read_all(r, [Extent(i * n, n, b, i) for i, b in enumerate(bufs)])
-    assert sorted(batches) == [[n]] + [[n, n]] * 5, batches
+    # 22 MiB left -> 5.5 MiB: 2; 18 -> 4.5: 2; 14 -> 3.5: 1; then one at a time
+    assert [len(c) for c in claims] == [2, 2] + [1] * 7, claims
+    assert [off for c in claims for off in c] == [i * n for i in range(11)]
     assert all(bytes(b) == data[i * n:(i + 1) * n] for i, b in enumerate(bufs))
 
 

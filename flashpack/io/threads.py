@@ -1,11 +1,12 @@
 """The ``threads`` backend: a pool of threads, each issuing large ``preadv(2)`` calls.
 
 Each worker reads one whole extent at a time (:func:`flashpack.io.base.read_extent`): O_DIRECT into
-the destination for cold, aligned ranges, buffered for cached ranges and tails; where the C shim has
-``fp_copy_extents``, consecutive fills and buffered reads that need no read-ahead go to one worker as a batch
-(up to ``COPY_BATCH_NBYTES``) copied in one C call. ``os.preadv``
-releases the GIL, so the workers' reads overlap with each other and with the caller's work. At most
-``queue_depth`` extents are handed to the ``threads`` workers at once; the rest wait in a queue.
+the destination for cold, aligned ranges, buffered for cached ranges and tails. Copies out of the page cache that
+need no read-ahead (fills and buffered reads the C shim's ``fp_copy_extents`` takes) are not handed out in fixed
+batches: they wait in one queue, and helper tasks and the caller's thread, while it waits, each take the next few
+extents in file order, a share that shrinks as the queue runs out (:meth:`ThreadsReader._claim`), and copy them in
+one C call. ``os.preadv`` releases the GIL, so the workers' reads overlap with each other and with the caller's
+work. At most ``queue_depth`` extents are handed out at once; the rest wait in a queue.
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ import concurrent.futures as cf
 import os
 import queue
 import threading
+import time
 from collections import deque
 from typing import Iterable
 
 from .base import (MAX_THREADS, Completion, Extent, FileHandles, ReaderBase, ReaderStats, buffer_address,
                    native_batchable, read_extents)
 
-#: Most bytes of extents one task hands a worker at once, copied in one C call (``fp_copy_extents``): each return
-#: from C waits for the GIL, up to the switch interval (5 ms) while another thread runs Python. A batch is only made
-#: of extents that need no read-ahead and that the C copy takes (fills and buffered reads), and holds at most a fair
-#: share of the bytes queued per worker (or CPU, if fewer), so a short queue still spreads out; the extents in all
-#: tasks together stay within ``queue_depth``.
+#: Most bytes of copies one thread takes at once (unless one extent is larger), copied in one C call
+#: (``fp_copy_extents``): each return from C waits for the GIL, up to the switch interval (5 ms) while another thread
+#: runs Python. A claim holds at most a ``2 * threads``-th of the bytes still queued (:meth:`ThreadsReader._claim`).
 COPY_BATCH_NBYTES = 32 * 1024 * 1024
-#: CPUs this process may run on (sched_getaffinity(2)), read once: batches are spread over at most this many workers.
+#: CPUs this process may run on (sched_getaffinity(2)), read once: copies run on at most this many threads at once.
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -164,6 +164,14 @@ class ThreadsReader(ReaderBase):
         self._pending: dict[cf.Future, list[Extent]] = {}  # a task -> its extents, in order
         self._readies: dict[cf.Future, threading.Event | None] = {}  # a task -> the read-ahead it waits for
         self._cancelled: list[Completion] = []
+        # copies out of the page cache, taken in order by whichever thread comes next (_claim): the helpers and the
+        # caller while it waits. Guarded by _cond, which is notified when a copy or a task finishes.
+        self._cond = threading.Condition(threading.Lock())
+        self._copies: deque[Extent] = deque()  # not taken yet
+        self._copies_nbytes = 0  # their bytes
+        self._copying = 0  # extents taken, not finished
+        self._copied: list[tuple[Extent, ReaderStats, BaseException | None]] = []  # finished, not collected
+        self._helpers: set[cf.Future] = set()  # helper tasks queued or running
 
     @classmethod
     def probe(cls) -> tuple[bool, str]:
@@ -180,55 +188,132 @@ class ThreadsReader(ReaderBase):
             stats[0].prefetch = self._files.prefetch_method
         return list(zip(stats, read_extents(self._files, exts, stats)))
 
+    def _held(self) -> int:
+        """Extents handed out and not yet collected: in tasks, and copies taken or not (at most ``queue_depth``)."""
+        with self._cond:
+            copies = len(self._copies) + self._copying + len(self._copied)
+        return copies + sum(map(len, self._pending.values()))
+
     def _fill(self) -> None:
         slots = min(self.queue_depth, self.threads)  # tasks at once; extents at once: at most queue_depth
-        share_nbytes = 0  # a batch's bytes: the bytes queued within the free queue_depth / workers (set once, below)
-        while self._queue and len(self._pending) < slots and (held := sum(map(len, self._pending.values()))) < \
-                self.queue_depth:
+        while self._queue and (held := self._held()) < self.queue_depth:
             if self._pool is None:
                 self._pool = shared_pool()
             if not self._ahead:
                 self._read_ahead(self._queue[0])
                 self._ahead = 1
             head = self._queue[0]
-            batching = id(head) not in self._ready and self._batchable(head)
+            if id(head) not in self._ready and self._batchable(head) and self._queue_copies(self.queue_depth - held):
+                continue
+            if len(self._pending) >= slots:
+                break
             ext = self._queue.popleft()
             self._ahead -= 1
             ready = self._ready.pop(id(ext), None)
-            batch, nbytes = [ext], ext.nbytes
-            if batching:
-                room = self.queue_depth - held - 1  # extents after this one that the free queue_depth admits
-                if not share_nbytes:
-                    # once per call, so the batches cut from one queue are alike: the bytes queued within the free
-                    # queue_depth cut into batches of <= COPY_BATCH_NBYTES, as many as the workers that copy at
-                    # once (free workers, or CPUs if fewer: a copy out of the page cache is CPU-bound) or a multiple.
-                    # In bytes, not extents: a 16 MiB load's two 8 MiB extents went to one worker (7.6 ms against
-                    # ~4); a multiple: BERT's 87 MiB made three batches of <= 32 MiB for two CPUs, the third copied
-                    # after the first two
-                    window = ext.nbytes + sum(self._queue[i].nbytes for i in range(min(room, len(self._queue))))
-                    spread = max(1, min(slots, _CPUS))
-                    batches = -(-window // COPY_BATCH_NBYTES)
-                    share_nbytes = max(1, -(-window // (-(-batches // spread) * spread)))
-                while self._queue and len(batch) <= room:
-                    nxt = self._queue[0]
-                    if nbytes + nxt.nbytes > share_nbytes:
-                        break
-                    if not self._ahead:
-                        self._read_ahead(nxt)
-                        self._ahead = 1
-                    if id(nxt) in self._ready or not self._batchable(nxt):
-                        break
-                    self._queue.popleft()
-                    self._ahead -= 1
-                    batch.append(nxt)
-                    nbytes += nxt.nbytes
-            fut = self._pool.submit(self._work, batch, ready)
-            self._pending[fut], self._readies[fut] = batch, ready
+            fut = self._pool.submit(self._work, [ext], ready)
+            self._pending[fut], self._readies[fut] = [ext], ready
+            fut.add_done_callback(self._wake)
+        self._start_helpers(self._spread() - 1)
         # cache="keep": the prefetcher reads the next queue_depth extents into the page cache while the workers
         # copy the ones before them (bypass loads skip the look-ahead: nothing to queue)
         while self._files.cache == "keep" and self._ahead < min(len(self._queue), self.queue_depth):
             self._read_ahead(self._queue[self._ahead])
             self._ahead += 1
+
+    def _spread(self) -> int:
+        """Threads that copy at once, the caller's included: a copy out of the page cache is CPU-bound, so as many
+        as CPUs (or workers, if fewer)."""
+        return max(1, min(self.queue_depth, self.threads, _CPUS))
+
+    def _start_helpers(self, count: int) -> None:
+        """Start pool tasks that copy (:meth:`_copy_helper`) until ``max(1, count)`` are queued or running, if
+        there are copies to take. The caller's thread copies too while it waits without a timeout (:meth:`_collect`):
+        one helper fewer than :meth:`_spread`, so the threads that copy are as many as the CPUs (a caller that waits
+        with a timeout gets the last helper then). On the 2-vCPU VM, with a helper per CPU besides the caller, the
+        two helpers shared one CPU while the caller kept the other, and a cached 1 GiB load took 271 ms against
+        263 ms with one helper (medians of 7, fresh processes)."""
+        if not self._copies:
+            return
+        if self._pool is None:
+            self._pool = shared_pool()
+        while len(self._helpers) < max(1, count):
+            fut = self._pool.submit(self._copy_helper)
+            with self._cond:
+                self._helpers.add(fut)
+            fut.add_done_callback(self._helper_done)
+
+    def _queue_copies(self, room: int) -> int:
+        """Move up to ``room`` extents from the head of the queue to the copies while they are copies out of the
+        page cache that wait for no read-ahead (:meth:`_batchable`); how many were moved."""
+        taken = []
+        while self._queue and len(taken) < room:
+            if not self._ahead:
+                self._read_ahead(self._queue[0])
+                self._ahead = 1
+            nxt = self._queue[0]
+            if id(nxt) in self._ready or not self._batchable(nxt):
+                break
+            taken.append(self._queue.popleft())
+            self._ahead -= 1
+        with self._cond:
+            self._copies.extend(taken)
+            self._copies_nbytes += sum(ext.nbytes for ext in taken)
+        return len(taken)
+
+    def _claim(self) -> list[Extent]:
+        """Take the next copies, oldest first (``_cond`` held): a share of the bytes left that shrinks as they run
+        out (guided self-scheduling: the oldest extent, then the next ones while the batch stays within a
+        ``2 * (helpers + caller)``-th of the bytes left and ``COPY_BATCH_NBYTES``), so the threads finish within
+        about one small share of each other instead of one waiting for another's last large batch. In order,
+        because a later extent may wait on an earlier one (a read into a page of the fill region that an earlier
+        fill copies blocks in the kernel until it is copied), and the earlier one is then always being copied."""
+        if not self._copies:
+            return []
+        share_nbytes = min(COPY_BATCH_NBYTES, -(-self._copies_nbytes // (2 * (len(self._helpers) + 1))))
+        batch = [self._copies.popleft()]
+        nbytes = batch[0].nbytes
+        while self._copies and nbytes + self._copies[0].nbytes <= share_nbytes:
+            nbytes += self._copies[0].nbytes
+            batch.append(self._copies.popleft())
+        self._copies_nbytes -= nbytes
+        self._copying += len(batch)
+        return batch
+
+    def _copy(self, batch: list[Extent]) -> None:
+        """Copy ``batch`` (taken by :meth:`_claim`) in one C call where it can (:func:`read_extents`) and leave its
+        completions for the caller. An error is its extents'; a KeyboardInterrupt (the caller's thread) is
+        recorded for them too, then propagates."""
+        stats = [ReaderStats() for _ in batch]
+        stop: BaseException | None = None
+        try:
+            errors: list[BaseException | None] = read_extents(self._files, batch, stats)
+        except BaseException as e:  # noqa: BLE001 - an Exception is the batch's, as from a task
+            errors = [e] * len(batch)
+            stop = None if isinstance(e, Exception) else e
+        with self._cond:
+            self._copying -= len(batch)
+            self._copied += [(ext, st, err) for ext, st, err in zip(batch, stats, errors)]
+            self._cond.notify_all()
+        if stop is not None:
+            raise stop
+
+    def _copy_helper(self) -> None:
+        """A pool task: copy until no copy is left to take."""
+        while True:
+            with self._cond:
+                batch = self._claim()
+            if not batch:
+                return
+            self._copy(batch)
+
+    def _wake(self, _fut: cf.Future | None = None) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _helper_done(self, fut: cf.Future) -> None:
+        with self._cond:
+            self._helpers.discard(fut)
+            self._cond.notify_all()
 
     def _batchable(self, ext: Extent) -> bool:
         """Whether ``ext`` may share a worker with its neighbours: the C copy takes it and it is a copy out of the
@@ -253,7 +338,7 @@ class ThreadsReader(ReaderBase):
 
     @property
     def in_flight(self) -> int:
-        return len(self._queue) + sum(map(len, self._pending.values())) + len(self._cancelled)
+        return len(self._queue) + self._held() + len(self._cancelled)
 
     def wait(self, timeout_s: float | None = None) -> list[Completion]:
         out, self._cancelled = self._cancelled, []
@@ -262,15 +347,34 @@ class ThreadsReader(ReaderBase):
         return out
 
     def _collect(self, timeout_s: float | None) -> list[Completion]:
-        """The completions of the finished tasks (waiting up to ``timeout_s`` for the first one); the stats of the
-        extents read are added to the reader's."""
-        if not self._pending:
-            return []
-        if timeout_s is None:
-            self._run_one_here()
-        done, _ = cf.wait(self._pending, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
+        """The completions of the finished tasks and copies, waiting up to ``timeout_s`` for the first one (``None``:
+        until one finishes, copying the next copies meanwhile, or running a task no worker has started); the stats
+        of the extents read are added to the reader's."""
+        deadline = None if not timeout_s else time.monotonic() + timeout_s
+        while True:
+            out = self._finished()
+            if out or timeout_s == 0 or not self._held():
+                return out
+            if timeout_s is None:
+                with self._cond:
+                    batch = self._claim()
+                if batch:
+                    self._copy(batch)
+                    continue
+                if self._run_one_here():
+                    continue
+            else:  # the caller does not copy: a helper in its place
+                self._start_helpers(self._spread())
+            with self._cond:
+                if not self._copied and not any(f.done() for f in self._pending):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return []
+                    self._cond.wait(left)
+
+    def _finished(self) -> list[Completion]:
         out = []
-        for fut in done:
+        for fut in [f for f in self._pending if f.done()]:
             batch = self._pending.pop(fut)
             self._readies.pop(fut, None)
             if fut.cancelled():
@@ -284,27 +388,35 @@ class ThreadsReader(ReaderBase):
                 if error is None:
                     self.stats.add(st)
                 out.append(Completion(ext, error))
+        with self._cond:
+            copied, self._copied = self._copied, []
+        for ext, st, error in copied:
+            if error is None:
+                self.stats.add(st)
+            out.append(Completion(ext, error))
         return out
 
-    def _run_one_here(self) -> None:
+    def _run_one_here(self) -> bool:
         """Run on the calling thread, which would otherwise block, the oldest task no worker has started (taken
-        back with ``Future.cancel``, which fails for a running task). A worker woken for a task started 0.1-3.5 ms
-        later on the 2-vCPU VM: a cached 16 MiB load was 7 or 10.5 ms by that alone. The oldest, because a later
-        extent may wait on an earlier one (a read into a page of the region that a fill has not reached blocks in
-        the kernel until the fill copies it). Its result stands in a finished future under the same extents; a
-        KeyboardInterrupt there is recorded for the batch and propagates."""
+        back with ``Future.cancel``, which fails for a running task); whether there was one. A worker woken for a
+        task started 0.1-3.5 ms later on the 2-vCPU VM: a cached 16 MiB load was 7 or 10.5 ms by that alone. The
+        oldest, because a later extent may wait on an earlier one (see :meth:`_claim`). Its result stands in a
+        finished future under the same extents; a KeyboardInterrupt there is recorded for the task and
+        propagates."""
         # cancel() of a cancelled future is True too: done() first
         fut = next((f for f in self._pending if not f.done() and f.cancel()), None)
-        if fut is not None:
-            batch, ready = self._pending.pop(fut), self._readies.pop(fut, None)
-            here: cf.Future = cf.Future()
-            self._pending[here] = batch
-            try:
-                here.set_result(self._work(batch, ready))
-            except BaseException as e:  # noqa: BLE001 - an Exception is the batch's, as from a worker
-                here.set_exception(e)
-                if not isinstance(e, Exception):
-                    raise
+        if fut is None:
+            return False
+        batch, ready = self._pending.pop(fut), self._readies.pop(fut, None)
+        here: cf.Future = cf.Future()
+        self._pending[here] = batch
+        try:
+            here.set_result(self._work(batch, ready))
+        except BaseException as e:  # noqa: BLE001 - an Exception is the task's, as from a worker
+            here.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+        return True
 
     def cancel_pending(self) -> None:
         err = cf.CancelledError("read cancelled after an earlier error")
@@ -314,11 +426,22 @@ class ThreadsReader(ReaderBase):
         self._ready.clear()
         for fut in self._pending:
             fut.cancel()
+        with self._cond:
+            self._cancelled.extend(Completion(ext, err) for ext in self._copies)
+            self._copies.clear()
+            self._copies_nbytes = 0
+            helpers = list(self._helpers)
+        for fut in helpers:
+            fut.cancel()  # one not started holds the reader (and its buffers) until it runs
 
     def _close(self) -> None:
         self.cancel_pending()
-        if self._pending:  # every read finished before the buffers go back (the pool itself stays)
-            cf.wait(list(self._pending))
+        with self._cond:
+            helpers = list(self._helpers)
+        if self._pending or helpers:  # every read finished before the buffers go back (the pool itself stays)
+            cf.wait([*self._pending, *helpers])
+        with self._cond:  # the helpers have finished; the caller's thread, here, copies nothing either
+            self._copied = []
         self._pending.clear()
         self._readies.clear()
         self._cancelled = []
