@@ -200,6 +200,31 @@ def test_c11_non_persistent_buffers_real(pack, monkeypatch):
     assert torch.equal(m.lin(x), src.lin(x))
 
 
+def test_one_walk_finds_the_default_device_and_each_non_persistent_buffer_once(pack):
+    """assign_from_file's one walk over the modules (``_model_slots``): every key of a module shared under two names,
+    its non-persistent buffer listed once (it is moved once), and the default device: the first parameter's not on
+    meta, else the first buffer's, persistent or not, else none (the CPU)."""
+    from flashpack.deserialization import _model_slots
+
+    shared = WithBuffers()
+    outer = nn.Module()
+    outer.a, outer.b = shared, shared
+    _, kinds, owners, loose, device = _model_slots(outer)
+    assert sorted(kinds) == sorted(f"{p}.{k}" for p in "ab" for k in ("lin.weight", "lin.bias", "scale"))
+    assert owners["b.scale"] == (shared, "scale") and kinds["b.lin.weight"] == ("param", shared.lin.weight)
+    assert [(mod is shared, name) for mod, name, _ in loose] == [(True, "position_ids")]
+    assert device == torch.device("cpu")
+    with torch.device("meta"):
+        m = WithBuffers()
+    assert _model_slots(m)[4] is None
+    m.position_ids = torch.arange(8)  # the non-persistent buffer on the CPU, everything else on meta
+    assert _model_slots(m)[4] == torch.device("cpu")
+    src = WithBuffers()
+    assign_from_file(m, pack(src))  # no device given: the buffer's
+    assert m.lin.weight.device.type == "cpu" and torch.equal(m.lin.weight, src.lin.weight)
+    assert torch.equal(m.position_ids, torch.arange(8))
+
+
 def test_c11_persistent_buffer_value_from_file(pack):
     src = WithBuffers()
     src.scale.fill_(5.0)
