@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from flashpack.errors import BackendUnavailableError, ReadError
-from flashpack.io import Extent, backend_info, base, open_reader, read_all, resolve_backend, uring
+from flashpack.io import Extent, backend_info, base, open_reader, pagecache, read_all, resolve_backend, uring
 
 from _helpers import aligned, make_file, open_fds, split, uring_faults
 
@@ -318,9 +318,13 @@ def test_auto_copies_a_wholly_cached_file_without_making_a_ring(tmp_path, monkey
     ok, _ = uring.probe()
     monkeypatch.setattr(uring, "_probe_cache", None)
     monkeypatch.setattr(uring, "setup_ring", lambda depth: pytest.fail("a ring was set up for a cached file"))
+    asked, real = [], pagecache.cached_pages
+    monkeypatch.setattr(pagecache, "cached_pages", lambda *a: (asked.append(a[1:]), real(*a))[1])
     buf = aligned(nbytes)
-    with open_reader(path, backend="auto", direct="auto") as r:
+    with open_reader(path, backend="auto", direct="auto", cache="keep") as r:
         assert r.name == "threads"
+        # one cachestat(2) of the whole file (wholly_cached); the reader's residency snapshot takes its answer
+        assert asked == [(0, nbytes)] and r._files._resident.fraction(0, nbytes) == 1.0
         read_all(r, split(nbytes, 1024 * 1024, buf))
         assert r.stats.bytes_buffered == nbytes and r.stats.bytes_direct == 0
     assert np.array_equal(buf, data)

@@ -142,7 +142,7 @@ def open_reader(path, backend: str | None = None, *, expect: FileIdentity | None
     cfg = cfg if cfg is not None else settings()
     name = (backend or cfg.backend or "auto").lower()
     if name == "auto" and wholly_cached(path):
-        name = "threads"
+        name, options["all_cached"] = "threads", True  # the reader's residency snapshot need not ask again
     return _REGISTRY[resolve_backend(name, cfg)](path, cfg=cfg, expect=expect, **options)
 
 

@@ -111,13 +111,16 @@ class FileHandles:
         fill: ``None``, or a :class:`~flashpack.io.uffd.FillRegion` (``cache="keep"`` only): extents whose
             destination lies in it are copied with ``UFFDIO_COPY`` from a read-only shared mapping of the file
             (:meth:`fill_copy`) instead of preadv(2).
+        all_cached: the caller found every page of the file cached a moment ago (:func:`flashpack.io.wholly_cached`):
+            the residency snapshot takes that answer (:class:`~flashpack.io.pagecache.ResidencyMap`).
 
     Raises:
         OSError: the file cannot be opened (errno and filename set).
         ValueError: ``cache`` is not ``keep`` or ``bypass``.
     """
 
-    def __init__(self, path: str | os.PathLike, direct: str = "auto", cache: str = "bypass", fill=None):
+    def __init__(self, path: str | os.PathLike, direct: str = "auto", cache: str = "bypass", fill=None, *,
+                 all_cached: bool = False):
         if cache not in ("keep", "bypass"):
             raise ValueError(f"cache={cache!r}: a reader takes 'keep' or 'bypass' (loads resolve 'auto')")
         if fill is not None and cache != "keep":
@@ -135,7 +138,7 @@ class FileHandles:
             self.file_nbytes = os.fstat(self.fd).st_size
             self._resident = None
             if cache == "keep":
-                self._resident = pagecache.ResidencyMap(self.fd, self.file_nbytes)
+                self._resident = pagecache.ResidencyMap(self.fd, self.file_nbytes, all_cached=all_cached)
                 if fill is not None and self.file_nbytes:
                     addr = pagecache.libc.mmap(None, self.file_nbytes, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, 0)
                     self._source = 0 if addr is None or addr == pagecache.MAP_FAILED else addr
@@ -154,7 +157,7 @@ class FileHandles:
                     notice_once(f"direct-open:{self.path}",
                                 f"flashpack: O_DIRECT refused for {self.path} ({e.strerror}); reading it buffered")
                 if direct == "auto" and self.direct_fd >= 0:
-                    self._resident = pagecache.ResidencyMap(self.fd, self.file_nbytes)
+                    self._resident = pagecache.ResidencyMap(self.fd, self.file_nbytes, all_cached=all_cached)
         except BaseException:
             self.close()
             raise
@@ -530,6 +533,7 @@ class ReaderBase:
         cache: ``"bypass"`` (default) or ``"keep"`` (see :class:`FileHandles`).
         fill: ``None`` or a :class:`~flashpack.io.uffd.FillRegion` the destinations lie in (``cache="keep"``;
             see :class:`FileHandles`).
+        all_cached: every page of the file was found cached a moment ago (see :class:`FileHandles`).
 
     Raises:
         OSError: the file cannot be opened (errno and filename set).
@@ -544,12 +548,12 @@ class ReaderBase:
 
     def __init__(self, path: str | os.PathLike, *, cfg: Settings | None = None, direct: str | None = None,
                  queue_depth: int | None = None, threads: int | None = None, expect: FileIdentity | None = None,
-                 cache: str = "bypass", fill=None):
+                 cache: str = "bypass", fill=None, all_cached: bool = False):
         cfg = cfg if cfg is not None else settings()
         queue_depth = check_count("queue_depth", cfg.queue_depth if queue_depth is None else queue_depth,
                                   MAX_QUEUE_DEPTH)
         threads = check_count("threads", cfg.threads if threads is None else threads, MAX_THREADS)
-        files = FileHandles(path, direct or cfg.direct, cache, fill)
+        files = FileHandles(path, direct or cfg.direct, cache, fill, all_cached=all_cached)
         if expect is not None:
             try:
                 check_identity(files.fd, expect, files.path)
