@@ -460,6 +460,43 @@ def test_claims_shrink_as_the_copies_run_out(tmp_path, monkeypatch):
     assert all(bytes(b) == data[i * n:(i + 1) * n] for i, b in enumerate(bufs))
 
 
+def test_copies_queued_while_a_helper_leaves_get_a_new_helper(tmp_path, monkeypatch):
+    """One copier (threads=1), one extent handed out at a time (queue_depth=1, so the helper finds the queue empty
+    after each) and a caller that waits with a timeout (as the GPU scheduler does), so it copies nothing itself: a
+    helper that found no copy left but whose task has not finished yet (held here until the end) must not count, or
+    the copy queued next waits for the caller's whole timeout, wait after wait (a review found that stall; before
+    the fix 7 of the 8 extents were still waiting after 30 s)."""
+    import flashpack.io.threads as io_threads
+
+    release, real = threading.Event(), io_threads.ThreadsReader._copy_helper
+
+    def lingering(self):
+        real(self)
+        release.wait(60)  # done taking copies, task not finished
+
+    monkeypatch.setattr(io_threads.ThreadsReader, "_copy_helper", lingering)
+    n = 1 << 20
+    path, data = random_file(tmp_path, 8 * n)
+    with open(path, "rb") as f:
+        f.read()  # cached: every extent is a copy
+    bufs = [memoryview(bytearray(n)) for _ in range(8)]
+    done, empty_waits = [], 0
+    try:
+        with flashpack.io.open_reader(path, backend="threads", direct="auto", queue_depth=1, threads=1) as r:
+            r.submit([Extent(i * n, n, b, i) for i, b in enumerate(bufs)])
+            deadline = time.monotonic() + 30
+            while r.in_flight and time.monotonic() < deadline:
+                got = r.wait(2.0)
+                empty_waits += not got
+                done += [c.extent.tag for c in got if c.error is None]
+            left = r.in_flight
+            release.set()
+    finally:
+        release.set()
+    assert left == 0 and sorted(done) == list(range(8)) and empty_waits == 0, (left, done, empty_waits)
+    assert all(bytes(b) == data[i * n:(i + 1) * n] for i, b in enumerate(bufs))
+
+
 # --- the read pool and the caller that runs a task no worker started -------------------------------------------
 
 

@@ -172,6 +172,7 @@ class ThreadsReader(ReaderBase):
         self._copying = 0  # extents taken, not finished
         self._copied: list[tuple[Extent, ReaderStats, BaseException | None]] = []  # finished, not collected
         self._helpers: set[cf.Future] = set()  # helper tasks queued or running
+        self._copiers = 0  # of them, those not yet done taking copies (_copy_helper)
 
     @classmethod
     def probe(cls) -> tuple[bool, str]:
@@ -236,8 +237,15 @@ class ThreadsReader(ReaderBase):
             return
         if self._pool is None:
             self._pool = shared_pool()
-        while len(self._helpers) < max(1, count):
-            fut = self._pool.submit(self._copy_helper)
+        while self._copiers < max(1, count):
+            with self._cond:  # counted before it can run: it uncounts itself when it finds nothing left to take
+                self._copiers += 1
+            try:
+                fut = self._pool.submit(self._copy_helper)
+            except BaseException:
+                with self._cond:
+                    self._copiers -= 1
+                raise
             with self._cond:
                 self._helpers.add(fut)
             fut.add_done_callback(self._helper_done)
@@ -269,7 +277,7 @@ class ThreadsReader(ReaderBase):
         fill copies blocks in the kernel until it is copied), and the earlier one is then always being copied."""
         if not self._copies:
             return []
-        share_nbytes = min(COPY_BATCH_NBYTES, -(-self._copies_nbytes // (2 * (len(self._helpers) + 1))))
+        share_nbytes = min(COPY_BATCH_NBYTES, -(-self._copies_nbytes // (2 * (self._copiers + 1))))
         batch = [self._copies.popleft()]
         nbytes = batch[0].nbytes
         while self._copies and nbytes + self._copies[0].nbytes <= share_nbytes:
@@ -298,13 +306,23 @@ class ThreadsReader(ReaderBase):
             raise stop
 
     def _copy_helper(self) -> None:
-        """A pool task: copy until no copy is left to take."""
-        while True:
-            with self._cond:
-                batch = self._claim()
-            if not batch:
-                return
-            self._copy(batch)
+        """A pool task: copy until no copy is left to take. It stops counting as a copier in the same hold of
+        ``_cond`` in which it finds nothing left, so copies queued a moment later start a new helper (counted until
+        its task's done-callback, a helper on its way out kept a caller that waits with a timeout waiting for it)."""
+        counted = True
+        try:
+            while True:
+                with self._cond:
+                    batch = self._claim()
+                    if not batch:
+                        self._copiers -= 1
+                        counted = False
+                        return
+                self._copy(batch)
+        finally:
+            if counted:  # stopped by an error (a KeyboardInterrupt delivered to this thread)
+                with self._cond:
+                    self._copiers -= 1
 
     def _wake(self, _fut: cf.Future | None = None) -> None:
         with self._cond:
@@ -313,6 +331,8 @@ class ThreadsReader(ReaderBase):
     def _helper_done(self, fut: cf.Future) -> None:
         with self._cond:
             self._helpers.discard(fut)
+            if fut.cancelled():  # never ran, so never uncounted itself
+                self._copiers -= 1
             self._cond.notify_all()
 
     def _batchable(self, ext: Extent) -> bool:
