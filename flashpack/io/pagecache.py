@@ -117,17 +117,18 @@ def resident_pages(fd: int, file_nbytes: int, file_offset: int = 0, nbytes: int 
         mm = mmap.mmap(fd, nbytes, access=mmap.ACCESS_COPY, offset=file_offset)
     except (OSError, ValueError):
         return None
+    anchor = None
     try:
         anchor = ctypes.c_char.from_buffer(mm)
         npages = (nbytes + PAGE_NBYTES - 1) // PAGE_NBYTES
         vec = (ctypes.c_ubyte * npages)()
         rc = _libc.mincore(ctypes.addressof(anchor), nbytes, vec)
-        del anchor
         if rc != 0:
             return None
         return (np.frombuffer(vec, dtype=np.uint8) & 1).astype(bool)
     finally:
-        mm.close()
+        anchor = None  # the export goes first, also when a KeyboardInterrupt lands here (close would raise BufferError
+        mm.close()     # over it)
 
 
 #: Granule of :class:`ResidencyMap`'s cachestat(2) snapshot: one call per 8 MiB (the default extent size).
@@ -510,7 +511,11 @@ class Prefetcher:
                 # sequential readahead on the faults (VM_SEQ_READ): without it the kernel reads around each
                 # faulting page and gives up reading ahead after 100 misses (mm/filemap.c, MMAP_LOTSAMISS)
                 _madvise(addr, file_nbytes, mmap.MADV_SEQUENTIAL)
-        self._cond = threading.Condition()
+        # held with `with self._lock` (a C lock), never `with self._cond`: Condition.__enter__/__exit__ are Python
+        # code, and a KeyboardInterrupt delivered at their start left an RLock held by the loading thread, so the
+        # helper thread never woke and close() waited for it forever (found by a review interrupting 300 loads)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._todo: collections.deque = collections.deque()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -522,7 +527,7 @@ class Prefetcher:
             An event set once the range was read ahead, or the attempt failed, or :meth:`close` was called.
         """
         ev = threading.Event()
-        with self._cond:
+        with self._lock:
             if self._closed:
                 ev.set()
                 return ev
@@ -556,7 +561,7 @@ class Prefetcher:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._todo and not self._closed:
                     self._cond.wait()
                 if self._closed:
@@ -569,15 +574,18 @@ class Prefetcher:
 
     def close(self) -> None:
         """Stop (the range being read ahead finishes first), set every waiting event, unmap; idempotent."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             todo, self._todo = list(self._todo), collections.deque()
             self._cond.notify_all()
         for *_, ev in todo:
             ev.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            try:
+                thread.join()
+            except RuntimeError:  # its start() was interrupted (a KeyboardInterrupt) before the thread ran
+                pass
         addr, self._addr = self._addr, 0
         if addr:
             _libc.munmap(addr, self._nbytes)

@@ -165,8 +165,11 @@ class ThreadsReader(ReaderBase):
         self._readies: dict[cf.Future, threading.Event | None] = {}  # a task -> the read-ahead it waits for
         self._cancelled: list[Completion] = []
         # copies out of the page cache, taken in order by whichever thread comes next (_claim): the helpers and the
-        # caller while it waits. Guarded by _cond, which is notified when a copy or a task finishes.
-        self._cond = threading.Condition(threading.Lock())
+        # caller while it waits. Guarded by _lock; _cond (over it) is notified when a copy or a task finishes. Held
+        # with `with self._lock` (a C lock), never `with self._cond`: Condition.__exit__ is Python code, and a
+        # KeyboardInterrupt delivered at its start left the lock held, hanging the reader's close (found by review)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._copies: deque[Extent] = deque()  # not taken yet
         self._copies_nbytes = 0  # their bytes
         self._copying = 0  # extents taken, not finished
@@ -191,7 +194,7 @@ class ThreadsReader(ReaderBase):
 
     def _held(self) -> int:
         """Extents handed out and not yet collected: in tasks, and copies taken or not (at most ``queue_depth``)."""
-        with self._cond:
+        with self._lock:
             copies = len(self._copies) + self._copying + len(self._copied)
         return copies + sum(map(len, self._pending.values()))
 
@@ -206,7 +209,7 @@ class ThreadsReader(ReaderBase):
             head = self._queue[0]
             if id(head) not in self._ready and self._batchable(head) and self._queue_copies(self.queue_depth - held):
                 continue
-            if len(self._pending) >= slots:
+            if len(self._pending) + self._copiers >= slots:  # helpers are workers too (``threads`` caps both)
                 break
             ext = self._queue.popleft()
             self._ahead -= 1
@@ -227,26 +230,29 @@ class ThreadsReader(ReaderBase):
         return max(1, min(self.queue_depth, self.threads, _CPUS))
 
     def _start_helpers(self, count: int) -> None:
-        """Start pool tasks that copy (:meth:`_copy_helper`) until ``max(1, count)`` are queued or running, if
-        there are copies to take. The caller's thread copies too while it waits without a timeout (:meth:`_collect`):
-        one helper fewer than :meth:`_spread`, so the threads that copy are as many as the CPUs (a caller that waits
-        with a timeout, or polls, gets the last helper in its place). On the 2-vCPU VM, with a helper per CPU besides the caller, the
-        two helpers shared one CPU while the caller kept the other, and a cached 1 GiB load took 271 ms against
-        263 ms with one helper (medians of 7, fresh processes)."""
+        """Start pool tasks that copy (:meth:`_copy_helper`) until ``max(1, count)`` take copies, if there are
+        copies to take and the tasks leave room (``threads`` caps tasks and helpers together). The caller's thread
+        copies too while it waits without a timeout (:meth:`_collect`): one helper fewer than :meth:`_spread`, so the
+        threads that copy are as many as the CPUs (a caller that waits with a timeout, or polls, gets the last helper
+        in its place). On the 2-vCPU VM, with a helper per CPU besides the caller, the two helpers shared one CPU
+        while the caller kept the other, and a cached 1 GiB load took 271 ms against 263 ms with one helper (medians
+        of 7, fresh processes)."""
         if not self._copies:
             return
         if self._pool is None:
             self._pool = shared_pool()
-        while self._copiers < max(1, count):
-            with self._cond:  # counted before it can run: it uncounts itself when it finds nothing left to take
+        # ``threads`` caps the tasks and the helpers together; the caller's thread is not one of them
+        want = min(max(1, count), min(self.queue_depth, self.threads) - len(self._pending))
+        while self._copiers < want:
+            with self._lock:  # counted before it can run: it uncounts itself when it finds nothing left to take
                 self._copiers += 1
             try:
                 fut = self._pool.submit(self._copy_helper)
             except BaseException:
-                with self._cond:
+                with self._lock:
                     self._copiers -= 1
                 raise
-            with self._cond:
+            with self._lock:
                 self._helpers.add(fut)
             fut.add_done_callback(self._helper_done)
 
@@ -263,13 +269,13 @@ class ThreadsReader(ReaderBase):
                 break
             taken.append(self._queue.popleft())
             self._ahead -= 1
-        with self._cond:
+        with self._lock:
             self._copies.extend(taken)
             self._copies_nbytes += sum(ext.nbytes for ext in taken)
         return len(taken)
 
     def _claim(self) -> list[Extent]:
-        """Take the next copies, oldest first (``_cond`` held): a share of the bytes left that shrinks as they run
+        """Take the next copies, oldest first (``_lock`` held): a share of the bytes left that shrinks as they run
         out (guided self-scheduling: the oldest extent, then the next ones while the batch stays within a
         ``2 * (helpers + caller)``-th of the bytes left and ``COPY_BATCH_NBYTES``), so the threads finish within
         about one small share of each other instead of one waiting for another's last large batch. In order,
@@ -298,7 +304,7 @@ class ThreadsReader(ReaderBase):
         except BaseException as e:  # noqa: BLE001 - an Exception is the batch's, as from a task
             errors = [e] * len(batch)
             stop = None if isinstance(e, Exception) else e
-        with self._cond:
+        with self._lock:
             self._copying -= len(batch)
             self._copied += [(ext, st, err) for ext, st, err in zip(batch, stats, errors)]
             self._cond.notify_all()
@@ -307,12 +313,12 @@ class ThreadsReader(ReaderBase):
 
     def _copy_helper(self) -> None:
         """A pool task: copy until no copy is left to take. It stops counting as a copier in the same hold of
-        ``_cond`` in which it finds nothing left, so copies queued a moment later start a new helper (counted until
+        ``_lock`` in which it finds nothing left, so copies queued a moment later start a new helper (counted until
         its task's done-callback, a helper on its way out kept a caller that waits with a timeout waiting for it)."""
         counted = True
         try:
             while True:
-                with self._cond:
+                with self._lock:
                     batch = self._claim()
                     if not batch:
                         self._copiers -= 1
@@ -321,15 +327,15 @@ class ThreadsReader(ReaderBase):
                 self._copy(batch)
         finally:
             if counted:  # stopped by an error (a KeyboardInterrupt delivered to this thread)
-                with self._cond:
+                with self._lock:
                     self._copiers -= 1
 
     def _wake(self, _fut: cf.Future | None = None) -> None:
-        with self._cond:
+        with self._lock:
             self._cond.notify_all()
 
     def _helper_done(self, fut: cf.Future) -> None:
-        with self._cond:
+        with self._lock:
             self._helpers.discard(fut)
             if fut.cancelled():  # never ran, so never uncounted itself
                 self._copiers -= 1
@@ -378,14 +384,14 @@ class ThreadsReader(ReaderBase):
             if out or timeout_s == 0 or not self._held():
                 return out
             if timeout_s is None:
-                with self._cond:
+                with self._lock:
                     batch = self._claim()
                 if batch:
                     self._copy(batch)
                     continue
                 if self._run_one_here():
                     continue
-            with self._cond:
+            with self._lock:
                 if not self._copied and not any(f.done() for f in self._pending):
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
@@ -408,7 +414,7 @@ class ThreadsReader(ReaderBase):
                 if error is None:
                     self.stats.add(st)
                 out.append(Completion(ext, error))
-        with self._cond:
+        with self._lock:
             copied, self._copied = self._copied, []
         for ext, st, error in copied:
             if error is None:
@@ -446,7 +452,7 @@ class ThreadsReader(ReaderBase):
         self._ready.clear()
         for fut in self._pending:
             fut.cancel()
-        with self._cond:
+        with self._lock:
             self._cancelled.extend(Completion(ext, err) for ext in self._copies)
             self._copies.clear()
             self._copies_nbytes = 0
@@ -456,11 +462,11 @@ class ThreadsReader(ReaderBase):
 
     def _close(self) -> None:
         self.cancel_pending()
-        with self._cond:
+        with self._lock:
             helpers = list(self._helpers)
         if self._pending or helpers:  # every read finished before the buffers go back (the pool itself stays)
             cf.wait([*self._pending, *helpers])
-        with self._cond:  # the helpers have finished; the caller's thread, here, copies nothing either
+        with self._lock:  # the helpers have finished; the caller's thread, here, copies nothing either
             self._copied = []
         self._pending.clear()
         self._readies.clear()
