@@ -497,6 +497,51 @@ def test_copies_queued_while_a_helper_leaves_get_a_new_helper(tmp_path, monkeypa
     assert all(bytes(b) == data[i * n:(i + 1) * n] for i, b in enumerate(bufs))
 
 
+def test_threads_caps_tasks_and_copy_helpers_together(tmp_path, monkeypatch):
+    """threads=1 on a partly cached file (every other 4 MiB evicted): the O_DIRECT reads (tasks) and the copies out of
+    the cache (helpers) never run on more than one pool thread at once (the caller's own thread aside); the copy
+    helpers had not counted against ``threads`` (two at once, found by review). The bytes are right."""
+    import flashpack.io.threads as io_threads
+    from flashpack.io.pagecache import cached_pages
+
+    n = 1 << 20
+    path, data = random_file(tmp_path, 16 * n)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        for off in range(0, 16 * n, 8 * n):  # 4 MiB at a time: a large folio is evicted whole or not at all
+            os.posix_fadvise(fd, off, 4 * n, os.POSIX_FADV_DONTNEED)
+        left = cached_pages(fd, 0, 16 * n)
+    finally:
+        os.close(fd)
+    if left is not None and left in (0, 16 * n // 4096):
+        pytest.skip("posix_fadvise(DONTNEED) did not leave the file partly cached here")
+    main, lock, now, peak, real = threading.get_ident(), threading.Lock(), [0], [0], io_threads.read_extents
+
+    def counting(files, exts, stats):
+        if threading.get_ident() == main:
+            return real(files, exts, stats)
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            time.sleep(0.002)  # long enough for another worker to overlap, if one may
+            return real(files, exts, stats)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(io_threads, "read_extents", counting)
+    bufs = [memoryview(bytearray(n)) for _ in range(16)]
+    done = []
+    with flashpack.io.open_reader(path, backend="threads", direct="auto", threads=1, queue_depth=8) as r:
+        r.submit([Extent(i * n, n, b, i) for i, b in enumerate(bufs)])
+        while r.in_flight:
+            done += [c.extent.tag for c in r.wait(0.01) if c.error is None]
+    assert sorted(done) == list(range(16)) and peak[0] == 1, (done, peak)
+    assert all(bytes(b) == data[i * n:(i + 1) * n] for i, b in enumerate(bufs))
+
+
 # --- the read pool and the caller that runs a task no worker started -------------------------------------------
 
 
