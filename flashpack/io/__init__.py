@@ -126,12 +126,14 @@ def open_reader(path, backend: str | None = None, *, expect: FileIdentity | None
         path: the file.
         backend: a backend name, ``"auto"``, or ``None`` for ``cfg.backend``. ``auto`` opens ``threads`` when
             the file is wholly in the page cache (:func:`wholly_cached`): every extent is then copied out of the
-            cache by the worker threads that the ``uring`` backend would hand it to as well.
+            cache by the worker threads that the ``uring`` backend would hand it to as well; the reader is told so
+            (``all_cached=True``, see :class:`~flashpack.io.base.FileHandles`) instead of asking the kernel again.
         expect: ``None``, or ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)`` that the opened descriptor must
             still have (taken when the weight map was read).
         cfg: settings read once by the caller; ``None`` reads them once now.
         options: ``direct``, ``queue_depth``, ``threads``, ``registered_buffers``, ``registered_files``
-            (see :mod:`flashpack.io.protocol`).
+            (see :mod:`flashpack.io.protocol`); ``cache``, ``fill``, ``all_cached`` (see
+            :class:`~flashpack.io.base.ReaderBase`).
 
     Raises:
         BackendUnavailableError: the backend named cannot run here.
