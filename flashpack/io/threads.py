@@ -25,7 +25,8 @@ from .base import (MAX_THREADS, Completion, Extent, FileHandles, ReaderBase, Rea
 
 #: Most bytes of copies one thread takes at once (unless one extent is larger), copied in one C call
 #: (``fp_copy_extents``): each return from C waits for the GIL, up to the switch interval (5 ms) while another thread
-#: runs Python. A claim holds at most a ``2 * threads``-th of the bytes still queued (:meth:`ThreadsReader._claim`).
+#: runs Python. A claim also holds at most a ``2 * (helpers + caller)``-th of the bytes still queued
+#: (:meth:`ThreadsReader._claim`).
 COPY_BATCH_NBYTES = 32 * 1024 * 1024
 #: CPUs this process may run on (sched_getaffinity(2)), read once: copies run on at most this many threads at once.
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -203,10 +204,7 @@ class ThreadsReader(ReaderBase):
         while self._queue and (held := self._held()) < self.queue_depth:
             if self._pool is None:
                 self._pool = shared_pool()
-            if not self._ahead:
-                self._read_ahead(self._queue[0])
-                self._ahead = 1
-            head = self._queue[0]
+            head = self._head()
             if id(head) not in self._ready and self._batchable(head) and self._queue_copies(self.queue_depth - held):
                 continue
             if len(self._pending) + self._copiers >= slots:  # helpers are workers too (``threads`` caps both)
@@ -223,6 +221,13 @@ class ThreadsReader(ReaderBase):
         while self._files.cache == "keep" and self._ahead < min(len(self._queue), self.queue_depth):
             self._read_ahead(self._queue[self._ahead])
             self._ahead += 1
+
+    def _head(self) -> Extent:
+        """The extent at the head of the queue, its read-ahead queued first (``cache="keep"``; a no-op otherwise)."""
+        if not self._ahead:
+            self._read_ahead(self._queue[0])
+            self._ahead = 1
+        return self._queue[0]
 
     def _spread(self) -> int:
         """Threads that copy at once, the caller's included: a copy out of the page cache is CPU-bound, so as many
@@ -261,10 +266,7 @@ class ThreadsReader(ReaderBase):
         page cache that wait for no read-ahead (:meth:`_batchable`); how many were moved."""
         taken = []
         while self._queue and len(taken) < room:
-            if not self._ahead:
-                self._read_ahead(self._queue[0])
-                self._ahead = 1
-            nxt = self._queue[0]
+            nxt = self._head()
             if id(nxt) in self._ready or not self._batchable(nxt):
                 break
             taken.append(self._queue.popleft())
@@ -313,8 +315,8 @@ class ThreadsReader(ReaderBase):
 
     def _copy_helper(self) -> None:
         """A pool task: copy until no copy is left to take. It stops counting as a copier in the same hold of
-        ``_lock`` in which it finds nothing left, so copies queued a moment later start a new helper (counted until
-        its task's done-callback, a helper on its way out kept a caller that waits with a timeout waiting for it)."""
+        ``_lock`` in which it finds nothing left, so copies queued a moment later start a new helper (while it
+        counted until its task's done-callback ran, a caller that waits with a timeout could wait it out)."""
         counted = True
         try:
             while True:
