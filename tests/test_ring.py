@@ -67,7 +67,7 @@ def flashpack_threads() -> list[str]:
     it must run a new task at once, so no read of the failed load still occupies it)."""
     from flashpack.io.threads import shared_pool
 
-    shared_pool().submit(lambda: None).result(timeout=5)
+    shared_pool().submit(lambda: None).result(timeout_s=5)
     return sorted(t.name for t in threading.enumerate()
                   if t.name.startswith("flashpack") and not t.name.startswith("flashpack-read"))
 

@@ -176,13 +176,13 @@ class FileHandles:
         """How ranges are read ahead (:attr:`flashpack.io.pagecache.Prefetcher.method`); ``""`` when none was."""
         return "" if self._prefetcher is None else self._prefetcher.method
 
-    def read_ahead(self, file_offset: int, nbytes: int) -> threading.Event | None:
+    def read_ahead(self, file_offset: int, nbytes: int) -> pagecache.Latch | None:
         """``cache="keep"``: queue a range to be read into the page cache ahead of its copy.
 
         Returns:
             ``None`` when there is nothing to wait for (``bypass``, an empty range, or pages mostly cached at
-            open), else an event set once the range was read ahead (or that failed: the copy then reads, and
-            reports, whatever is missing itself).
+            open), else a latch (:class:`flashpack.io.sync.Latch`) set once the range was read ahead (or that
+            failed: the copy then reads, and reports, whatever is missing itself).
         """
         if self.cache != "keep" or nbytes <= 0:
             return None
@@ -280,7 +280,7 @@ class FileHandles:
     def close(self) -> None:
         prefetcher, self._prefetcher = getattr(self, "_prefetcher", None), None
         if prefetcher is not None:
-            prefetcher.close()  # before the descriptor it reads ahead on (sets every event still waited for)
+            prefetcher.close()  # before the descriptor it reads ahead on (sets every latch still waited for)
         source, self._source = getattr(self, "_source", 0), 0
         if source:
             pagecache.libc.munmap(source, self.file_nbytes)

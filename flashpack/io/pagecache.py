@@ -11,6 +11,7 @@ raise SIGBUS (a file truncated meanwhile); :func:`read_ahead` (its fallback) onl
 
 from __future__ import annotations
 
+import _thread
 import collections
 import ctypes
 import ctypes.util
@@ -26,6 +27,7 @@ import numpy as np
 import psutil
 
 from ..settings import CACHE_POLICIES, PAGE_NBYTES
+from .sync import Latch
 
 #: libc with the prototypes flashpack calls through ctypes (mincore(2), mmap(2), munmap(2), madvise(2));
 #: the one binding that io/, staging/ and loading/ share. Calls set errno (``ctypes.get_errno()``).
@@ -471,7 +473,7 @@ class Prefetcher:
 
     Each range is faulted in with ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+, madvise(2)) on a read-only
     shared mapping of the file: the kernel reads it with its readahead, straight into the page cache, at
-    O_DIRECT speed and without a copy; then :meth:`add`'s event is set and a worker copies the range out of
+    O_DIRECT speed and without a copy; then :meth:`add`'s latch is set and a worker copies the range out of
     the cache with preadv(2). The mapping is never touched: past the end of a truncated file madvise fails
     with ``EFAULT`` instead of raising SIGBUS, and the copy gets a short read. When the kernel refuses the
     advice (``EINVAL`` before 5.14), ranges are advised with :func:`read_ahead` (posix_fadvise(2) ``WILLNEED``)
@@ -517,24 +519,24 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._todo: collections.deque = collections.deque()
-        self._thread: threading.Thread | None = None
+        self._exited: Latch | None = None  # set when the helper thread has returned (None: never started)
         self._closed = False
 
-    def add(self, file_offset: int, nbytes: int) -> threading.Event:
+    def add(self, file_offset: int, nbytes: int) -> Latch:
         """Queue ``[file_offset, file_offset + nbytes)`` (bytes) to be read into the cache.
 
         Returns:
-            An event set once the range was read ahead, or the attempt failed, or :meth:`close` was called.
+            A latch (:class:`flashpack.io.sync.Latch`) set once the range was read ahead, or the attempt failed,
+            or :meth:`close` was called.
         """
-        ev = threading.Event()
+        ev = Latch()
         with self._lock:
             if self._closed:
                 ev.set()
                 return ev
             self._todo.append((file_offset, nbytes, ev))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="flashpack-prefetch", daemon=True)
-                self._thread.start()
+            if self._exited is None:
+                self._start()
             self._cond.notify()
         return ev
 
@@ -559,33 +561,46 @@ class Prefetcher:
             self._limit_nbytes = readahead_limit_nbytes(self._fd)
         read_ahead(self._fd, lo, hi - lo, self._limit_nbytes)
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._todo and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                file_offset, nbytes, ev = self._todo.popleft()
-            try:
-                self._fill(file_offset, nbytes)
-            finally:
-                ev.set()
+    def _start(self) -> None:
+        """Start the helper thread (``_lock`` held). With ``_thread.start_new_thread``, which returns at once:
+        ``threading.Thread.start`` waits for the new thread on a ``threading.Event``, Python code holding a lock
+        that a KeyboardInterrupt could leave held (:mod:`flashpack.io.sync`)."""
+        exited = self._exited = Latch()
+        started = False
+        try:
+            _thread.start_new_thread(self._run, (exited,))
+            started = True
+        finally:
+            if not started:  # no thread: close() must not wait for one
+                exited.set()
+
+    def _run(self, exited: Latch) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._todo and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    file_offset, nbytes, ev = self._todo.popleft()
+                try:
+                    self._fill(file_offset, nbytes)
+                finally:
+                    ev.set()
+        finally:
+            exited.set()
 
     def close(self) -> None:
-        """Stop (the range being read ahead finishes first), set every waiting event, unmap; idempotent."""
+        """Stop (the range being read ahead finishes first), set every waiting latch, unmap; idempotent."""
         with self._lock:
             self._closed = True
             todo, self._todo = list(self._todo), collections.deque()
             self._cond.notify_all()
         for *_, ev in todo:
             ev.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            try:
-                thread.join()
-            except RuntimeError:  # its start() was interrupted (a KeyboardInterrupt) before the thread ran
-                pass
+        exited = self._exited
+        if exited is not None:
+            exited.wait()
         addr, self._addr = self._addr, 0
         if addr:
             _libc.munmap(addr, self._nbytes)

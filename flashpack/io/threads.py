@@ -12,7 +12,6 @@ work. At most ``queue_depth`` extents are handed out at once; the rest wait in a
 from __future__ import annotations
 
 import _thread
-import concurrent.futures as cf
 import os
 import queue
 import threading
@@ -22,6 +21,7 @@ from typing import Iterable
 
 from .base import (MAX_THREADS, Completion, Extent, FileHandles, ReaderBase, ReaderStats, buffer_address,
                    native_batchable, read_extents)
+from .sync import CancelledError, Latch, Task
 
 #: Most bytes of copies one thread takes at once (unless one extent is larger), copied in one C call
 #: (``fp_copy_extents``): each return from C waits for the GIL, up to the switch interval (5 ms) while another thread
@@ -32,27 +32,12 @@ COPY_BATCH_NBYTES = 32 * 1024 * 1024
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-class _Task(cf.Future):
-    """A future that holds what it runs until it starts or is cancelled: a task cancelled before it started (taken
-    back by the caller, or after an error) waits in the queue until a thread takes it, and must not keep the load's
-    buffers alive meanwhile (a shared destination could not be sealed: ``EBUSY``)."""
-
-    def __init__(self, fn, args: tuple):
-        super().__init__()
-        self.call: tuple | None = (fn, args)
-
-    def cancel(self) -> bool:
-        if super().cancel():
-            self.call = None
-            return True
-        return False
-
-
 class ReadPool:
-    """Threads that run read tasks, answered through :class:`concurrent.futures.Future` (``cancel`` before the task
-    starts, ``result``, ``exception``, ``concurrent.futures.wait``). A task goes to an idle thread, else to a new one
-    while there are fewer than ``max_threads``, else waits for the next thread to finish. Neither the queue nor an
-    idle thread holds a finished or cancelled task's arguments.
+    """Threads that run read tasks, answered through :class:`flashpack.io.sync.Task` (``cancel`` before the task
+    starts, ``result``, ``exception``, ``wait``; no lock held while Python code runs, unlike
+    ``concurrent.futures.Future``, whose methods a KeyboardInterrupt could leave holding its Condition). A task goes
+    to an idle thread, else to a new one while there are fewer than ``max_threads``, else waits for the next thread to
+    finish. Neither the queue nor an idle thread holds a finished or cancelled task's arguments.
 
     Threads are started with ``_thread.start_new_thread``, which returns at once. ``threading.Thread.start``, which
     ``ThreadPoolExecutor`` uses, waits until the new thread has run: 0.3-3.5 ms per thread on the 2-vCPU VM while a
@@ -71,8 +56,8 @@ class ReadPool:
         self._threads = 0
         self._idle = 0  # threads waiting with no queued task promised to them; below zero: tasks no thread is free for
 
-    def submit(self, fn, *args) -> cf.Future:
-        task = _Task(fn, args)
+    def submit(self, fn, *args) -> Task:
+        task = Task(fn, args)
         with self._lock:
             start = self._idle <= 0 and self._threads < self.max_threads
             if start:
@@ -91,7 +76,7 @@ class ReadPool:
 
     def _run(self) -> None:
         while True:
-            task: _Task = self._tasks.get()
+            task: Task = self._tasks.get()
             result = error = None
             run = task.set_running_or_notify_cancel()
             if run:
@@ -161,9 +146,9 @@ class ThreadsReader(ReaderBase):
         self._pool: ReadPool | None = None
         self._queue: deque[Extent] = deque()
         self._ahead = 0  # extents at the head of _queue already queued for read-ahead (cache="keep")
-        self._ready: dict[int, threading.Event] = {}  # id(extent) -> set once it was read ahead
-        self._pending: dict[cf.Future, list[Extent]] = {}  # a task -> its extents, in order
-        self._readies: dict[cf.Future, threading.Event | None] = {}  # a task -> the read-ahead it waits for
+        self._ready: dict[int, Latch] = {}  # id(extent) -> set once it was read ahead
+        self._pending: dict[Task, list[Extent]] = {}  # a task -> its extents, in order
+        self._readies: dict[Task, Latch | None] = {}  # a task -> the read-ahead it waits for
         self._cancelled: list[Completion] = []
         # copies out of the page cache, taken in order by whichever thread comes next (_claim): the helpers and the
         # caller while it waits. Guarded by _lock; _cond (over it) is notified when a copy or a task finishes. Held
@@ -175,7 +160,7 @@ class ThreadsReader(ReaderBase):
         self._copies_nbytes = 0  # their bytes
         self._copying = 0  # extents taken, not finished
         self._copied: list[tuple[Extent, ReaderStats, BaseException | None]] = []  # finished, not collected
-        self._helpers: set[cf.Future] = set()  # helper tasks queued or running
+        self._helpers: set[Task] = set()  # helper tasks queued or running
         self._copiers = 0  # of them, those not yet done taking copies (_copy_helper)
 
     @classmethod
@@ -184,7 +169,7 @@ class ThreadsReader(ReaderBase):
         return (True, "") if hasattr(os, "preadv") else (False, "os.preadv is missing on this platform")
 
     def _work(self, exts: list[Extent],
-              ready: threading.Event | None) -> list[tuple[ReaderStats, BaseException | None]]:
+              ready: Latch | None) -> list[tuple[ReaderStats, BaseException | None]]:
         stats = [ReaderStats() for _ in exts]
         if ready is not None:  # a batch of one
             ready.wait()  # cache="keep": the range is in the page cache (read ahead) before it is copied
@@ -332,11 +317,11 @@ class ThreadsReader(ReaderBase):
                 with self._lock:
                     self._copiers -= 1
 
-    def _wake(self, _fut: cf.Future | None = None) -> None:
+    def _wake(self, _fut: Task | None = None) -> None:
         with self._lock:
             self._cond.notify_all()
 
-    def _helper_done(self, fut: cf.Future) -> None:
+    def _helper_done(self, fut: Task) -> None:
         with self._lock:
             self._helpers.discard(fut)
             if fut.cancelled():  # never ran, so never uncounted itself
@@ -406,7 +391,7 @@ class ThreadsReader(ReaderBase):
             batch = self._pending.pop(fut)
             self._readies.pop(fut, None)
             if fut.cancelled():
-                out += [Completion(ext, cf.CancelledError("read cancelled after an earlier error")) for ext in batch]
+                out += [Completion(ext, CancelledError("read cancelled after an earlier error")) for ext in batch]
                 continue
             err = fut.exception()
             if err is not None:
@@ -426,7 +411,7 @@ class ThreadsReader(ReaderBase):
 
     def _run_one_here(self) -> bool:
         """Run on the calling thread, which would otherwise block, the oldest task no worker has started (taken
-        back with ``Future.cancel``, which fails for a running task); whether there was one. A worker woken for a
+        back with ``Task.cancel``, which fails for a running task); whether there was one. A worker woken for a
         task started 0.1-3.5 ms later on the 2-vCPU VM: a cached 16 MiB load was 7 or 10.5 ms by that alone. The
         oldest, because a later extent may wait on an earlier one (see :meth:`_claim`). Its result stands in a
         finished future under the same extents; a KeyboardInterrupt there is recorded for the task and
@@ -436,18 +421,16 @@ class ThreadsReader(ReaderBase):
         if fut is None:
             return False
         batch, ready = self._pending.pop(fut), self._readies.pop(fut, None)
-        here: cf.Future = cf.Future()
-        self._pending[here] = batch
         try:
-            here.set_result(self._work(batch, ready))
+            self._pending[Task.finished(self._work(batch, ready))] = batch
         except BaseException as e:  # noqa: BLE001 - an Exception is the task's, as from a worker
-            here.set_exception(e)
+            self._pending[Task.finished(error=e)] = batch
             if not isinstance(e, Exception):
                 raise
         return True
 
     def cancel_pending(self) -> None:
-        err = cf.CancelledError("read cancelled after an earlier error")
+        err = CancelledError("read cancelled after an earlier error")
         self._cancelled.extend(Completion(ext, err) for ext in self._queue)
         self._queue.clear()
         self._ahead = 0
@@ -467,7 +450,8 @@ class ThreadsReader(ReaderBase):
         with self._lock:
             helpers = list(self._helpers)
         if self._pending or helpers:  # every read finished before the buffers go back (the pool itself stays)
-            cf.wait([*self._pending, *helpers])
+            for task in [*self._pending, *helpers]:
+                task.wait()
         with self._lock:  # the helpers have finished; the caller's thread, here, copies nothing either
             self._copied = []
         self._pending.clear()

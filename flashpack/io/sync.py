@@ -1,0 +1,159 @@
+"""Synchronisation the readers share with their threads, built only on ``_thread`` locks.
+
+A KeyboardInterrupt (SIGINT) is raised in the main thread between any two bytecodes of Python code. The standard
+library's ``threading.Condition.__enter__``/``__exit__``, ``threading.Event.wait``/``set`` and every method of
+``concurrent.futures.Future`` run Python code while they hold a lock; an interrupt landing there leaves the lock
+held, and the next thread to take it (a worker finishing a task, the prefetcher setting an event) blocks forever, so
+closing the reader hangs (a review interrupting hundreds of loads hung a few). Here every lock is taken and
+released by C calls (``with lock``, ``lock.acquire``/``release``), so an interrupt can only land before or after
+them; a waiter checks a flag before it waits, so a wait cut short by an interrupt loses nothing.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+from concurrent.futures import CancelledError
+
+log = logging.getLogger(__name__)
+
+
+class Latch:
+    """A one-shot event: :meth:`set` once by any thread (again: a no-op), waited on by any. Unlike
+    ``threading.Event`` it holds no lock while Python code runs (module docstring): its ``_gate`` is a lock created
+    held and released by :meth:`set`; a waiter reads the flag first, then acquires and releases the gate."""
+
+    __slots__ = ("_flag", "_gate", "_guard")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._guard = _thread.allocate_lock()
+        self._gate = _thread.allocate_lock()
+        self._gate.acquire()
+
+    def set(self) -> None:
+        with self._guard:
+            if self._flag:
+                return
+            self._flag = True
+        self._gate.release()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait until set, or ``timeout_s`` seconds (``None``: without limit); whether it is set."""
+        if self._flag:
+            return True
+        if self._gate.acquire(True, -1 if timeout_s is None else max(0.0, timeout_s)):
+            self._gate.release()  # an interrupt before this leaves the gate held: later waiters read the flag
+            return True
+        return self._flag
+
+
+_PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
+
+
+class Task:
+    """The answer of one pool task, with the part of ``concurrent.futures.Future``'s interface the readers use
+    (``cancel`` before it starts, ``done``, ``cancelled``, ``result``, ``exception``, ``add_done_callback``,
+    ``wait``) and none of its Python-held locks (module docstring). It holds what it runs (``call``) until it starts
+    or is cancelled: a task cancelled before it started (taken back by the caller, or after an error) waits in the
+    pool's queue until a thread takes it, and must not keep the load's buffers alive meanwhile (a shared destination
+    could not be sealed: ``EBUSY``).
+
+    Raises (``result``, ``exception``): ``concurrent.futures.CancelledError`` for a cancelled task, ``TimeoutError``
+    when ``timeout_s`` passes first; ``result`` raises the task's own error.
+    """
+
+    __slots__ = ("call", "_state", "_result", "_error", "_callbacks", "_guard", "_done")
+
+    def __init__(self, fn=None, args: tuple = ()):
+        self.call: tuple | None = None if fn is None else (fn, args)
+        self._state = _PENDING
+        self._result = None
+        self._error: BaseException | None = None
+        self._callbacks: list = []
+        self._guard = _thread.allocate_lock()
+        self._done = Latch()
+
+    @classmethod
+    def finished(cls, result=None, error: BaseException | None = None) -> "Task":
+        """A task already done with ``result`` (or ``error``), for work the caller ran itself."""
+        task = cls()
+        task._finish(result, error)
+        return task
+
+    def done(self) -> bool:
+        return self._state >= _CANCELLED
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not started; whether it is cancelled (``False`` once running or finished)."""
+        with self._guard:
+            if self._state == _CANCELLED:
+                return True
+            if self._state != _PENDING:
+                return False
+            self._state = _CANCELLED
+            self.call = None
+            callbacks, self._callbacks = self._callbacks, []
+        self._done.set()
+        self._run_callbacks(callbacks)
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """For the pool thread that took the task: mark it running; ``False`` if it was cancelled (do not run it)."""
+        with self._guard:
+            if self._state == _CANCELLED:
+                return False
+            self._state = _RUNNING
+            return True
+
+    def set_result(self, result) -> None:
+        self._finish(result, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._finish(None, error)
+
+    def _finish(self, result, error: BaseException | None) -> None:
+        with self._guard:
+            self._result, self._error, self._state = result, error, _FINISHED
+            self.call = None
+            callbacks, self._callbacks = self._callbacks, []
+        self._done.set()
+        self._run_callbacks(callbacks)
+
+    def _run_callbacks(self, callbacks: list) -> None:
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # noqa: BLE001 - as concurrent.futures: a callback's error must not stop the others
+                log.exception("flashpack: a task's done-callback raised")
+
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(task)`` once the task is done (cancelled or finished), at once if it is."""
+        with self._guard:
+            if self._state < _CANCELLED:
+                self._callbacks.append(fn)
+                return
+        self._run_callbacks([fn])
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait until done, or ``timeout_s`` seconds (``None``: without limit); whether it is done."""
+        return self._done.wait(timeout_s) or self.done()
+
+    def exception(self, timeout_s: float | None = None) -> BaseException | None:
+        if not self.wait(timeout_s):
+            raise TimeoutError(f"task not done after {timeout_s} s")
+        if self._state == _CANCELLED:
+            raise CancelledError()
+        return self._error
+
+    def result(self, timeout_s: float | None = None):
+        error = self.exception(timeout_s)
+        if error is not None:
+            raise error
+        return self._result
