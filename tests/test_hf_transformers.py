@@ -423,3 +423,52 @@ def test_init_that_writes_loaded_weights_matches_from_pretrained(tmp_path):
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
     row = got["embeddings.word_embeddings.weight"][1]
     assert torch.equal(row, want["embeddings.word_embeddings.weight"][1])  # whatever transformers makes of it
+
+
+def test_keys_transformers_does_not_save_are_left_out_and_recomputed_as_by_from_pretrained(tmp_path):
+    """Marian lists its sinusoidal ``embed_positions.weight`` in ``_keys_to_ignore_on_save``: ``save_pretrained``
+    leaves them out and ``from_pretrained`` recomputes them with ``_init_weights``. ``save_pretrained_flashpack``
+    leaves them out too and ``from_pretrained_flashpack`` recomputes them, so the two loads are equal even when the
+    saved model's values differ from the recomputed ones (they kept the saved values before). A pack that does hold
+    them (an older save, or ``pack_to_file``) fills them from the file, as ``from_pretrained`` does with a
+    checkpoint that holds them."""
+    from safetensors.torch import save_file
+    from transformers import MarianConfig, MarianMTModel
+
+    class FlashPackMarianMTModel(FlashPackTransformersModelMixin, MarianMTModel):
+        pass
+
+    torch.manual_seed(0)
+    cfg = MarianConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                       pad_token_id=0, decoder_start_token_id=0)
+    src = FlashPackMarianMTModel(cfg).eval()
+    omitted = {"model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"}
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.5)  # every weight, the sinusoids too, differs from what init would compute
+    src.save_pretrained(tmp_path / "st")
+    src.save_pretrained_flashpack(tmp_path / "fp")
+    assert not omitted & set(read_weight_map(str(tmp_path / "fp" / "model.flashpack")).keys())
+    want = FlashPackMarianMTModel.from_pretrained(tmp_path / "st").state_dict()
+    got = FlashPackMarianMTModel.from_pretrained_flashpack(tmp_path / "fp").state_dict()
+    assert want.keys() == got.keys()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    recomputed = got["model.encoder.embed_positions.weight"]
+    assert not torch.equal(recomputed, src.state_dict()["model.encoder.embed_positions.weight"])
+    assert torch.equal(recomputed, FlashPackMarianMTModel(cfg).model.encoder.embed_positions.weight)
+
+    # a pack and a checkpoint that hold them: both loads keep the stored values
+    (tmp_path / "fp2").mkdir()
+    (tmp_path / "st2").mkdir()
+    for d in ("fp2", "st2"):
+        (tmp_path / d / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    pack_to_file(src, str(tmp_path / "fp2" / "model.flashpack"))
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    tied = {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+    save_file({k: v for k, v in sd.items() if k not in tied}, str(tmp_path / "st2" / "model.safetensors"),
+              metadata={"format": "pt"})
+    want = FlashPackMarianMTModel.from_pretrained(tmp_path / "st2").state_dict()
+    got = FlashPackMarianMTModel.from_pretrained_flashpack(tmp_path / "fp2").state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    assert all(torch.equal(got[k], sd[k]) for k in omitted)

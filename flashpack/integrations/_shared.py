@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -221,7 +221,9 @@ def rename_weight_map(wm: WeightMap, renames: dict[str, str]) -> WeightMap:
 
 def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path: str, device: torch.device,
                *, tie: Callable[[torch.nn.Module], None] | None = None, assign: dict | None = None,
-               key_renames: Callable[[torch.nn.Module, WeightMap], dict[str, str]] | None = None) -> torch.nn.Module:
+               key_renames: Callable[[torch.nn.Module, WeightMap], dict[str, str]] | None = None,
+               omitted_keys: Callable[[torch.nn.Module], Iterable[str]] | None = None,
+               init_omitted: Callable[[torch.nn.Module, list[str]], None] | None = None) -> torch.nn.Module:
     """Build a model with meta parameters, fill it from ``pack_path`` and return it ready (eval mode). The pack's
     bytes are read while ``build`` runs when :func:`flashpack.deserialization.start_early_load` allows it.
 
@@ -236,6 +238,11 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
         key_renames: ``key_renames(model, weight map)`` returns ``{stored key: model key}`` for a pack written in
             an older key layout (the library's checkpoint key conversions); applied with
             :func:`rename_weight_map` before the fill.
+        omitted_keys: ``omitted_keys(model)`` names the keys the library itself leaves out of the checkpoints it
+            saves (transformers' ``_keys_to_ignore_on_save``: Marian's sinusoidal ``embed_positions.weight``); one
+            the pack lacks is not missing: it is allocated on ``device`` after the fill and the ties, and
+            ``init_omitted(model, those keys)`` initialises it (as ``from_pretrained`` initialises the keys its
+            checkpoint lacks); a pack that has the key fills it as any other.
 
     Raises:
         ModelMismatchError: the pack does not fit the model, or something was left on the meta device.
@@ -253,14 +260,45 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
             if early is not None:
                 early.rename(renames)
         match_file_dtypes(model, wm)
-        assign_from_file(model, wm, device=device, early=early, **options)
+        omitted = set(omitted_keys(model)) if omitted_keys is not None else set()
+        absent = sorted((omitted & set(model.state_dict(keep_vars=True))) - set(wm.keys())) if omitted else []
+        fill = options
+        if absent:
+            fill = dict(options, ignore_names=[*ignore_names_of(options.get("ignore_names")), *absent])
+        assign_from_file(model, wm, device=device, early=early, **fill)
     if tie is not None:
         tie(model)
+    if absent:
+        materialize(model, absent, device)
+        if init_omitted is not None:
+            init_omitted(model, absent)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
     if left and (assign or {}).get("strict", True) is not False:
         raise ModelMismatchError(f"{pack_path}: still on the meta device after loading (no data in the pack): "
                                  f"{left[:20]}{' ...' if len(left) > 20 else ''}")
     return model.eval()
+
+
+def ignore_names_of(value) -> list[str]:
+    """fal's ``ignore_names`` option (``None``, one string, or an iterable of strings) as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def materialize(model: torch.nn.Module, keys: Iterable[str], device: torch.device) -> None:
+    """Give each of ``keys`` (parameters or buffers of ``model`` still on the meta device) uninitialised memory
+    on ``device``, same shape, dtype and ``requires_grad``; keys not on meta are left alone."""
+    for key in keys:
+        owner_name, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters and owner._parameters[leaf] is not None:
+            p = owner._parameters[leaf]
+            if p.device.type == "meta":
+                owner._parameters[leaf] = torch.nn.Parameter(torch.empty_like(p, device=device),
+                                                             requires_grad=p.requires_grad)
+        elif leaf in owner._buffers and owner._buffers[leaf] is not None and owner._buffers[leaf].device.type == "meta":
+            owner._buffers[leaf] = torch.empty_like(owner._buffers[leaf], device=device)
 
 
 def base_library_class(obj_or_cls, libraries: tuple[str, ...] = ("transformers", "diffusers")) -> type:
@@ -277,8 +315,10 @@ def save_model_folder(model: torch.nn.Module, save_directory: str | os.PathLike,
                       write_configs: Callable[[str], None], variant: str | None, target_dtype: torch.dtype | None,
                       push_to_hub: bool, repo_id: str | None, token, private: bool | None,
                       commit_message: str | None, create_pr: bool = False,
-                      max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE, progress=None) -> str:
-    """Write ``save_directory/<config files>`` and ``save_directory/model[.<variant>].flashpack``.
+                      max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE, progress=None,
+                      omit_keys: Iterable[str] = ()) -> str:
+    """Write ``save_directory/<config files>`` and ``save_directory/model[.<variant>].flashpack`` (the model's
+    state_dict less ``omit_keys``).
 
     The folder is created if needed. Config files are first written by ``write_configs(tmp)`` into a hidden
     temporary folder inside ``save_directory``; the pack is written atomically (temporary file, fsync, rename,
@@ -301,7 +341,9 @@ def save_model_folder(model: torch.nn.Module, save_directory: str | os.PathLike,
     tmp = tempfile.mkdtemp(prefix=".flashpack-save-", dir=folder)
     try:
         write_configs(tmp)
-        pack_to_file(model, pack_path, target_dtype, max_shard_nbytes=max_shard_size, progress=progress)
+        omit = set(omit_keys)
+        source = model if not omit else {k: v for k, v in model.state_dict().items() if k not in omit}
+        pack_to_file(source, pack_path, target_dtype, max_shard_nbytes=max_shard_size, progress=progress)
         for name in sorted(os.listdir(tmp)):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     finally:

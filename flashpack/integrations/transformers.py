@@ -83,6 +83,9 @@ class FlashPackTransformersModelMixin:
         Notes:
             Atomic: config files are written to a hidden temporary folder and renamed in; the pack is written
             to a temporary file and renamed over a stale pack of the same variant. Nothing temporary remains.
+            As ``save_pretrained``, the keys the model lists in ``_keys_to_ignore_on_save`` (values transformers
+            recomputes on load, such as Marian's sinusoidal ``embed_positions.weight``) are not written;
+            ``from_pretrained_flashpack`` recomputes them the same way.
         """
         if not is_main_process:  # fal's and the libraries' rule: only the main process writes
             return None
@@ -101,7 +104,7 @@ class FlashPackTransformersModelMixin:
         path = save_model_folder(self, save_directory, write_configs=write_configs, variant=variant,
                                  target_dtype=target_dtype, push_to_hub=push_to_hub, repo_id=repo_id, token=token,
                                  private=private, commit_message=commit_message, create_pr=create_pr,
-                                 max_shard_size=max_shard_size, progress=progress)
+                                 max_shard_size=max_shard_size, progress=progress, omit_keys=_omitted_on_save(self))
         if not silent:
             print(f"flashpack: saved {type(self).__name__} to {path}")
         return path
@@ -200,8 +203,10 @@ class FlashPackTransformersModelMixin:
             return checkpoint_key_renames(model, wm.keys(), key_mapping=key_mapping,
                                           strict=assign.get("strict") is not False, path=wm.path)
 
-        model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign, key_renames=key_renames)
-        _init_unloaded_buffers(model)
+        absent: list[str] = []  # keys transformers leaves out of its checkpoints, not in this pack either
+        model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign, key_renames=key_renames,
+                           omitted_keys=_omitted_on_save, init_omitted=lambda m, keys: absent.extend(keys))
+        _init_unloaded_buffers(model, absent)
         if model.can_generate() and os.path.isfile(os.path.join(folder, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.config._name_or_path = os.fspath(name_or_path)
@@ -367,30 +372,46 @@ def _flag_aware_init() -> bool:
     return importlib.util.find_spec("transformers.initialization") is not None
 
 
-def _flag_initialized(model) -> None:
+def _flag_initialized(model, unflagged: set[str] = frozenset()) -> None:
     """Flag every parameter and persistent buffer ``_is_hf_initialized`` (transformers v5's init functions skip a
     flagged tensor), as transformers' ``from_pretrained`` leaves the tensors it loaded: a later ``init_weights()``
-    does not overwrite them. Non-persistent buffers (``position_ids``, rotary ``inv_freq``) stay unflagged."""
-    non_persistent = {id(b) for _, b in model.named_non_persistent_buffers()} \
+    does not overwrite them. Non-persistent buffers (``position_ids``, rotary ``inv_freq``) and the ``unflagged``
+    keys (not loaded) stay unflagged."""
+    skip = {id(b) for _, b in model.named_non_persistent_buffers()} \
         if hasattr(model, "named_non_persistent_buffers") else set()
+    if unflagged:
+        skip |= {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in unflagged}
     for t in (*model.parameters(), *model.buffers()):
-        if id(t) not in non_persistent:
+        if id(t) not in skip:
             t._is_hf_initialized = True
 
 
-def _init_unloaded_buffers(model) -> None:
+def _omitted_on_save(model) -> set[str]:
+    """The keys transformers' ``save_pretrained`` leaves out of a checkpoint of ``model`` (its
+    ``_keys_to_ignore_on_save``, matched exactly; v5 gathers the sub-models' under their prefixes in ``post_init``):
+    values ``from_pretrained`` recomputes (Marian's sinusoidal ``embed_positions.weight``)."""
+    return set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+
+
+def _init_unloaded_buffers(model, omitted: list[str] | None = None) -> None:
     """Run the model's own ``initialize_weights`` for what the pack did not fill (non-persistent buffers such as
-    ``position_ids`` or rotary ``inv_freq``), the way transformers' ``from_pretrained`` does: every loaded
-    parameter and buffer is flagged ``_is_hf_initialized`` first, so transformers' init functions skip it.
+    ``position_ids`` or rotary ``inv_freq``, and the ``omitted`` keys: :func:`_omitted_on_save` ones the pack
+    lacks), the way transformers' ``from_pretrained`` does: every loaded parameter and buffer is flagged
+    ``_is_hf_initialized`` first, so transformers' init functions skip it.
 
     After the fill, not before it on the meta model (which would overlap the read): some models' ``_init_weights``
     write into loaded weights through a view the flag does not reach (ChineseCLIP zeroes
     ``embedding.weight[padding_idx]``), and ``from_pretrained`` keeps that effect; run on meta tensors it would be
     lost and the weights would differ from ``from_pretrained``'s.
-    Only on transformers versions with flag-aware init (``transformers.initialization``, v5)."""
+    Only on transformers versions with flag-aware init (``transformers.initialization``, v5); before that, each
+    ``omitted`` key's module gets the model's ``_init_weights(module)``, as 4.x's loader did for a missing key."""
     if not _flag_aware_init() or not hasattr(model, "initialize_weights"):
+        with torch.no_grad():
+            for owner in {key.rpartition(".")[0] for key in omitted or ()}:
+                if hasattr(model, "_init_weights"):
+                    model._init_weights(model.get_submodule(owner))
         return
-    _flag_initialized(model)
+    _flag_initialized(model, unflagged=set(omitted or ()))
     with torch.no_grad():
         model.initialize_weights()
 
