@@ -671,3 +671,27 @@ def test_the_waiting_caller_reads_the_oldest_task_no_worker_started(tmp_path, mo
     assert all(bytes(b) == data[i * n:(i + 1) * n] for i, b in enumerate(bufs))
     assert len(order) >= 2 and {ident for ident, _ in order} == {threading.get_ident()}, order
     assert [off for _, off in order] == sorted(off for _, off in order), order
+
+
+def test_a_batch_claimed_just_before_an_interrupt_no_longer_counts_once_closed(tmp_path, monkeypatch):
+    """A KeyboardInterrupt between the loading thread's claim of copies and their copy leaves the batch taken but
+    never copied; once the reader is closed nothing counts as in flight (it counted forever before)."""
+    import flashpack.io.threads as io_threads
+
+    n = 256 << 10
+    path, data = random_file(tmp_path, 64 * n)
+    with open(path, "rb") as f:
+        f.read()  # cached: copies the loading thread claims too
+    real, main = io_threads.ThreadsReader._copy, threading.get_ident()
+
+    def copy(self, batch):
+        if threading.get_ident() == main:
+            raise KeyboardInterrupt  # landed before _copy's own try
+        return real(self, batch)
+
+    monkeypatch.setattr(io_threads.ThreadsReader, "_copy", copy)
+    bufs = [memoryview(bytearray(n)) for _ in range(64)]
+    with pytest.raises(KeyboardInterrupt):
+        with flashpack.io.open_reader(path, backend="threads", direct="auto", queue_depth=64) as r:
+            io_base.read_all(r, [Extent(i * n, n, b, i) for i, b in enumerate(bufs)])
+    assert r.in_flight == 0

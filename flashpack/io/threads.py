@@ -454,6 +454,7 @@ class ThreadsReader(ReaderBase):
                 task.wait()
         with self._lock:  # the helpers have finished; the caller's thread, here, copies nothing either
             self._copied = []
+            self._copying = 0  # a batch the caller claimed just before an interrupt, never copied, no longer counts
         self._pending.clear()
         self._readies.clear()
         self._cancelled = []
