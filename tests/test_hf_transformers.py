@@ -472,3 +472,69 @@ def test_keys_transformers_does_not_save_are_left_out_and_recomputed_as_by_from_
     got = FlashPackMarianMTModel.from_pretrained_flashpack(tmp_path / "fp2").state_dict()
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
     assert all(torch.equal(got[k], sd[k]) for k in omitted)
+
+
+def _folder_with(tmp_path, name: str, model, state_dict: dict) -> str:
+    """A model folder holding ``model``'s config and ``state_dict`` both ways: model.flashpack and
+    model.safetensors (tied duplicates dropped from the latter, as save_pretrained does)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / name
+    model.config.save_pretrained(folder)
+    sd = {k: v.contiguous() for k, v in state_dict.items()}
+    pack_to_file(sd, str(folder / "model.flashpack"))
+    seen, flat = set(), {}
+    for k, v in sd.items():
+        if (v.data_ptr(), v.shape) not in seen:
+            seen.add((v.data_ptr(), v.shape))
+            flat[k] = v.clone()
+    save_file(flat, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return str(folder)
+
+
+def test_keys_from_pretrained_ignores_by_the_models_own_rules_load_the_same(tmp_path):
+    """The exceptions transformers' from_pretrained makes to a strict key match hold for from_pretrained_flashpack
+    (packs converted from older checkpoints): GPT-2 checkpoints on the Hub store the causal masks ``h.N.attn.bias``
+    (``_keys_to_ignore_on_load_unexpected``): skipped; an old BERT checkpoint stores ``embeddings.position_ids``
+    (persistent then, non-persistent now): skipped, the buffer keeps its computed value; a BART checkpoint without
+    ``final_logits_bias`` (``_keys_to_ignore_on_load_missing``): initialised by the model's init (zeros). Each
+    load equals from_pretrained of the same tensors as safetensors. A key outside the rules is still refused."""
+    from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertModel, GPT2Config
+
+    class FlashPackGPT2(FlashPackTransformersModelMixin, GPT2LMHeadModel):
+        pass
+
+    class FlashPackBert(FlashPackTransformersModelMixin, BertModel):
+        pass
+
+    class FlashPackBart(FlashPackTransformersModelMixin, BartForConditionalGeneration):
+        pass
+
+    torch.manual_seed(0)
+    gpt2 = FlashPackGPT2(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32))
+    sd = dict(gpt2.state_dict())
+    for i in range(2):
+        sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32).bool()
+    bert = FlashPackBert(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, max_position_embeddings=32))
+    bert_sd = dict(bert.state_dict(), **{"embeddings.position_ids": torch.arange(32).view(1, 32) + 7})
+    bart = FlashPackBart(BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                    decoder_ffn_dim=32, max_position_embeddings=32))
+    with torch.no_grad():
+        bart.final_logits_bias.fill_(3.0)
+    bart_sd = {k: v for k, v in bart.state_dict().items() if k != "final_logits_bias"}
+    for cls, model, state in ((FlashPackGPT2, gpt2, sd), (FlashPackBert, bert, bert_sd), (FlashPackBart, bart, bart_sd)):
+        folder = _folder_with(tmp_path, cls.__name__, model, state)
+        want = cls.from_pretrained(folder).state_dict()
+        got = cls.from_pretrained_flashpack(folder).state_dict()
+        assert want.keys() == got.keys(), cls.__name__
+        assert [k for k in want if not torch.equal(want[k], got[k])] == [], cls.__name__
+    assert torch.equal(got["final_logits_bias"], torch.zeros_like(bart.final_logits_bias))
+    assert torch.equal(FlashPackBert.from_pretrained_flashpack(str(tmp_path / "FlashPackBert")).embeddings.position_ids,
+                       torch.arange(32).view(1, 32))
+
+    sd["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)  # no rule covers it: strict stays strict
+    folder = _folder_with(tmp_path, "gpt2-extra", gpt2, sd)
+    with pytest.raises(ModelMismatchError, match="transformer.h.0.attn.masked_bias"):
+        FlashPackGPT2.from_pretrained_flashpack(folder)

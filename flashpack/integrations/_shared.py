@@ -222,7 +222,7 @@ def rename_weight_map(wm: WeightMap, renames: dict[str, str]) -> WeightMap:
 def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path: str, device: torch.device,
                *, tie: Callable[[torch.nn.Module], None] | None = None, assign: dict | None = None,
                key_renames: Callable[[torch.nn.Module, WeightMap], dict[str, str]] | None = None,
-               omitted_keys: Callable[[torch.nn.Module], Iterable[str]] | None = None,
+               lenient_keys: Callable[[torch.nn.Module, list[str]], tuple[set[str], set[str]]] | None = None,
                init_omitted: Callable[[torch.nn.Module, list[str]], None] | None = None) -> torch.nn.Module:
     """Build a model with meta parameters, fill it from ``pack_path`` and return it ready (eval mode). The pack's
     bytes are read while ``build`` runs when :func:`flashpack.deserialization.start_early_load` allows it.
@@ -238,11 +238,13 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
         key_renames: ``key_renames(model, weight map)`` returns ``{stored key: model key}`` for a pack written in
             an older key layout (the library's checkpoint key conversions); applied with
             :func:`rename_weight_map` before the fill.
-        omitted_keys: ``omitted_keys(model)`` names the keys the library itself leaves out of the checkpoints it
-            saves (transformers' ``_keys_to_ignore_on_save``: Marian's sinusoidal ``embed_positions.weight``); one
-            the pack lacks is not missing: it is allocated on ``device`` after the fill and the ties, and
-            ``init_omitted(model, those keys)`` initialises it (as ``from_pretrained`` initialises the keys its
-            checkpoint lacks); a pack that has the key fills it as any other.
+        lenient_keys: ``lenient_keys(model, the pack's keys)`` returns ``(absent, skipped)``, the library's own
+            exceptions to a strict match (the transformers mixin's :func:`transformers_lenient_keys`): ``absent``,
+            model keys the pack lacks that the library does not count as missing (keys it leaves out of the
+            checkpoints it saves, or that may be missing by its rules); each is allocated on ``device`` after the
+            fill and the ties, and ``init_omitted(model, those keys)`` initialises it, as ``from_pretrained``
+            initialises the keys its checkpoint lacks; ``skipped``, pack keys the model does not have that the
+            library ignores on load (GPT-2's ``attn.bias`` masks in old checkpoints): not read.
 
     Raises:
         ModelMismatchError: the pack does not fit the model, or something was left on the meta device.
@@ -260,11 +262,11 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
             if early is not None:
                 early.rename(renames)
         match_file_dtypes(model, wm)
-        omitted = set(omitted_keys(model)) if omitted_keys is not None else set()
-        absent = sorted((omitted & set(model.state_dict(keep_vars=True))) - set(wm.keys())) if omitted else []
+        absent, skipped = lenient_keys(model, wm.keys()) if lenient_keys is not None else ((), ())
+        absent = sorted(absent)
         fill = options
-        if absent:
-            fill = dict(options, ignore_names=[*ignore_names_of(options.get("ignore_names")), *absent])
+        if absent or skipped:
+            fill = dict(options, ignore_names=[*ignore_names_of(options.get("ignore_names")), *absent, *skipped])
         assign_from_file(model, wm, device=device, early=early, **fill)
     if tie is not None:
         tie(model)

@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import os
 import re
+from typing import Iterable
 
 import torch
 
@@ -205,7 +206,7 @@ class FlashPackTransformersModelMixin:
 
         absent: list[str] = []  # keys transformers leaves out of its checkpoints, not in this pack either
         model = load_model(build, pack, device, tie=lambda m: m.tie_weights(), assign=assign, key_renames=key_renames,
-                           omitted_keys=_omitted_on_save, init_omitted=lambda m, keys: absent.extend(keys))
+                           lenient_keys=transformers_lenient_keys, init_omitted=lambda m, keys: absent.extend(keys))
         _init_unloaded_buffers(model, absent)
         if model.can_generate() and os.path.isfile(os.path.join(folder, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(folder)
@@ -393,6 +394,48 @@ def _omitted_on_save(model) -> set[str]:
     return set(getattr(model, "_keys_to_ignore_on_save", None) or ())
 
 
+def _patterns(model, attribute: str, extra: Iterable[str] = ()) -> re.Pattern | None:
+    """The model's regexes in ``attribute`` (a list or set; ``None``) plus ``extra``, as one pattern (``search``)."""
+    pats = [*(getattr(model, attribute, None) or ()), *extra]
+    return re.compile("|".join(f"({p})" for p in pats)) if pats else None
+
+
+def transformers_lenient_keys(model, file_keys: list[str]) -> tuple[set[str], set[str]]:
+    """The exceptions transformers' ``from_pretrained`` makes to a strict key match, for a pack (its keys after the
+    checkpoint renames) and ``model``: ``(absent, skipped)`` for :func:`flashpack.integrations.load_model`.
+
+    Where the rules come from (transformers 5, ``PreTrainedModel.save_pretrained`` and
+    ``_adjust_missing_and_unexpected_keys``): ``absent`` are model keys the pack lacks that are in
+    ``_keys_to_ignore_on_save`` (the library never writes them) or match ``_keys_to_ignore_on_load_missing``;
+    ``skipped`` are pack keys the model does not have that match ``_keys_to_ignore_on_load_unexpected``, or
+    ``rotary_emb.inv_freq`` / ``position_ids`` when the model has such buffers (they were persistent in older
+    releases). ``from_pretrained`` initialises every missing key and drops every unexpected one, warning about the
+    rest; ``from_pretrained_flashpack`` stays strict about the rest. Only a model with such rules, or a pack with
+    such keys, pays for listing the model's keys."""
+    save = _omitted_on_save(model)
+    missing_rx = _patterns(model, "_keys_to_ignore_on_load_missing")
+    stale = [k for k in file_keys if k.endswith("rotary_emb.inv_freq") or _POSITION_IDS.search(k)]
+    unexpected_rx = _patterns(model, "_keys_to_ignore_on_load_unexpected")
+    if not (save or missing_rx or stale or unexpected_rx):
+        return set(), set()
+    model_keys = set(model.state_dict(keep_vars=True))
+    files = set(file_keys)
+    absent = {k for k in model_keys - files if k in save or (missing_rx is not None and missing_rx.search(k))}
+    extra = []
+    if stale:
+        buffers = [name for name, _ in model.named_buffers()]
+        if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+            extra.append(r"rotary_emb\.inv_freq")
+        if any(b.endswith("position_ids") for b in buffers):
+            extra.append(_POSITION_IDS.pattern)
+    unexpected_rx = _patterns(model, "_keys_to_ignore_on_load_unexpected", extra)
+    skipped = {k for k in files - model_keys if unexpected_rx is not None and unexpected_rx.search(k)}
+    return absent, skipped
+
+
+_POSITION_IDS = re.compile(r"(^|\.)position_ids$")
+
+
 def _init_unloaded_buffers(model, omitted: list[str] | None = None) -> None:
     """Run the model's own ``initialize_weights`` for what the pack did not fill (non-persistent buffers such as
     ``position_ids`` or rotary ``inv_freq``, and the ``omitted`` keys: :func:`_omitted_on_save` ones the pack
@@ -416,4 +459,4 @@ def _init_unloaded_buffers(model, omitted: list[str] | None = None) -> None:
         model.initialize_weights()
 
 
-__all__ = ["FlashPackTransformersModelMixin", "checkpoint_key_renames"]
+__all__ = ["FlashPackTransformersModelMixin", "checkpoint_key_renames", "transformers_lenient_keys"]
