@@ -240,3 +240,24 @@ def test_pipeline_pack_without_flashpack_annotation_is_a_clear_error(sd_saved):
 
     with pytest.raises(TypeError, match="FlashPack-enabled"):
         Plain.from_pretrained_flashpack(sd_saved)
+
+
+def test_pack_keys_the_model_ignores_on_load_are_skipped_as_by_from_pretrained(tmp_path):
+    """diffusers' from_pretrained drops checkpoint keys the model does not have that match its class's
+    ``_keys_to_ignore_on_load_unexpected`` (Wan's ``norm_added_q`` in image-to-video checkpoints);
+    from_pretrained_flashpack skips them too, and still refuses an unexpected key outside those rules."""
+    from flashpack import ModelMismatchError, pack_to_file
+
+    class IgnoringVAE(FlashPackAutoencoderKL):
+        _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
+
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    vae.save_pretrained_flashpack(tmp_path / "vae")
+    extra = dict(vae.state_dict(), **{"decoder.norm_added_q.weight": torch.ones(4)})
+    pack_to_file(extra, str(tmp_path / "vae" / "model.flashpack"))
+    loaded = IgnoringVAE.from_pretrained_flashpack(tmp_path / "vae")
+    want, got = vae.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(ModelMismatchError, match="decoder.norm_added_q.weight"):
+        FlashPackAutoencoderKL.from_pretrained_flashpack(tmp_path / "vae")

@@ -36,6 +36,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 
@@ -175,12 +176,25 @@ class FlashPackDiffusersModelMixin:
                 raise TypeError(f"{cls.__name__}.from_pretrained_flashpack: unknown config overrides {unknown}")
             return model
 
-        model = load_model(build, pack, device, assign=assign,
+        model = load_model(build, pack, device, assign=assign, lenient_keys=diffusers_lenient_keys,
                            key_renames=lambda model, wm: checkpoint_key_renames(model, wm.keys()))
         model.register_to_config(_name_or_path=os.fspath(name_or_path))
         if want_dtype is not None and model.dtype != want_dtype:
             model = model.to(dtype=want_dtype)
         return model
+
+
+def diffusers_lenient_keys(model, file_keys: list[str]) -> tuple[set[str], set[str]]:
+    """The exception diffusers' ``ModelMixin.from_pretrained`` makes to a strict key match (diffusers 0.3x-0.4x,
+    ``_load_pretrained_model``): pack keys the model does not have that match one of its class's
+    ``_keys_to_ignore_on_load_unexpected`` regexes (``re.search``; Wan's ``norm_added_q`` in image-to-video
+    checkpoints) are skipped. ``(absent, skipped)`` for :func:`flashpack.integrations.load_model`; nothing is
+    absent by diffusers' rules (it initialises every missing key and warns)."""
+    patterns = list(getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or ())
+    if not patterns:
+        return set(), set()
+    model_keys = set(model.state_dict(keep_vars=True))
+    return set(), {k for k in set(file_keys) - model_keys if any(re.search(p, k) for p in patterns)}
 
 
 def checkpoint_key_renames(model, keys) -> dict[str, str]:
@@ -626,4 +640,5 @@ def _dtype_kwarg(klass: type) -> str:
     return "torch_dtype"
 
 
-__all__ = ["AutoFlashPackModel", "FlashPackDiffusersModelMixin", "FlashPackDiffusionPipeline", "checkpoint_key_renames"]
+__all__ = ["AutoFlashPackModel", "FlashPackDiffusersModelMixin", "FlashPackDiffusionPipeline", "checkpoint_key_renames",
+           "diffusers_lenient_keys"]
