@@ -549,8 +549,9 @@ def test_reader_locks_are_never_taken_through_python_condition_methods(tmp_path)
     ``Condition.__enter__``/``__exit__`` are Python functions, a KeyboardInterrupt can be raised at their first line,
     and one raised at ``__exit__`` left the lock held, so closing the reader hung (a review interrupting 300 loads
     hung 3 runs of 3; then, rarely, inside a pool task's ``concurrent.futures.Future``). Traced on the loading thread
-    and the workers over a cached and a cold load: no Condition is entered with a frame of ``flashpack.io`` below it
-    (within six frames)."""
+    and the workers over a cached and a cold load: no Condition is entered, waited on or notified with a frame of
+    ``flashpack.io`` below it (within six frames): ``Condition.wait`` and ``notify`` run Python code between releasing
+    and re-taking the lock, where an interrupt left it released under the caller's ``with`` (found by review)."""
     from flashpack.io.pagecache import drop_from_cache
 
     n = 1 << 20
@@ -559,7 +560,7 @@ def test_reader_locks_are_never_taken_through_python_condition_methods(tmp_path)
     here = os.path.dirname(flashpack.io.base.__file__)
 
     def tracer(frame, event, arg):
-        if event == "call" and frame.f_code.co_name in ("__enter__", "__exit__") and \
+        if event == "call" and frame.f_code.co_name in ("__enter__", "__exit__", "wait", "notify", "notify_all") and \
                 frame.f_code.co_filename == threading.__file__ and isinstance(frame.f_locals.get("self"),
                                                                               threading.Condition):
             caller, depth = frame.f_back, 0

@@ -122,3 +122,151 @@ def test_loads_interrupted_at_random_moments_never_hang(tmp_path, backend):
     assert proc.returncode == 0, proc.stderr[-3000:]
     interrupted, done = map(int, proc.stdout.split("STRESS")[1].split())
     assert interrupted > 0 and interrupted + done >= 150, proc.stdout
+
+
+def test_bell_rings_once_until_heard_and_times_out():
+    from flashpack.io.sync import Bell
+
+    bell = Bell()
+    assert bell.wait(0) is False
+    bell.ring()
+    bell.ring()  # a second ring before the wait is absorbed, not an error
+    assert bell.wait(0) is True and bell.wait(0.02) is False
+    heard = []
+    waiter = threading.Thread(target=lambda: heard.append(bell.wait(10)))
+    waiter.start()
+    bell.ring()
+    waiter.join(10)
+    assert heard == [True]
+
+
+def test_a_task_cancelled_without_its_latch_set_is_done_for_wait():
+    """An interrupt inside ``Task.cancel`` after the state changed but before the latch was set (what the review
+    provoked) leaves a cancelled task whose latch never opens; ``wait()`` without a timeout, as the reader's close
+    calls it, must still return."""
+    from flashpack.io import sync
+
+    task = Task(print, ())
+    with task._guard:
+        task._state = sync._CANCELLED  # the state cancel() sets before its latch
+    returned = []
+    waiter = threading.Thread(target=lambda: returned.append(task.wait()), daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert returned == [True] and not task._done.is_set()
+
+
+_CANCEL_INTERRUPTED = textwrap.dedent("""
+    import faulthandler, os, sys
+    import torch, flashpack
+    from flashpack.io import sync
+    from flashpack.io.sync import Task
+    path = sys.argv[1]
+    SET_LINE = next(i for i, l in enumerate(open(sync.__file__), 1) if "self._done.set()" in l)
+    fired = False
+    def tracer(frame, event, arg):
+        if frame.f_code is Task.cancel.__code__ and frame.f_back.f_code.co_name == "<genexpr>":  # _run_one_here
+            def local(frame, event, arg):
+                global fired
+                if event == "line" and frame.f_lineno == SET_LINE and not fired:
+                    fired = True
+                    sys.settrace(None)
+                    raise KeyboardInterrupt("simulated SIGINT")
+                return local
+            return local
+        return None
+    faulthandler.dump_traceback_later(60, exit=True)
+    for attempt in range(20):
+        fd = os.open(path, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+        sys.settrace(tracer)
+        try:
+            flashpack.load(path, backend="threads")
+        except KeyboardInterrupt:
+            pass
+        sys.settrace(None)
+        if fired:
+            break
+    print("FIRED", fired)
+""")
+
+
+def test_an_interrupt_inside_a_tasks_cancel_does_not_hang_the_close(tmp_path):
+    """The review's reproduction: a KeyboardInterrupt raised inside the ``Task.cancel`` that the loading thread makes
+    to run a queued task itself (``ThreadsReader._run_one_here``), before the task's latch is set; the reader's
+    close then waited on that task forever (a hang, killed here by faulthandler after 60 s)."""
+    import torch
+
+    import flashpack
+
+    path = str(tmp_path / "m.flashpack")
+    flashpack.pack_to_file({f"w{i}": torch.randn(256, 1024) for i in range(16)}, path)
+    proc = subprocess.run([sys.executable, "-c", _CANCEL_INTERRUPTED, path], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if "FIRED True" not in proc.stdout:
+        pytest.skip("no load took a queued task back in 20 cold loads (the interrupt point was never reached)")
+
+
+def test_prefetcher_close_waits_for_a_helper_started_just_before_an_interrupt(tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised right after ``_thread.start_new_thread`` returned (a SIGINT that arrived while the
+    thread was created) must not mark the helper as exited: close() waits for it, so it never works on an unmapped
+    range or a closed descriptor (found by review)."""
+    import _thread
+
+    import flashpack.io.pagecache as pc
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    real_start, real_run, finished = _thread.start_new_thread, pc.Prefetcher._run, []
+
+    def start(fn, args):
+        real_start(fn, args)
+        raise KeyboardInterrupt("after the thread was created")
+
+    def run(self, exited):
+        time.sleep(0.05)  # still starting when close() is called
+        try:
+            real_run(self, exited)
+        finally:
+            finished.append(time.monotonic())
+
+    monkeypatch.setattr(pc._thread, "start_new_thread", start)
+    monkeypatch.setattr(pc.Prefetcher, "_run", run)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        p = pc.Prefetcher(fd, 1 << 20)
+        with pytest.raises(KeyboardInterrupt):
+            p.add(0, 4096)
+        p.close()
+        assert finished, "close() returned while the helper thread still ran"
+    finally:
+        os.close(fd)
+
+
+def test_file_handles_close_their_descriptors_when_the_prefetcher_close_is_interrupted(tmp_path, monkeypatch):
+    """An interrupt while the prefetcher stops still unmaps and closes every descriptor (they leaked, found by a
+    review's stress of interrupted loads)."""
+    import flashpack.io.pagecache as pc
+    from flashpack.io.base import FileHandles
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    real_close = pc.Prefetcher.close
+
+    def close(self):
+        real_close(self)
+        raise KeyboardInterrupt("while the prefetcher stopped")
+
+    monkeypatch.setattr(pc.Prefetcher, "close", close)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    pc.drop_from_cache(str(path))  # not cached: read_ahead starts the prefetcher
+    files = FileHandles(str(path), direct="off", cache="keep")
+    files.read_ahead(0, 1 << 20).wait(10)
+    fd = files.fd
+    with pytest.raises(KeyboardInterrupt):
+        files.close()
+    assert files.fd == -1
+    with pytest.raises(OSError):
+        os.fstat(fd)

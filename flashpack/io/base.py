@@ -278,17 +278,22 @@ class FileHandles:
                 self._dropped_fd, self.direct_fd = self.direct_fd, -1
 
     def close(self) -> None:
-        prefetcher, self._prefetcher = getattr(self, "_prefetcher", None), None
-        if prefetcher is not None:
-            prefetcher.close()  # before the descriptor it reads ahead on (sets every latch still waited for)
-        source, self._source = getattr(self, "_source", 0), 0
-        if source:
-            pagecache.libc.munmap(source, self.file_nbytes)
-        for name in ("direct_fd", "_dropped_fd", "fd"):
-            fd = getattr(self, name, -1)
-            if fd >= 0:
-                setattr(self, name, -1)
-                os.close(fd)
+        """Stop the prefetcher, unmap, close the descriptors; idempotent. An interrupt (KeyboardInterrupt) while
+        the prefetcher stops still unmaps and closes (in ``finally``), then propagates."""
+        try:
+            prefetcher = getattr(self, "_prefetcher", None)
+            if prefetcher is not None:
+                prefetcher.close()  # before the descriptor it reads ahead on (sets every latch still waited for)
+                self._prefetcher = None
+        finally:
+            source, self._source = getattr(self, "_source", 0), 0
+            if source:
+                pagecache.libc.munmap(source, self.file_nbytes)
+            for name in ("direct_fd", "_dropped_fd", "fd"):
+                fd = getattr(self, name, -1)
+                if fd >= 0:
+                    setattr(self, name, -1)
+                    os.close(fd)
 
 
 def read_buffered(files: FileHandles, mv: memoryview, file_offset: int, done: int, nbytes: int, stats: ReaderStats) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 
 from ..settings import CACHE_POLICIES, PAGE_NBYTES
-from .sync import Latch
+from .sync import Bell, Latch
 
 #: libc with the prototypes flashpack calls through ctypes (mincore(2), mmap(2), munmap(2), madvise(2));
 #: the one binding that io/, staging/ and loading/ share. Calls set errno (``ctypes.get_errno()``).
@@ -513,11 +513,11 @@ class Prefetcher:
                 # sequential readahead on the faults (VM_SEQ_READ): without it the kernel reads around each
                 # faulting page and gives up reading ahead after 100 misses (mm/filemap.c, MMAP_LOTSAMISS)
                 _madvise(addr, file_nbytes, mmap.MADV_SEQUENTIAL)
-        # held with `with self._lock` (a C lock), never `with self._cond`: Condition.__enter__/__exit__ are Python
-        # code, and a KeyboardInterrupt delivered at their start left an RLock held by the loading thread, so the
-        # helper thread never woke and close() waited for it forever (found by a review interrupting 300 loads)
+        # held with `with self._lock` (a C lock); the helper thread waits on _bell. No threading.Condition: its
+        # Python code, cut by a KeyboardInterrupt, left a lock held, so the helper never woke and close() waited for
+        # it forever (found by a review interrupting 300 loads; flashpack.io.sync)
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._bell = Bell()
         self._todo: collections.deque = collections.deque()
         self._exited: Latch | None = None  # set when the helper thread has returned (None: never started)
         self._closed = False
@@ -537,7 +537,7 @@ class Prefetcher:
             self._todo.append((file_offset, nbytes, ev))
             if self._exited is None:
                 self._start()
-            self._cond.notify()
+        self._bell.ring()
         return ev
 
     def _fill(self, file_offset: int, nbytes: int) -> None:
@@ -566,23 +566,23 @@ class Prefetcher:
         ``threading.Thread.start`` waits for the new thread on a ``threading.Event``, Python code holding a lock
         that a KeyboardInterrupt could leave held (:mod:`flashpack.io.sync`)."""
         exited = self._exited = Latch()
-        started = False
         try:
             _thread.start_new_thread(self._run, (exited,))
-            started = True
-        finally:
-            if not started:  # no thread: close() must not wait for one
-                exited.set()
+        except RuntimeError:  # no thread ("can't start new thread"): close() must not wait for one. Not on an
+            exited.set()  # interrupt: one is raised only after the call returns, when the thread exists (review)
+            raise
 
     def _run(self, exited: Latch) -> None:
         try:
             while True:
                 with self._lock:
-                    while not self._todo and not self._closed:
-                        self._cond.wait()
                     if self._closed:
                         return
-                    file_offset, nbytes, ev = self._todo.popleft()
+                    item = self._todo.popleft() if self._todo else None
+                if item is None:
+                    self._bell.wait()  # rung by add() and close(), also between the check above and this wait
+                    continue
+                file_offset, nbytes, ev = item
                 try:
                     self._fill(file_offset, nbytes)
                 finally:
@@ -594,8 +594,8 @@ class Prefetcher:
         """Stop (the range being read ahead finishes first), set every waiting latch, unmap; idempotent."""
         with self._lock:
             self._closed = True
+            self._bell.ring()  # first: an interrupt after it cannot leave the helper asleep
             todo, self._todo = list(self._todo), collections.deque()
-            self._cond.notify_all()
         for *_, ev in todo:
             ev.set()
         exited = self._exited

@@ -51,6 +51,31 @@ class Latch:
         return self._flag
 
 
+class Bell:
+    """Wakes one waiting thread: :meth:`ring` from any thread, :meth:`wait` in the one that waits. A ``_thread`` lock
+    held while nobody rang: ``ring`` releases it (a second ring before the wait is absorbed), ``wait`` acquires it.
+    The waiter checks its condition before waiting, so a ring between that check and the wait is not lost (the
+    wait returns at once), and an interrupt anywhere leaves a lock that is either held or not, both valid states;
+    unlike ``threading.Condition.wait``/``notify``, whose Python code an interrupt can cut between releasing and
+    re-taking the caller's lock (found by review)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def ring(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # already rung, not yet heard
+            pass
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for a ring (one since the last wait counts), at most ``timeout_s`` seconds; whether one came."""
+        return self._lock.acquire(True, -1 if timeout_s is None else max(0.0, timeout_s))
+
+
 _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
 
 
@@ -142,8 +167,10 @@ class Task:
         self._run_callbacks([fn])
 
     def wait(self, timeout_s: float | None = None) -> bool:
-        """Wait until done, or ``timeout_s`` seconds (``None``: without limit); whether it is done."""
-        return self._done.wait(timeout_s) or self.done()
+        """Wait until done, or ``timeout_s`` seconds (``None``: without limit); whether it is done. The state is
+        read first: an interrupt inside :meth:`cancel` can leave a task cancelled whose latch was never set (found
+        by review: closing the reader then waited on it forever)."""
+        return self.done() or self._done.wait(timeout_s) or self.done()
 
     def exception(self, timeout_s: float | None = None) -> BaseException | None:
         if not self.wait(timeout_s):

@@ -21,7 +21,7 @@ from typing import Iterable
 
 from .base import (MAX_THREADS, Completion, Extent, FileHandles, ReaderBase, ReaderStats, buffer_address,
                    native_batchable, read_extents)
-from .sync import CancelledError, Latch, Task
+from .sync import Bell, CancelledError, Latch, Task
 
 #: Most bytes of copies one thread takes at once (unless one extent is larger), copied in one C call
 #: (``fp_copy_extents``): each return from C waits for the GIL, up to the switch interval (5 ms) while another thread
@@ -151,11 +151,11 @@ class ThreadsReader(ReaderBase):
         self._readies: dict[Task, Latch | None] = {}  # a task -> the read-ahead it waits for
         self._cancelled: list[Completion] = []
         # copies out of the page cache, taken in order by whichever thread comes next (_claim): the helpers and the
-        # caller while it waits. Guarded by _lock; _cond (over it) is notified when a copy or a task finishes. Held
-        # with `with self._lock` (a C lock), never `with self._cond`: Condition.__exit__ is Python code, and a
-        # KeyboardInterrupt delivered at its start left the lock held, hanging the reader's close (found by review)
+        # caller while it waits. Guarded by _lock, held with `with self._lock` (a C lock); _bell rings when a copy or
+        # a task finishes. No threading.Condition: its Python code, cut by a KeyboardInterrupt, left the lock held
+        # (hanging the reader's close) or released under the caller's `with` (found by review; flashpack.io.sync)
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._bell = Bell()
         self._copies: deque[Extent] = deque()  # not taken yet
         self._copies_nbytes = 0  # their bytes
         self._copying = 0  # extents taken, not finished
@@ -294,7 +294,7 @@ class ThreadsReader(ReaderBase):
         with self._lock:
             self._copying -= len(batch)
             self._copied += [(ext, st, err) for ext, st, err in zip(batch, stats, errors)]
-            self._cond.notify_all()
+            self._bell.ring()
         if stop is not None:
             raise stop
 
@@ -319,14 +319,14 @@ class ThreadsReader(ReaderBase):
 
     def _wake(self, _fut: Task | None = None) -> None:
         with self._lock:
-            self._cond.notify_all()
+            self._bell.ring()
 
     def _helper_done(self, fut: Task) -> None:
         with self._lock:
             self._helpers.discard(fut)
             if fut.cancelled():  # never ran, so never uncounted itself
                 self._copiers -= 1
-            self._cond.notify_all()
+            self._bell.ring()
 
     def _batchable(self, ext: Extent) -> bool:
         """Whether ``ext`` may share a worker with its neighbours: the C copy takes it and it is a copy out of the
@@ -379,11 +379,12 @@ class ThreadsReader(ReaderBase):
                 if self._run_one_here():
                     continue
             with self._lock:
-                if not self._copied and not any(f.done() for f in self._pending):
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        return []
-                    self._cond.wait(left)
+                idle = not self._copied and not any(f.done() for f in self._pending)
+            if idle:  # a ring after this check is not lost: the bell stays rung until the wait hears it
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return []
+                self._bell.wait(left)
 
     def _finished(self) -> list[Completion]:
         out = []
