@@ -685,15 +685,18 @@ def verify(path: str | os.PathLike, *, backend: str | None = None, buffer_nbytes
 # --------------------------------------------------------------------------- fal's names
 
 
+def option_strings(value: Iterable[str] | str | None) -> tuple[str, ...]:
+    """One of fal's ``ignore_*`` options (``None``, a lone string, or an iterable of strings) as a tuple."""
+    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
 def ignore_filter(ignore_names: Iterable[str] | None = None, ignore_prefixes: Iterable[str] | None = None,
                   ignore_suffixes: Iterable[str] | None = None):
     """fal's ``ignore_*`` rule as a predicate: ``key -> True`` when ``key`` equals one of ``ignore_names``,
     starts with one of ``ignore_prefixes`` or ends with one of ``ignore_suffixes`` (a lone string counts as a
     one-element list)."""
-    def tup(v) -> tuple[str, ...]:
-        return () if v is None else (v,) if isinstance(v, str) else tuple(v)
-
-    names, prefixes, suffixes = set(tup(ignore_names)), tup(ignore_prefixes), tup(ignore_suffixes)
+    names = set(option_strings(ignore_names))
+    prefixes, suffixes = option_strings(ignore_prefixes), option_strings(ignore_suffixes)
     if not (names or prefixes or suffixes):
         return lambda key: False
     return lambda key: key in names or key.startswith(prefixes) or key.endswith(suffixes)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..deserialization import start_early_load
+from ..deserialization import option_strings, start_early_load
 from ..errors import FlashPackError, ModelMismatchError, ModelNotFoundError, UnsupportedDeviceMapError
 from ..format import WeightMap, torch_dtype
 from ..mixin import assign_from_file, model_targets
@@ -266,7 +266,7 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
         absent = sorted(absent)
         fill = options
         if absent or skipped:
-            fill = dict(options, ignore_names=[*ignore_names_of(options.get("ignore_names")), *absent, *skipped])
+            fill = dict(options, ignore_names=[*option_strings(options.get("ignore_names")), *absent, *skipped])
         assign_from_file(model, wm, device=device, early=early, **fill)
     if tie is not None:
         tie(model)
@@ -279,13 +279,6 @@ def load_model(build: Callable[[torch.dtype | None], torch.nn.Module], pack_path
         raise ModelMismatchError(f"{pack_path}: still on the meta device after loading (no data in the pack): "
                                  f"{left[:20]}{' ...' if len(left) > 20 else ''}")
     return model.eval()
-
-
-def ignore_names_of(value) -> list[str]:
-    """fal's ``ignore_names`` option (``None``, one string, or an iterable of strings) as a list."""
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
 
 
 def materialize(model: torch.nn.Module, keys: Iterable[str], device: torch.device) -> None:

@@ -380,8 +380,10 @@ def _flag_initialized(model, unflagged: set[str] = frozenset()) -> None:
     keys (not loaded) stay unflagged."""
     skip = {id(b) for _, b in model.named_non_persistent_buffers()} \
         if hasattr(model, "named_non_persistent_buffers") else set()
-    if unflagged:
-        skip |= {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in unflagged}
+    for key in unflagged:  # by name: no walk over the whole model
+        owner_name, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        skip.add(id(owner._parameters.get(leaf, owner._buffers.get(leaf))))
     for t in (*model.parameters(), *model.buffers()):
         if id(t) not in skip:
             t._is_hf_initialized = True
@@ -415,8 +417,7 @@ def transformers_lenient_keys(model, file_keys: list[str]) -> tuple[set[str], se
     save = _omitted_on_save(model)
     missing_rx = _patterns(model, "_keys_to_ignore_on_load_missing")
     stale = [k for k in file_keys if k.endswith("rotary_emb.inv_freq") or _POSITION_IDS.search(k)]
-    unexpected_rx = _patterns(model, "_keys_to_ignore_on_load_unexpected")
-    if not (save or missing_rx or stale or unexpected_rx):
+    if not (save or missing_rx or stale or getattr(model, "_keys_to_ignore_on_load_unexpected", None)):
         return set(), set()
     model_keys = set(model.state_dict(keep_vars=True))
     files = set(file_keys)
