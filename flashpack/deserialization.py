@@ -8,9 +8,9 @@ The module name is fal's.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -20,6 +20,7 @@ import torch
 from .errors import FlashPackError, ModelMismatchError, ModelNotFoundError, UsageError
 from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, torch_dtype, verify_chunk
 from .io import Extent, open_reader, read_all
+from .io.sync import Latch
 from .loading.common import LoadStats, aligned_empty, assemble, cache_mode, parse_device, prepare, reconstruct
 from .loading.distributed import group_for, load_distributed
 from .loading.host import mmap_payload, read_into
@@ -225,7 +226,7 @@ class EarlyLoad:
         self.keys = list(keys)
         self._options = (backend, verify, cache)
         self._renames: dict[str, str] = {}
-        self._cancel = threading.Event()
+        self._cancel = Latch()
         self._result: dict[str, torch.Tensor] | None = None
         self._error: BaseException | None = None
         self._taken = False
@@ -234,14 +235,32 @@ class EarlyLoad:
             if self._cancel.is_set():
                 raise _Cancelled()
 
-        def run() -> None:
+        def run(exited: Latch) -> None:
             try:
                 self._result = load(wm, keys=self.keys, backend=backend, verify=verify, cache=cache, progress=progress)
             except BaseException as e:  # handed to the caller by take()
                 self._error = e
+            finally:
+                exited.set()
 
-        self._thread = threading.Thread(target=run, name="flashpack-early-load", daemon=True)
-        self._thread.start()
+        # _thread.start_new_thread returns at once; threading.Thread.start waits on a threading.Event, Python code
+        # holding a lock that a KeyboardInterrupt could leave held (flashpack.io.sync). An interrupt is raised only
+        # after the call returns, when the thread exists: the load then runs to its end unreferenced and is freed.
+        self._exited = Latch()
+        try:
+            _thread.start_new_thread(run, (self._exited,))
+        except RuntimeError:  # no thread could start: nothing to wait for
+            self._exited.set()
+            raise
+
+    def running(self) -> bool:
+        """Whether the load's thread is still running."""
+        return not self._exited.is_set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for the load's thread to end (loaded, failed or cancelled), at most ``timeout_s`` seconds (``None``:
+        without limit); whether it ended."""
+        return self._exited.wait(timeout_s)
 
     def rename(self, renames: dict[str, str]) -> None:
         """Name the loaded tensors as the model does: ``{stored key: model key}``
@@ -271,7 +290,7 @@ class EarlyLoad:
         if set(names) != set(keys) or len(names) != len(keys):
             self.cancel()
             return None
-        self._thread.join()
+        self.wait()
         if self._error is not None:
             raise self._error
         sd = self._result
@@ -282,7 +301,7 @@ class EarlyLoad:
     def cancel(self) -> None:
         """Stop the load (at its next finished extent), wait for its thread and drop what it loaded."""
         self._cancel.set()
-        self._thread.join()
+        self.wait()
         self._result = self._error = None
 
     def __enter__(self) -> "EarlyLoad":

@@ -4,6 +4,7 @@ build or the match fails."""
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import threading
@@ -31,18 +32,42 @@ class Net(nn.Module, FlashPackMixin):
             self.c = nn.Linear(n, 2)
 
 
+_STARTED: list[EarlyLoad] = []
+
+
+@pytest.fixture(autouse=True)
+def started(monkeypatch):
+    """Every ``EarlyLoad`` started during the test (``start_early_load`` creates them through the module name)."""
+    _STARTED.clear()
+
+    class Recorded(EarlyLoad):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            _STARTED.append(self)
+
+    monkeypatch.setattr(deser, "EarlyLoad", Recorded)
+    return _STARTED
+
+
 def early_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name == "flashpack-early-load"]
+    """One name per early load whose thread still runs (started with ``_thread``: not in ``threading.enumerate``)."""
+    return ["flashpack-early-load" for e in _STARTED if e.running()]
+
+
+def thread_label() -> str:
+    """``MainThread``, or ``flashpack-early-load`` on another thread (the early load's ``_thread`` thread has no
+    ``threading`` name; asking ``threading.current_thread()`` there would register a dummy thread)."""
+    return "MainThread" if _thread.get_ident() == threading.main_thread().ident else "flashpack-early-load"
 
 
 @pytest.fixture
 def loads(monkeypatch):
-    """Every ``flashpack.deserialization.load`` call: (thread name, keys asked for, outcome)."""
+    """Every ``flashpack.deserialization.load`` call: (thread label, keys asked for, outcome)."""
     calls = []
     real = deser.load
 
     def spy(path, **kw):
-        entry = [threading.current_thread().name, kw.get("keys"), None]
+        entry = [thread_label(), kw.get("keys"), None]
         calls.append(entry)
         try:
             out = real(path, **kw)
@@ -177,7 +202,7 @@ def test_early_load_take_of_other_keys_cancels(tmp_path):
     Net(8).save_flashpack(path)
     with start_early_load(read_weight_map(path), "cpu") as early:
         assert early.take(["a.weight"]) is None  # a subset: the caller loads it itself
-        assert not early._thread.is_alive()
+        assert not early.running()
     assert early_threads() == []
 
 
@@ -276,7 +301,7 @@ def test_early_load_of_a_pack_rewritten_in_place_with_its_mtime_set_back_is_not_
     old = read_weight_map(path)
     before = os.stat(path)
     with start_early_load(old, "cpu") as early:
-        early._thread.join()  # the old bytes are loaded before the rewrite
+        early.wait()  # the old bytes are loaded before the rewrite
         with open(path, "r+b") as f:
             f.write(other.read_bytes())
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))

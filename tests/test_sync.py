@@ -84,6 +84,13 @@ _STRESS = textwrap.dedent("""
     path = sys.argv[1]
     backend = sys.argv[2]
     random.seed(int(sys.argv[3]))
+    model = sys.argv[5] == "model"  # from_flashpack: the read runs on EarlyLoad's thread while __init__ runs
+
+    class Net(torch.nn.Module, flashpack.FlashPackMixin):
+        def __init__(self):
+            super().__init__()
+            for i in range(16):
+                self.register_parameter(f"w{i}", torch.nn.Parameter(torch.empty(256, 1024)))
     interrupted = done = 0
     for i in range(int(sys.argv[4])):
         if i % 3 == 0:
@@ -91,7 +98,10 @@ _STRESS = textwrap.dedent("""
         timer = threading.Timer(random.uniform(0, 0.006), os.kill, (os.getpid(), signal.SIGINT))
         try:
             timer.start()
-            sd = flashpack.load(path, backend=backend)
+            if model:
+                sd = Net.from_flashpack(path, backend=backend).state_dict()
+            else:
+                sd = flashpack.load(path, backend=backend)
             done += 1
             timer.join()  # the one interrupt of this round lands inside this try at the latest
             time.sleep(0.002)
@@ -104,12 +114,14 @@ _STRESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("how", ["load", "model"])
 @pytest.mark.parametrize("backend", ["threads", "auto"])
-def test_loads_interrupted_at_random_moments_never_hang(tmp_path, backend):
+def test_loads_interrupted_at_random_moments_never_hang(tmp_path, backend, how):
     """Interrupt (SIGINT, as Ctrl-C) 150 loads of a small pack at random moments, cached and not: each load either
     returns or raises KeyboardInterrupt, the reader closes, and a last load is right. Before the readers used
     :mod:`flashpack.io.sync`, an interrupt inside a lock held by Python code hung such a run now and then (one in
-    hundreds of loads); a hang fails here by the timeout."""
+    hundreds of loads); a hang fails here by the timeout. ``model``: ``from_flashpack``, whose read runs on
+    :class:`flashpack.deserialization.EarlyLoad`'s thread while the model is built."""
     import torch
 
     import flashpack
@@ -117,7 +129,7 @@ def test_loads_interrupted_at_random_moments_never_hang(tmp_path, backend):
     path = str(tmp_path / "m.flashpack")
     flashpack.pack_to_file({f"w{i}": torch.full((256, 1024), 3, dtype=torch.float32) for i in range(16)}, path)
     env = dict(os.environ, PYTHONFAULTHANDLER="1")
-    proc = subprocess.run([sys.executable, "-c", _STRESS, path, backend, "12", "150"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _STRESS, path, backend, "12", "150", how], capture_output=True, text=True,
                           timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     interrupted, done = map(int, proc.stdout.split("STRESS")[1].split())
