@@ -130,11 +130,12 @@ class FileHandles:
         self.fill = fill
         self._source = 0  # address of the read-only mapping UFFDIO_COPY copies from (0: none)
         self._prefetcher: pagecache.Prefetcher | None = None  # started by the first read_ahead
-        # O_NONBLOCK: a FIFO swapped in under the path cannot hang open(2) (the identity check then refuses
-        # it); cleared again at once, since io_uring returns EAGAIN for O_NONBLOCK files instead of waiting.
-        self.fd = _blocking(_open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY))
-        self.direct_fd = -1
-        try:
+        self.fd = self.direct_fd = -1
+        try:  # each descriptor is ours (closed by close()) from the bytecode after open(2) returns it
+            # O_NONBLOCK: a FIFO swapped in under the path cannot hang open(2) (the identity check then refuses
+            # it); cleared again at once, since io_uring returns EAGAIN for O_NONBLOCK files instead of waiting.
+            self.fd = _open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            _blocking(self.fd)
             self.file_nbytes = os.fstat(self.fd).st_size
             self._resident = None
             if cache == "keep":
@@ -149,8 +150,9 @@ class FileHandles:
                     fill.release()
             elif direct != "off":
                 try:
-                    self.direct_fd = _blocking(_open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT
-                                                     | os.O_NONBLOCK | os.O_NOCTTY))
+                    self.direct_fd = _open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT | os.O_NONBLOCK
+                                           | os.O_NOCTTY)
+                    _blocking(self.direct_fd)
                 except OSError as e:
                     if e.errno not in DIRECT_REFUSED:
                         raise
