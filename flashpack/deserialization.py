@@ -8,7 +8,6 @@ The module name is fal's.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import os
 import warnings
@@ -20,7 +19,7 @@ import torch
 from .errors import FlashPackError, ModelMismatchError, ModelNotFoundError, UsageError
 from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, torch_dtype, verify_chunk
 from .io import Extent, open_reader, read_all
-from .io.sync import Latch
+from .io.sync import Latch, start_thread
 from .loading.common import LoadStats, aligned_empty, assemble, cache_mode, parse_device, prepare, reconstruct
 from .loading.distributed import group_for, load_distributed
 from .loading.host import mmap_payload, read_into
@@ -235,23 +234,15 @@ class EarlyLoad:
             if self._cancel.is_set():
                 raise _Cancelled()
 
-        def run(exited: Latch) -> None:
+        def run() -> None:
             try:
                 self._result = load(wm, keys=self.keys, backend=backend, verify=verify, cache=cache, progress=progress)
             except BaseException as e:  # handed to the caller by take()
                 self._error = e
-            finally:
-                exited.set()
 
-        # _thread.start_new_thread returns at once; threading.Thread.start waits on a threading.Event, Python code
-        # holding a lock that a KeyboardInterrupt could leave held (flashpack.io.sync). An interrupt is raised only
-        # after the call returns, when the thread exists: the load then runs to its end unreferenced and is freed.
+        # an interrupt right after the thread started: the load runs to its end unreferenced and is freed
         self._exited = Latch()
-        try:
-            _thread.start_new_thread(run, (self._exited,))
-        except RuntimeError:  # no thread could start: nothing to wait for
-            self._exited.set()
-            raise
+        start_thread(run, (), self._exited)
 
     def running(self) -> bool:
         """Whether the load's thread is still running."""

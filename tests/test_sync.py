@@ -235,14 +235,14 @@ def test_prefetcher_close_waits_for_a_helper_started_just_before_an_interrupt(tm
         real_start(fn, args)
         raise KeyboardInterrupt("after the thread was created")
 
-    def run(self, exited):
+    def run(self):
         time.sleep(0.05)  # still starting when close() is called
         try:
-            real_run(self, exited)
+            real_run(self)
         finally:
             finished.append(time.monotonic())
 
-    monkeypatch.setattr(pc._thread, "start_new_thread", start)
+    monkeypatch.setattr(_thread, "start_new_thread", start)
     monkeypatch.setattr(pc.Prefetcher, "_run", run)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -282,3 +282,39 @@ def test_file_handles_close_their_descriptors_when_the_prefetcher_close_is_inter
     assert files.fd == -1
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_start_thread_sets_its_latch_after_the_function_returns_or_raises(monkeypatch):
+    import _thread
+
+    from flashpack.io.sync import Latch, start_thread
+
+    gate, seen = Latch(), []
+
+    def work(tag):
+        assert gate.wait(10)
+        seen.append(tag)
+
+    exited = Latch()
+    start_thread(work, ("ran",), exited)
+    assert not exited.wait(0.05)  # still waiting on the gate
+    gate.set()
+    assert exited.wait(10) and seen == ["ran"]
+
+    def fail():
+        raise ValueError("boom")
+
+    reported = Latch()  # _thread hands the thread's error to sys.unraisablehook, after the latch was set
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.set() if isinstance(u.exc_value, ValueError) else None)
+    failed = Latch()
+    start_thread(fail, (), failed)
+    assert failed.wait(10) and reported.wait(10)
+
+    def refuse(fn, args):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_thread, "start_new_thread", refuse)
+    never = Latch()
+    with pytest.raises(RuntimeError, match="can't start"):
+        start_thread(work, ("no",), never)
+    assert never.is_set() and seen == ["ran"]

@@ -11,7 +11,6 @@ raise SIGBUS (a file truncated meanwhile); :func:`read_ahead` (its fallback) onl
 
 from __future__ import annotations
 
-import _thread
 import collections
 import ctypes
 import ctypes.util
@@ -27,7 +26,7 @@ import numpy as np
 import psutil
 
 from ..settings import CACHE_POLICIES, PAGE_NBYTES
-from .sync import Bell, Latch
+from .sync import Bell, Latch, start_thread
 
 #: libc with the prototypes flashpack calls through ctypes (mincore(2), mmap(2), munmap(2), madvise(2));
 #: the one binding that io/, staging/ and loading/ share. Calls set errno (``ctypes.get_errno()``).
@@ -562,33 +561,25 @@ class Prefetcher:
         read_ahead(self._fd, lo, hi - lo, self._limit_nbytes)
 
     def _start(self) -> None:
-        """Start the helper thread (``_lock`` held). With ``_thread.start_new_thread``, which returns at once:
-        ``threading.Thread.start`` waits for the new thread on a ``threading.Event``, Python code holding a lock
-        that a KeyboardInterrupt could leave held (:mod:`flashpack.io.sync`)."""
-        exited = self._exited = Latch()
-        try:
-            _thread.start_new_thread(self._run, (exited,))
-        except RuntimeError:  # no thread ("can't start new thread"): close() must not wait for one. Not on an
-            exited.set()  # interrupt: one is raised only after the call returns, when the thread exists (review)
-            raise
+        """Start the helper thread (``_lock`` held) with :func:`flashpack.io.sync.start_thread`; ``_exited`` is
+        kept first, so close() waits for a helper whose start an interrupt cut short."""
+        self._exited = Latch()
+        start_thread(self._run, (), self._exited)
 
-    def _run(self, exited: Latch) -> None:
-        try:
-            while True:
-                with self._lock:
-                    if self._closed:
-                        return
-                    item = self._todo.popleft() if self._todo else None
-                if item is None:
-                    self._bell.wait()  # rung by add() and close(), also between the check above and this wait
-                    continue
-                file_offset, nbytes, ev = item
-                try:
-                    self._fill(file_offset, nbytes)
-                finally:
-                    ev.set()
-        finally:
-            exited.set()
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                item = self._todo.popleft() if self._todo else None
+            if item is None:
+                self._bell.wait()  # rung by add() and close(), also between the check above and this wait
+                continue
+            file_offset, nbytes, ev = item
+            try:
+                self._fill(file_offset, nbytes)
+            finally:
+                ev.set()
 
     def close(self) -> None:
         """Stop (the range being read ahead finishes first), set every waiting latch, unmap; idempotent."""

@@ -76,6 +76,29 @@ class Bell:
         return self._lock.acquire(True, -1 if timeout_s is None else max(0.0, timeout_s))
 
 
+def start_thread(fn, args: tuple, exited: Latch) -> None:
+    """Run ``fn(*args)`` on a new thread and set ``exited`` once it has returned or raised. The thread starts with
+    ``_thread.start_new_thread``, which returns at once: ``threading.Thread.start`` waits for the new thread on a
+    ``threading.Event``, Python code holding a lock an interrupt could leave held (module docstring). The caller
+    keeps ``exited`` before the call: a KeyboardInterrupt is raised only after ``start_new_thread`` returned, when
+    the thread exists, and the caller must still wait for it (found by review).
+
+    Raises:
+        RuntimeError: no thread could start (``exited`` is set: nothing to wait for).
+    """
+    def run() -> None:
+        try:
+            fn(*args)
+        finally:
+            exited.set()
+
+    try:
+        _thread.start_new_thread(run, ())
+    except RuntimeError:
+        exited.set()
+        raise
+
+
 _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
 
 
