@@ -19,7 +19,7 @@ import torch
 from .errors import FlashPackError, ModelMismatchError, ModelNotFoundError, UsageError
 from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, torch_dtype, verify_chunk
 from .io import Extent, open_reader, read_all
-from .io.sync import Latch, start_thread
+from .io.sync import HelperThread, Latch
 from .loading.common import LoadStats, aligned_empty, assemble, cache_mode, parse_device, prepare, reconstruct
 from .loading.distributed import group_for, load_distributed
 from .loading.host import mmap_payload, read_into
@@ -241,17 +241,17 @@ class EarlyLoad:
                 self._error = e
 
         # an interrupt right after the thread started: the load runs to its end unreferenced and is freed
-        self._exited = Latch()
-        start_thread(run, (), self._exited)
+        self._thread = HelperThread()
+        self._thread.start(run)
 
     def running(self) -> bool:
         """Whether the load's thread is still running."""
-        return not self._exited.is_set()
+        return self._thread.running()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait for the load's thread to end (loaded, failed or cancelled), at most ``timeout_s`` seconds (``None``:
         without limit); whether it ended."""
-        return self._exited.wait(timeout_s)
+        return self._thread.join(timeout_s)
 
     def rename(self, renames: dict[str, str]) -> None:
         """Name the loaded tensors as the model does: ``{stored key: model key}``

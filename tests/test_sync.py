@@ -78,7 +78,8 @@ def test_a_raising_callback_does_not_stop_the_others(caplog):
 
 
 _STRESS = textwrap.dedent("""
-    import os, random, signal, sys, threading, time, _thread
+    import faulthandler, os, random, signal, sys, threading, time, _thread
+    faulthandler.dump_traceback_later(200, exit=True)  # a hang fails with every thread's stack, before the timeout
     import torch
     import flashpack
     path = sys.argv[1]
@@ -219,24 +220,26 @@ def test_an_interrupt_inside_a_tasks_cancel_does_not_hang_the_close(tmp_path):
         pytest.skip("no load took a queued task back in 20 cold loads (the interrupt point was never reached)")
 
 
-def test_prefetcher_close_waits_for_a_helper_started_just_before_an_interrupt(tmp_path, monkeypatch):
+def test_prefetcher_close_never_returns_while_a_helper_cut_short_by_an_interrupt_runs(tmp_path, monkeypatch):
     """A KeyboardInterrupt raised right after ``_thread.start_new_thread`` returned (a SIGINT that arrived while the
-    thread was created) must not mark the helper as exited: close() waits for it, so it never works on an unmapped
-    range or a closed descriptor (found by review)."""
+    thread was created): close() either waits for the helper or abandons it before it runs, never returns while it
+    runs, so it never works on an unmapped range or a closed descriptor (found by review), and never waits forever
+    (the stress test below found that)."""
     import _thread
 
     import flashpack.io.pagecache as pc
 
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(1 << 20))
-    real_start, real_run, finished = _thread.start_new_thread, pc.Prefetcher._run, []
+    real_start, real_run, began, finished = _thread.start_new_thread, pc.Prefetcher._run, [], []
 
     def start(fn, args):
         real_start(fn, args)
         raise KeyboardInterrupt("after the thread was created")
 
     def run(self):
-        time.sleep(0.05)  # still starting when close() is called
+        began.append(time.monotonic())
+        time.sleep(0.05)  # still running when close() is called
         try:
             real_run(self)
         finally:
@@ -246,11 +249,19 @@ def test_prefetcher_close_waits_for_a_helper_started_just_before_an_interrupt(tm
     monkeypatch.setattr(pc.Prefetcher, "_run", run)
     fd = os.open(path, os.O_RDONLY)
     try:
-        p = pc.Prefetcher(fd, 1 << 20)
-        with pytest.raises(KeyboardInterrupt):
-            p.add(0, 4096)
-        p.close()
-        assert finished, "close() returned while the helper thread still ran"
+        for delay_s in (0.0, 0.02):  # close before the thread could run (abandoned), and after it began (waited)
+            began.clear(), finished.clear()
+            p = pc.Prefetcher(fd, 1 << 20)
+            with pytest.raises(KeyboardInterrupt):
+                p.add(0, 4096)
+            time.sleep(delay_s)
+            p.close()
+            assert len(began) == len(finished), "close() returned while the helper thread still ran"
+            seen = len(began)
+            time.sleep(0.1)
+            assert len(began) == seen, "an abandoned helper ran after close()"
+            if delay_s:
+                assert seen == 1
     finally:
         os.close(fd)
 
@@ -284,10 +295,10 @@ def test_file_handles_close_their_descriptors_when_the_prefetcher_close_is_inter
         os.fstat(fd)
 
 
-def test_start_thread_sets_its_latch_after_the_function_returns_or_raises(monkeypatch):
+def test_helper_thread_joins_after_the_function_returns_or_raises(monkeypatch):
     import _thread
 
-    from flashpack.io.sync import Latch, start_thread
+    from flashpack.io.sync import HelperThread, Latch
 
     gate, seen = Latch(), []
 
@@ -295,26 +306,60 @@ def test_start_thread_sets_its_latch_after_the_function_returns_or_raises(monkey
         assert gate.wait(10)
         seen.append(tag)
 
-    exited = Latch()
-    start_thread(work, ("ran",), exited)
-    assert not exited.wait(0.05)  # still waiting on the gate
+    helper = HelperThread()
+    helper.start(work, ("ran",))
+    assert helper.running() and helper.join(0.05) is False  # still waiting on the gate
     gate.set()
-    assert exited.wait(10) and seen == ["ran"]
+    assert helper.join(10) and seen == ["ran"] and not helper.running()
 
     def fail():
         raise ValueError("boom")
 
     reported = Latch()  # _thread hands the thread's error to sys.unraisablehook, after the latch was set
     monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.set() if isinstance(u.exc_value, ValueError) else None)
-    failed = Latch()
-    start_thread(fail, (), failed)
-    assert failed.wait(10) and reported.wait(10)
+    failed = HelperThread()
+    failed.start(fail)
+    assert failed.join(10) and reported.wait(10)
 
     def refuse(fn, args):
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(_thread, "start_new_thread", refuse)
-    never = Latch()
+    never = HelperThread()
     with pytest.raises(RuntimeError, match="can't start"):
-        start_thread(work, ("no",), never)
-    assert never.is_set() and seen == ["ran"]
+        never.start(work, ("no",))
+    assert never.join(0) is True and seen == ["ran"]
+
+
+def test_helper_thread_cut_short_by_an_interrupt_is_abandoned_not_waited_for_forever():
+    """What the interrupted-loads stress test hit (about one run in 40 before the fix): an interrupt before
+    ``start_new_thread`` (no thread at all), or after it returned but before ``start`` recorded the launch (a thread
+    that has not run yet). ``join`` must return at once in both cases, and an abandoned thread must not run ``fn``."""
+    import _thread
+
+    from flashpack.io.sync import HelperThread
+
+    ran = []
+    before = HelperThread()  # interrupted before start_new_thread: start() never ran
+    assert before.join(None) is True and before.exited.is_set() and not before.running()
+
+    unrecorded = HelperThread()  # launched, the record (start's second line) cut short
+    hold = _thread.allocate_lock()
+    hold.acquire()
+    end = _thread.allocate_lock()
+    end.acquire()
+    _thread.start_new_thread(lambda: (hold.acquire(), unrecorded._run(ran.append, ("abandoned ran",)), end.release()), ())
+    assert unrecorded.join(None) is True  # without the abandon this waited for the thread's end
+    hold.release()  # now let the thread run: it finds itself abandoned
+    assert end.acquire(True, 10) and ran == []
+
+    started = HelperThread()  # the thread already marked itself started: join waits for fn
+    gate = _thread.allocate_lock()
+    gate.acquire()
+    _thread.start_new_thread(started._run, (lambda: (gate.acquire(), ran.append("started ran")), ()))
+    deadline = time.monotonic() + 10
+    while started._state == 0 and time.monotonic() < deadline:  # _NEW
+        time.sleep(0.001)
+    assert started.join(0.05) is False
+    gate.release()
+    assert started.join(10) is True and ran == ["started ran"]

@@ -383,6 +383,32 @@ def test_a_dropped_region_closes_its_descriptor():
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+def test_a_dropped_region_whose_release_an_interrupt_cut_short_still_closes_and_hands_the_interrupt_back(
+        monkeypatch):
+    """The stress test of interrupted loads printed ``Exception ignored in: FillRegion.__del__ ... KeyboardInterrupt``:
+    the Ctrl-C landed at the start of ``release()`` called by ``__del__``, so the descriptor leaked (and the region
+    stayed registered) and the interrupt was lost. Now ``__del__`` releases anyway and re-raises the interrupt in the
+    main thread."""
+    import _thread
+
+    region = uffd.FillRegion.create(4096)
+    fd = region.uffd
+    real_release, calls, handed_back = uffd.FillRegion.release, [], []
+
+    def release(self):
+        calls.append(self.uffd)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as if the signal was handled at release()'s first bytecode
+        real_release(self)
+
+    monkeypatch.setattr(uffd.FillRegion, "release", release)
+    monkeypatch.setattr(_thread, "interrupt_main", lambda *a: handed_back.append(True))
+    del region  # no other reference: __del__ runs here
+    assert calls == [fd, fd] and handed_back == [True]
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
 def test_region_over_a_memory_file_fills_its_shmem_pages():
     """FillRegion.over registers a shared mapping of a memory file (the distributed load's shared destination):
     UFFDIO_COPY allocates and fills the file's own pages (read back through the descriptor), a present page is

@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 
 from ..settings import CACHE_POLICIES, PAGE_NBYTES
-from .sync import Bell, Latch, start_thread
+from .sync import Bell, HelperThread, Latch
 
 #: libc with the prototypes flashpack calls through ctypes (mincore(2), mmap(2), munmap(2), madvise(2));
 #: the one binding that io/, staging/ and loading/ share. Calls set errno (``ctypes.get_errno()``).
@@ -518,7 +518,7 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._bell = Bell()
         self._todo: collections.deque = collections.deque()
-        self._exited: Latch | None = None  # set when the helper thread has returned (None: never started)
+        self._helper: HelperThread | None = None  # None: not started
         self._closed = False
 
     def add(self, file_offset: int, nbytes: int) -> Latch:
@@ -534,7 +534,7 @@ class Prefetcher:
                 ev.set()
                 return ev
             self._todo.append((file_offset, nbytes, ev))
-            if self._exited is None:
+            if self._helper is None:
                 self._start()
         self._bell.ring()
         return ev
@@ -561,10 +561,10 @@ class Prefetcher:
         read_ahead(self._fd, lo, hi - lo, self._limit_nbytes)
 
     def _start(self) -> None:
-        """Start the helper thread (``_lock`` held) with :func:`flashpack.io.sync.start_thread`; ``_exited`` is
-        kept first, so close() waits for a helper whose start an interrupt cut short."""
-        self._exited = Latch()
-        start_thread(self._run, (), self._exited)
+        """Start the helper thread (``_lock`` held). :class:`flashpack.io.sync.HelperThread` is kept first, so that
+        close() joins it whatever moment an interrupt cut the start short (one never launched is abandoned)."""
+        self._helper = HelperThread()
+        self._helper.start(self._run)
 
     def _run(self) -> None:
         while True:
@@ -589,9 +589,9 @@ class Prefetcher:
             todo, self._todo = list(self._todo), collections.deque()
         for *_, ev in todo:
             ev.set()
-        exited = self._exited
-        if exited is not None:
-            exited.wait()
+        helper = self._helper
+        if helper is not None:
+            helper.join()
         addr, self._addr = self._addr, 0
         if addr:
             _libc.munmap(addr, self._nbytes)

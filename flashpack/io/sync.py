@@ -76,27 +76,69 @@ class Bell:
         return self._lock.acquire(True, -1 if timeout_s is None else max(0.0, timeout_s))
 
 
-def start_thread(fn, args: tuple, exited: Latch) -> None:
-    """Run ``fn(*args)`` on a new thread and set ``exited`` once it has returned or raised. The thread starts with
-    ``_thread.start_new_thread``, which returns at once: ``threading.Thread.start`` waits for the new thread on a
-    ``threading.Event``, Python code holding a lock an interrupt could leave held (module docstring). The caller
-    keeps ``exited`` before the call: a KeyboardInterrupt is raised only after ``start_new_thread`` returned, when
-    the thread exists, and the caller must still wait for it (found by review).
+_NEW, _STARTED, _ABANDONED = range(3)
 
-    Raises:
-        RuntimeError: no thread could start (``exited`` is set: nothing to wait for).
+
+class HelperThread:
+    """One background thread running ``fn(*args)``, which :meth:`join` can always wait for, whatever moment a
+    KeyboardInterrupt cut the starting code short.
+
+    The thread starts with ``_thread.start_new_thread``, which returns at once (``threading.Thread.start`` waits for
+    the new thread on a ``threading.Event``, Python code holding a lock: module docstring). An interrupt can land
+    before ``start_new_thread`` is called, or after it returned and before the caller recorded that it did (CPython
+    checks for signals when a call returns): setting a latch in the thread alone made :meth:`join` wait forever
+    for a thread that never existed (found by the interrupted-loads stress test, about one run in 40). Here the
+    thread, once running, marks itself started under a C lock, and only if :meth:`join` has not abandoned it first;
+    :meth:`join` abandons a thread not yet started that :meth:`start` has not recorded as launched: such a thread,
+    if it exists, returns without calling ``fn``.
+
+    Attributes:
+        exited: a :class:`Latch` set once ``fn`` has returned or raised, or the thread was abandoned.
     """
-    def run() -> None:
+
+    __slots__ = ("exited", "_guard", "_state", "_launched")
+
+    def __init__(self) -> None:
+        self.exited = Latch()
+        self._guard = _thread.allocate_lock()
+        self._state = _NEW
+        self._launched = False
+
+    def start(self, fn, args: tuple = ()) -> None:
+        """Start the thread (once). ``fn``'s errors go to ``sys.unraisablehook`` (as ``_thread``'s).
+
+        Raises:
+            RuntimeError: no thread could start (:meth:`join` then returns at once).
+        """
+        _thread.start_new_thread(self._run, (fn, args))
+        self._launched = True
+
+    def _run(self, fn, args: tuple) -> None:
         try:
+            with self._guard:
+                if self._state != _NEW:
+                    return  # abandoned by join() before it ran: the caller has moved on
+                self._state = _STARTED
             fn(*args)
         finally:
-            exited.set()
+            self.exited.set()
 
-    try:
-        _thread.start_new_thread(run, ())
-    except RuntimeError:
-        exited.set()
-        raise
+    def running(self) -> bool:
+        """Whether ``fn`` may still run (started or launched, and not yet returned)."""
+        return not self.exited.is_set()
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait until ``fn`` has returned, at most ``timeout_s`` seconds (``None``: without limit); whether it has.
+        A thread never launched (no :meth:`start`, or one an interrupt cut short) is abandoned: returns ``True`` at
+        once, and ``fn`` will not run."""
+        with self._guard:
+            if self._state == _NEW and not self._launched:
+                self._state = _ABANDONED
+            abandoned = self._state == _ABANDONED
+        if abandoned:
+            self.exited.set()
+            return True
+        return self.exited.wait(timeout_s)
 
 
 _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)

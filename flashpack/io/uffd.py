@@ -25,6 +25,7 @@ Safety rules, all kept here and in :func:`flashpack.io.base.read_extent`:
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import errno
 import fcntl
@@ -221,10 +222,17 @@ class FillRegion:
                 os.close(uffd)
 
     def __del__(self):  # a region dropped before its load released it (an exception in between): no descriptor leak
-        try:
-            self.release()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        interrupted = False
+        for _ in range(3):
+            try:
+                self.release()
+                break
+            except KeyboardInterrupt:  # landed in release() before it closed anything: the stress test of
+                interrupted = True     # interrupted loads printed it as "Exception ignored" and leaked the uffd
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                break
+        if interrupted:  # an exception cannot leave __del__: hand the user's Ctrl-C back to the main thread
+            _thread.interrupt_main()
 
 
 def probe() -> tuple[bool, str]:
