@@ -17,7 +17,9 @@ every configuration, then run 1, ...), so a slow moment of a shared machine does
 memory that the other ranks map, and nothing is exchanged; with ``bypass`` each reads a share with O_DIRECT and the
 shares are exchanged.
 
-Prints an environment header, one ``sample`` line per rank and run, and one ``result`` line per world
+Prints an environment header, one ``sample`` line per rank and run (with ``cpu_s``, the CPU seconds the rank's
+process spent in the load, user and system, ``time.process_time``: a waiting rank that spins shows here), and one
+``result`` line per world
 size, exchange and cache policy: the median over ``--runs`` of the wall time (the slowest rank), bytes read
 from the file by each rank and in total (``read_nbytes``, what the loader asked for), bytes each rank made the
 disk read (``disk_nbytes``: ``read_bytes`` of /proc/self/io around the load, proc(5); the kernel reads a page
@@ -60,12 +62,12 @@ def _rank(rank: int, world: int, port: int, path: str, exchange: str, backend: s
     stats = flashpack.LoadStats()
     dist.barrier()
     disk0 = _disk_read_nbytes()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if world == 1:
         sd = flashpack.load(path, stats=stats, cache=cache)
     else:
         sd = load_distributed(path, process_group=dist.group.WORLD, stats=stats, exchange=exchange, cache=cache)
-    load_s = time.perf_counter() - t0
+    load_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     disk = _disk_read_nbytes() - disk0 if disk0 >= 0 else -1
     dist.barrier()
     wall_s = time.perf_counter() - t0
@@ -76,7 +78,7 @@ def _rank(rank: int, world: int, port: int, path: str, exchange: str, backend: s
     got = [None] * world
     dist.all_gather_object(got, h.intdigest())
     q.put((rank, load_s, wall_s, stats.bytes_read, stats.bytes_direct, stats.backend, len(set(got)) == 1, disk,
-           stats.cache))
+           stats.cache, cpu_s))
     dist.barrier()  # gloo may abort a rank that tears down while its peer already has
     dist.destroy_process_group()
 
@@ -134,9 +136,9 @@ def main(argv=None) -> int:
         for run in range(args.runs):
             for world, exchange, cache in configs:
                 rows, resident = run_once(path, world, exchange, args.backend, cache)
-                for rank, load_s, wall_s, read, direct, rb, same, disk, decided in rows:
+                for rank, load_s, wall_s, read, direct, rb, same, disk, decided, cpu_s in rows:
                     print(f"sample world={world} exchange={exchange} cache={cache} run={run} rank={rank} "
-                          f"load_s={load_s:.3f} wall_s={wall_s:.3f} read_nbytes={read} direct_nbytes={direct} "
+                          f"load_s={load_s:.3f} wall_s={wall_s:.3f} cpu_s={cpu_s:.3f} read_nbytes={read} direct_nbytes={direct} "
                           f"disk_nbytes={disk} decided={decided} reader={rb} resident_before={resident:.2f}", flush=True)
                 samples[(world, exchange, cache)].append(rows)
         base = {cache: C.median([max(r[2] for r in rows) for rows in samples[(1, "-", cache)]])
