@@ -63,11 +63,13 @@ def assert_same_dict(got: dict, want: dict) -> None:
 
 
 def flashpack_threads() -> list[str]:
-    """flashpack's threads still alive, other than the process-wide read pool's (kept between loads, idle:
-    it must run a new task at once, so no read of the failed load still occupies it)."""
-    from flashpack.io.threads import shared_pool
+    """flashpack's threads still alive, other than the process's kept pools (the read pool and the hashing and
+    window pools, :func:`flashpack.io.threads.named_pool`: kept between loads, idle: each must run a new task at once,
+    so no task of the failed load still occupies it)."""
+    from flashpack.io import threads as io_threads
 
-    shared_pool().submit(lambda: None).result(timeout_s=5)
+    for pool in [io_threads.shared_pool()] + [p for pid, p in io_threads._named_pools.values() if pid == os.getpid()]:
+        pool.submit(lambda: None).result(timeout_s=5)
     return sorted(t.name for t in threading.enumerate()
                   if t.name.startswith("flashpack") and not t.name.startswith("flashpack-read"))
 

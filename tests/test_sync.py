@@ -363,3 +363,56 @@ def test_helper_thread_cut_short_by_an_interrupt_is_abandoned_not_waited_for_for
     assert started.join(0.05) is False
     gate.release()
     assert started.join(10) is True and ran == ["started ran"]
+
+
+def test_gate_close_waits_for_running_tasks_and_skips_later_ones():
+    """:class:`flashpack.io.sync.Gate`: what the staged loads close before they free a slot or a window, so that a task
+    a KeyboardInterrupt kept them from recording cannot read freed memory."""
+    from flashpack.io.sync import Gate
+
+    gate, release, ran = Gate(), Latch(), []
+    started = Latch()
+
+    def slow(tag):
+        started.set()
+        assert release.wait(10)
+        ran.append(tag)
+        return tag
+
+    task = gate.wrap(slow)
+    waiter = threading.Thread(target=lambda: ran.append(("result", task("first"))))
+    waiter.start()
+    assert started.wait(10)
+    assert gate.close(0.05) is False  # still running
+    assert gate.wrap(slow)("late") is None  # closed: skipped without running
+    release.set()
+    assert gate.close(10) is True and gate.close(0) is True  # idempotent
+    waiter.join(10)
+    assert ran == ["first", ("result", "first")]
+    assert Gate().close(0) is True  # nothing ever ran
+
+
+def test_named_pools_are_kept_per_purpose_and_size_and_wait_all_reports_the_first_error():
+    from flashpack.io.threads import named_pool, shared_pool, wait_all
+
+    verify = named_pool("verify", 2)
+    assert named_pool("verify", 2) is verify and named_pool("verify", 3) is not verify
+    assert named_pool("window", 2) is not verify and verify is not shared_pool()
+    with pytest.raises(ValueError):
+        named_pool("verify", 0)
+
+    gate, order = Latch(), []
+
+    def work(i):
+        assert gate.wait(10)
+        order.append(i)
+        if i in (1, 2):
+            raise ValueError(f"task {i}")
+        return i
+
+    tasks = [verify.submit(work, i) for i in range(4)]
+    gate.set()
+    error = wait_all(tasks)
+    assert isinstance(error, ValueError) and str(error) == "task 1"  # the first in order, not in time
+    assert all(t.done() for t in tasks) and sorted(order) == [0, 1, 2, 3]
+    assert wait_all([verify.submit(work, 0)]) is None

@@ -141,6 +141,53 @@ class HelperThread:
         return self.exited.wait(timeout_s)
 
 
+class Gate:
+    """Lets one load's pool tasks run until :meth:`close`, which returns once none of them runs and none will start.
+
+    A caller that tracks the tasks it submitted can still lose one: a KeyboardInterrupt can land after
+    ``submit`` returned and before the task was recorded, and that task may then read a buffer the caller frees
+    on its way out (a staging slot, a window). Each task, wrapped by :meth:`wrap`, enters the gate when it starts
+    (or is skipped: it returns ``None`` without running, once the gate is closed) and leaves it when it ends; all
+    under a C lock, so an interrupt in the caller cannot leave the count wrong. Close it after waiting for the
+    tasks you tracked, so the skipped ones are only those nobody waits for.
+    """
+
+    __slots__ = ("_guard", "_running", "_closed", "_idle")
+
+    def __init__(self) -> None:
+        self._guard = _thread.allocate_lock()
+        self._running = 0
+        self._closed = False
+        self._idle = Latch()
+
+    def wrap(self, fn):
+        """``fn`` as a task of this gate (same arguments; returns ``None`` without calling ``fn`` once closed)."""
+        def gated(*args):
+            with self._guard:
+                if self._closed:
+                    return None
+                self._running += 1
+            try:
+                return fn(*args)
+            finally:
+                with self._guard:
+                    self._running -= 1
+                    idle = self._closed and self._running == 0
+                if idle:
+                    self._idle.set()
+        return gated
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Let no task start any more and wait, at most ``timeout_s`` seconds (``None``: without limit), until none
+        runs; whether none does. Idempotent (run it again after an interrupt)."""
+        with self._guard:
+            self._closed = True
+            idle = self._running == 0
+        if idle:
+            self._idle.set()
+        return self._idle.wait(timeout_s)
+
+
 _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
 
 

@@ -112,6 +112,40 @@ def shared_pool() -> ReadPool:
         return _shared_pool[1]
 
 
+_named_pools: dict[tuple[str, int], tuple[int, ReadPool]] = {}
+
+
+def named_pool(purpose: str, max_threads: int) -> ReadPool:
+    """A pool of at most ``max_threads`` threads kept for ``purpose`` (``"verify"``: hashing checksum chunks,
+    ``"window"``: populating and registering windows of a GPU load) for the life of the process, as
+    :func:`shared_pool` is for reads: its tasks are :class:`flashpack.io.sync.Task`, safe to wait on when a
+    KeyboardInterrupt lands (``concurrent.futures`` is not: :mod:`flashpack.io.sync`), and no thread is started
+    per load. Separate from the read pool, so such tasks never queue ahead of reads. A forked child makes its own.
+
+    Raises:
+        ValueError: ``max_threads`` < 1.
+    """
+    if max_threads < 1:
+        raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+    key = (purpose, max_threads)
+    with _shared_lock:
+        held = _named_pools.get(key)
+        if held is None or held[0] != os.getpid():
+            held = _named_pools[key] = (os.getpid(), ReadPool(max_threads))
+        return held[1]
+
+
+def wait_all(tasks: Iterable[Task]) -> BaseException | None:
+    """Wait for every task (an interrupt-safe wait, :class:`flashpack.io.sync.Task`); the first error among them in
+    order (``None``: all finished without one). A cancelled task counts as no error."""
+    first: BaseException | None = None
+    for task in tasks:
+        task.wait()
+        if not task.cancelled():
+            first = first or task.exception(0)
+    return first
+
+
 class ThreadsReader(ReaderBase):
     """Reads extents of one file with a pool of worker threads.
 

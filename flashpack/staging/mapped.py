@@ -26,7 +26,6 @@ Everything here is device-agnostic and runs on a CPU with :class:`flashpack.test
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import ctypes
 import ctypes.util
 import errno
@@ -42,6 +41,8 @@ from ..errors import ReadError, short_read_error
 from ..format import WeightMap, verify_chunk
 from ..io import pagecache
 from ..io.pagecache import MAP_FAILED, libc
+from ..io.sync import Gate, Task
+from ..io.threads import named_pool, wait_all
 from ..plan import LoadPlan
 from ..settings import PAGE_NBYTES
 from ..source import check_same_file, open_regular
@@ -299,12 +300,14 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
     run = MappedRun()
     pending = collections.deque(windows)
-    prepping: collections.deque[tuple[Window, cf.Future]] = collections.deque()
+    prepping: collections.deque[tuple[Window, Task]] = collections.deque()
     copying: collections.deque[Window] = collections.deque()
-    checks: collections.deque[cf.Future] = collections.deque()
+    checks: collections.deque[Task] = collections.deque()
     error: BaseException | None = None
-    prep = cf.ThreadPoolExecutor(max(1, prep_threads), thread_name_prefix="flashpack-window")
-    hashers = cf.ThreadPoolExecutor(max(1, hash_threads), thread_name_prefix="flashpack-verify") if verify else None
+    # the process's kept pools (flashpack.io.threads.named_pool): Task waits are safe when a KeyboardInterrupt lands,
+    # concurrent.futures' are not (flashpack.io.sync), and no thread is started per load
+    prep = named_pool("window", max(1, prep_threads))
+    hashers = named_pool("verify", max(1, hash_threads)) if verify else None
     scratch = threading.local()
 
     def prepare(w: Window) -> str | None:
@@ -343,17 +346,19 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
                 raise exc
             run.verified += 1
 
+    gate = Gate()
+    prepare_task, check_task = gate.wrap(prepare), gate.wrap(check)
     try:
         while True:
             retire_done()
             while error is None and run.refused is None and pending and len(prepping) + len(copying) < max_windows:
                 p = pending.popleft()
                 w = Window(p, mapping.address + p.file_offset)
-                prepping.append((w, prep.submit(prepare, w)))
+                prepping.append((w, prep.submit(prepare_task, w)))
             if prepping:
                 w, fut = prepping[0]
                 if not fut.done() and (copying or checks):
-                    cf.wait([fut], timeout=POLL_S)
+                    fut.wait(POLL_S)
                     continue
                 prepping.popleft()
                 why = fut.result()  # raises the populate error
@@ -369,16 +374,17 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
                     w.fence = sink.copy_from(w.tensor, w.piece.buffer_offset)
                     run.nbytes += w.piece.nbytes
                     if hashers is not None:
-                        checks.extend(hashers.submit(check, ci) for ci in w.piece.chunks)
+                        checks.extend(hashers.submit(check_task, ci) for ci in w.piece.chunks)
             elif copying:
                 copying[0].fence.wait()
             elif checks:
-                cf.wait([checks[0]])
+                checks[0].wait()
             else:
                 break
     except BaseException as e:  # noqa: BLE001 - raised after draining
         error = e
     finally:
+        _shield(lambda: wait_all([fut for _, fut in prepping]))  # no window task still runs past this point
         for w, fut in prepping:  # windows prepared but not copied
             try:
                 fut.result()
@@ -386,7 +392,6 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
                 error = error or e
             _shield(lambda: unregister(w))
         prepping.clear()
-        _shield(lambda: prep.shutdown(wait=True))
         try:
             sink.drain()
         except BaseException as e:  # noqa: BLE001
@@ -400,12 +405,13 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
             _shield(lambda: unregister(w))
         copying.clear()
         if hashers is not None:
-            _shield(lambda: hashers.shutdown(wait=True))
+            _shield(lambda: wait_all(checks))
             for f in checks:
                 if f.exception() is not None:
                     error = error or f.exception()
                 else:
                     run.verified += 1
+        _shield(gate.close)  # a task an interrupt kept us from recording has ended too (or will never start)
     if error is None:
         mapping.check_same_file()  # a file rewritten meanwhile: ESTALE, not mixed bytes
     if error is not None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import bisect
 import collections
-import concurrent.futures as cf
 import os
 from dataclasses import dataclass
 from typing import Sequence
 
 from ..format import WeightMap, verify_chunk
 from ..io import Extent, Reader
+from ..io.sync import Gate
+from ..io.threads import named_pool, wait_all
 from ..plan import LoadPlan, round_up
 from ..settings import PAGE_NBYTES
 from .ring import Sink, Slot, StagingRing
@@ -124,7 +125,11 @@ def run_staged(reader: Reader, wm: WeightMap, plan: LoadPlan, pieces: Sequence[P
     filling: dict[int, _Fill] = {}
     error: BaseException | None = None
     verified = 0
-    pool = cf.ThreadPoolExecutor(hash_threads, thread_name_prefix="flashpack-verify") if hash_threads > 1 else None
+    # the process's kept hashing pool (flashpack.io.threads.named_pool): interrupt-safe waits, no thread per load
+    pool = named_pool("verify", hash_threads) if hash_threads > 1 else None
+    checking: list = []  # the slot's checks in flight: waited for before this returns, whatever interrupted it
+    gate = Gate()  # and any a KeyboardInterrupt kept out of `checking`
+    check_task = None  # check as a task of the gate, made on first use
 
     def check(ci: int, slot: Slot, piece: Piece) -> None:
         c = plan.chunks[ci]
@@ -163,7 +168,12 @@ def run_staged(reader: Reader, wm: WeightMap, plan: LoadPlan, pieces: Sequence[P
                     if verify and fill.piece.chunks:
                         ids = fill.piece.chunks
                         if pool is not None and len(ids) > 1:
-                            list(pool.map(check, ids, [fill.slot] * len(ids), [fill.piece] * len(ids)))
+                            # every check ends before the slot goes back to the ring, the failed ones included
+                            check_task = check_task or gate.wrap(check)
+                            checking[:] = [pool.submit(check_task, ci, fill.slot, fill.piece) for ci in ids]
+                            failed = wait_all(checking)
+                            if failed is not None:
+                                raise failed
                         else:
                             for ci in ids:
                                 check(ci, fill.slot, fill.piece)
@@ -181,8 +191,8 @@ def run_staged(reader: Reader, wm: WeightMap, plan: LoadPlan, pieces: Sequence[P
     finally:
         if error is not None:
             _shield(reader.close)  # drains every submitted read
-        if pool is not None:
-            _shield(lambda: pool.shutdown(wait=True))
+        _shield(lambda: wait_all(checking))  # no hash task reads a slot once the ring may be freed
+        _shield(gate.close)
         try:
             sink.drain()
         except BaseException as e:  # noqa: BLE001
