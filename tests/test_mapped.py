@@ -270,3 +270,52 @@ def test_populate_checks_the_window(tmp_path):
             m.populate(100, 4096)
         with pytest.raises(ValueError):
             m.populate(0, wm.file_nbytes + 4096)
+
+
+@pytest.mark.parametrize("where", ["after-submit", "after-popleft"])
+def test_an_interrupt_between_the_window_lists_leaves_no_window_registered(packed, monkeypatch, where):
+    """Found by review: a KeyboardInterrupt that lands while a registered window is in neither of run_mapped's lists
+    (``after-submit``: the window's task was queued, the interrupt came before it was recorded; ``after-popleft``: taken
+    from the prepared windows, not yet among the copying ones, the interrupt at ``Task.result``'s first bytecode) left
+    it registered (a ``cudaHostRegister`` outliving the load, the process's count wrong). Each registered window is now
+    recorded by the pool thread that registered it and unregistered by the end."""
+    from flashpack.io import sync, threads
+
+    from flashpack.staging.scheduler import cut_pieces
+
+    wm = read_weight_map(packed)
+    plan = prepare(wm, None, verify=True, cfg=settings()).plan
+    pieces = cut_pieces(plan, SLOT, wm.file_nbytes)
+    assert len(pieces) >= 3
+    if where == "after-submit":
+        real_submit, n = threads.ReadPool.submit, []
+
+        def submit(self, fn, *args):
+            task = real_submit(self, fn, *args)
+            n.append(task)
+            if len(n) == 2:  # the second window's task, once it has registered the window
+                assert task.wait(10)
+                raise KeyboardInterrupt("after the task was queued, before it was recorded")
+            return task
+
+        monkeypatch.setattr(threads.ReadPool, "submit", submit)
+    else:
+        real_result, calls = sync.Task.result, []
+
+        def result(self, timeout_s=None):
+            calls.append(1)
+            if len(calls) == 1:
+                self.wait()  # the window is registered
+                raise KeyboardInterrupt("at Task.result's first bytecode")
+            return real_result(self, timeout_s)
+
+        monkeypatch.setattr(sync.Task, "result", result)
+    reg = HostRegistrar()
+    before = mapped_mod.registered_nbytes()[0]
+    with FileMapping.open(wm) as m:
+        dest = torch.empty(plan.buffer_nbytes, dtype=torch.uint8)
+        with HostCopySink(dest) as sink:
+            with pytest.raises(KeyboardInterrupt):
+                run_mapped(m, plan, pieces, sink, reg, verify=True, max_windows=3, hash_threads=1)
+    assert reg.registered >= 2 and reg.unregistered == reg.registered and reg.live == 0
+    assert mapped_mod.registered_nbytes()[0] == before

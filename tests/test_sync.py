@@ -416,3 +416,32 @@ def test_named_pools_are_kept_per_purpose_and_size_and_wait_all_reports_the_firs
     assert isinstance(error, ValueError) and str(error) == "task 1"  # the first in order, not in time
     assert all(t.done() for t in tasks) and sorted(order) == [0, 1, 2, 3]
     assert wait_all([verify.submit(work, 0)]) is None
+
+
+def test_a_pool_submit_interrupted_inside_its_lock_never_counts_a_thread_that_does_not_exist():
+    """A Ctrl-C that arrives while ``ReadPool.submit`` waits for the pool's lock is raised at the first signal check
+    once it has the lock (found by review, with this same trick: another thread holds the lock and trips the signal).
+    Counting the new thread before starting it left a pool of one thread counting a thread that never started: the
+    kept hashing pools (``named_pool``) then ran nothing again and every later verified GPU load hung."""
+    import _thread
+
+    from flashpack.io.threads import ReadPool
+
+    pool = ReadPool(1)
+
+    def holder():
+        with pool._lock:
+            time.sleep(0.2)  # the main thread now waits in submit() for the lock
+            _thread.interrupt_main()  # the signal's flag only: the waiting acquire is not woken
+            time.sleep(0.05)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    time.sleep(0.05)
+    try:
+        pool.submit(print, "maybe")
+    except KeyboardInterrupt:
+        pass
+    t.join(10)
+    assert pool._threads <= len(os.listdir("/proc/self/task"))
+    assert pool.submit(lambda: "ran").result(timeout_s=5) == "ran"

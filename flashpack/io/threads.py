@@ -59,18 +59,15 @@ class ReadPool:
     def submit(self, fn, *args) -> Task:
         task = Task(fn, args)
         with self._lock:
-            start = self._idle <= 0 and self._threads < self.max_threads
-            if start:
+            if self._idle <= 0 and self._threads < self.max_threads:
+                # counted once it exists: an interrupt between counting and starting (on the `with` exit, where
+                # CPython checks for signals) left a thread counted that never started; a kept pool of one thread
+                # then ran nothing ever again (found by review). An interrupt after the start leaves an uncounted
+                # thread, one more than needed, which takes tasks from the queue like the others.
+                _thread.start_new_thread(self._run, ())
                 self._threads += 1
             else:  # an idle thread's, or (below zero) the next to finish
                 self._idle -= 1
-        if start:
-            try:
-                _thread.start_new_thread(self._run, ())
-            except BaseException:
-                with self._lock:
-                    self._threads -= 1
-                raise
         self._tasks.put(task)
         return task
 

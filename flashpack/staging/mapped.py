@@ -318,6 +318,7 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
         if why is None:
             w.registered = True
             _count(w.piece.nbytes)
+            registered.append(w)  # on a pool thread, where no interrupt lands: `finally` finds it whatever happens
         return why
 
     def unregister(w: Window) -> None:
@@ -346,6 +347,7 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
                 raise exc
             run.verified += 1
 
+    registered: list[Window] = []  # every window registered by this run, unregistered by the end
     gate = Gate()
     prepare_task, check_task = gate.wrap(prepare), gate.wrap(check)
     try:
@@ -412,6 +414,10 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
                 else:
                     run.verified += 1
         _shield(gate.close)  # a task an interrupt kept us from recording has ended too (or will never start)
+        for w in registered:  # a window an interrupt kept out of prepping/copying (submitted but not recorded, or
+            if w.registered:  # taken from prepping and not yet in copying): its copy, if any, was drained above
+                _shield(lambda: unregister(w))
+        registered.clear()
     if error is None:
         mapping.check_same_file()  # a file rewritten meanwhile: ESTALE, not mixed bytes
     if error is not None:
