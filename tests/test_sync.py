@@ -445,3 +445,50 @@ def test_a_pool_submit_interrupted_inside_its_lock_never_counts_a_thread_that_do
     t.join(10)
     assert pool._threads <= len(os.listdir("/proc/self/task"))
     assert pool.submit(lambda: "ran").result(timeout_s=5) == "ran"
+
+
+def test_run_to_end_reruns_a_cleanup_step_after_every_interrupt_and_returns_the_first():
+    from flashpack.io.sync import run_to_end
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) <= 2:  # two quick Ctrl-Cs: re-running once (as before) skipped the rest of the cleanup
+            raise KeyboardInterrupt(f"ctrl-c {len(calls)}")
+
+    first = run_to_end(step)
+    assert len(calls) == 3 and isinstance(first, KeyboardInterrupt) and str(first) == "ctrl-c 1"
+    assert run_to_end(lambda: None) is None
+    with pytest.raises(ValueError):
+        run_to_end(lambda: int("x"))  # other errors are the step's own
+
+
+def test_prefetcher_close_interrupted_while_joining_still_waits_for_the_helper_and_unmaps(tmp_path, monkeypatch):
+    """Found by review: an interrupt in the helper's join left the helper running while the caller closed the
+    descriptor it reads ahead on, and the file's mapping was never unmapped. close() now joins to the end, unmaps,
+    then raises the interrupt."""
+    import flashpack.io.pagecache as pc
+    from flashpack.io import sync
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    real_join, joins = sync.HelperThread.join, []
+
+    def join(self, timeout_s=None):
+        joins.append(1)
+        if len(joins) == 1:
+            raise KeyboardInterrupt("in join")
+        return real_join(self, timeout_s)
+
+    monkeypatch.setattr(sync.HelperThread, "join", join)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        p = pc.Prefetcher(fd, 1 << 20)
+        p.add(0, 1 << 20)
+        helper = p._helper
+        with pytest.raises(KeyboardInterrupt, match="in join"):
+            p.close()
+        assert len(joins) == 2 and helper.exited.is_set() and p._addr == 0
+    finally:
+        os.close(fd)

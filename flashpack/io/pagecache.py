@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 
 from ..settings import CACHE_POLICIES, PAGE_NBYTES
-from .sync import Bell, HelperThread, Latch
+from .sync import Bell, HelperThread, Latch, run_to_end
 
 #: libc with the prototypes flashpack calls through ctypes (mincore(2), mmap(2), munmap(2), madvise(2));
 #: the one binding that io/, staging/ and loading/ share. Calls set errno (``ctypes.get_errno()``).
@@ -590,8 +590,10 @@ class Prefetcher:
         for *_, ev in todo:
             ev.set()
         helper = self._helper
-        if helper is not None:
-            helper.join()
+        # to the end even if interrupted: the caller closes the descriptor next, which the helper may still be using
+        interrupted = run_to_end(helper.join) if helper is not None else None
         addr, self._addr = self._addr, 0
         if addr:
             _libc.munmap(addr, self._nbytes)
+        if interrupted is not None:
+            raise interrupted

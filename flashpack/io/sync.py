@@ -188,6 +188,20 @@ class Gate:
         return self._idle.wait(timeout_s)
 
 
+def run_to_end(fn) -> KeyboardInterrupt | None:
+    """Run a cleanup step (``fn()``, which must finish: a wait for tasks that end, an unregister) to its end,
+    running it again after every KeyboardInterrupt that lands in it; the first such interrupt, or ``None``. The caller
+    re-raises it once its other cleanup steps ran too, or drops it when the load already has its error. Re-running
+    once only (as before) let a second quick Ctrl-C skip the rest of a cleanup (found by review)."""
+    first: KeyboardInterrupt | None = None
+    while True:
+        try:
+            fn()
+            return first
+        except KeyboardInterrupt as e:
+            first = first or e
+
+
 _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
 
 

@@ -41,7 +41,7 @@ from ..errors import ReadError, short_read_error
 from ..format import WeightMap, verify_chunk
 from ..io import pagecache
 from ..io.pagecache import MAP_FAILED, libc
-from ..io.sync import Gate, Task
+from ..io.sync import Gate, Task, run_to_end
 from ..io.threads import named_pool, wait_all
 from ..plan import LoadPlan
 from ..settings import PAGE_NBYTES
@@ -386,13 +386,13 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
     except BaseException as e:  # noqa: BLE001 - raised after draining
         error = e
     finally:
-        _shield(lambda: wait_all([fut for _, fut in prepping]))  # no window task still runs past this point
+        run_to_end(lambda: wait_all([fut for _, fut in prepping]))  # no window task still runs past this point
         for w, fut in prepping:  # windows prepared but not copied
             try:
                 fut.result()
             except BaseException as e:  # noqa: BLE001
                 error = error or e
-            _shield(lambda: unregister(w))
+            run_to_end(lambda: unregister(w))
         prepping.clear()
         try:
             sink.drain()
@@ -404,19 +404,19 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
                     w.fence.wait()
             except BaseException as e:  # noqa: BLE001
                 error = error or e
-            _shield(lambda: unregister(w))
+            run_to_end(lambda: unregister(w))
         copying.clear()
         if hashers is not None:
-            _shield(lambda: wait_all(checks))
+            run_to_end(lambda: wait_all(checks))
             for f in checks:
                 if f.exception() is not None:
                     error = error or f.exception()
                 else:
                     run.verified += 1
-        _shield(gate.close)  # a task an interrupt kept us from recording has ended too (or will never start)
+        run_to_end(gate.close)  # a task an interrupt kept us from recording has ended too (or will never start)
         for w in registered:  # a window an interrupt kept out of prepping/copying (submitted but not recorded, or
             if w.registered:  # taken from prepping and not yet in copying): its copy, if any, was drained above
-                _shield(lambda: unregister(w))
+                run_to_end(lambda: unregister(w))
         registered.clear()
     if error is None:
         mapping.check_same_file()  # a file rewritten meanwhile: ESTALE, not mixed bytes
@@ -427,13 +427,6 @@ def run_mapped(mapping: FileMapping, plan: LoadPlan, windows: Sequence[Piece], s
         run.left.sort(key=lambda p: p.file_offset)
     return run
 
-
-def _shield(fn) -> None:
-    """Run a cleanup step to the end even if a KeyboardInterrupt lands in it (re-run once)."""
-    try:
-        fn()
-    except KeyboardInterrupt:
-        fn()
 
 
 __all__ = ["FileMapping", "MADV_POPULATE_READ", "MIN_RESIDENT_FRACTION", "MappedRun", "Registrar", "Window",

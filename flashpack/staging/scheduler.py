@@ -19,7 +19,7 @@ from typing import Sequence
 
 from ..format import WeightMap, verify_chunk
 from ..io import Extent, Reader
-from ..io.sync import Gate
+from ..io.sync import Gate, run_to_end
 from ..io.threads import named_pool, wait_all
 from ..plan import LoadPlan, round_up
 from ..settings import PAGE_NBYTES
@@ -181,6 +181,7 @@ def run_staged(reader: Reader, wm: WeightMap, plan: LoadPlan, pieces: Sequence[P
                 except Exception as e:  # noqa: BLE001 - raised after draining
                     error = e
                 finally:
+                    run_to_end(lambda: wait_all(checking))  # an interrupt in the wait above: checks still read it
                     ring.release(fill.slot, fence)
                     del filling[fill.slot.index]
             if error is not None:
@@ -190,9 +191,9 @@ def run_staged(reader: Reader, wm: WeightMap, plan: LoadPlan, pieces: Sequence[P
             error = e
     finally:
         if error is not None:
-            _shield(reader.close)  # drains every submitted read
-        _shield(lambda: wait_all(checking))  # no hash task reads a slot once the ring may be freed
-        _shield(gate.close)
+            run_to_end(reader.close)  # drains every submitted read
+        run_to_end(lambda: wait_all(checking))  # no hash task reads a slot once the ring may be freed
+        run_to_end(gate.close)
         try:
             sink.drain()
         except BaseException as e:  # noqa: BLE001
@@ -205,13 +206,6 @@ def run_staged(reader: Reader, wm: WeightMap, plan: LoadPlan, pieces: Sequence[P
         raise error
     return verified
 
-
-def _shield(fn) -> None:
-    """Run a cleanup step to the end even if a KeyboardInterrupt lands in it (re-run once)."""
-    try:
-        fn()
-    except KeyboardInterrupt:
-        fn()
 
 
 def default_hash_threads() -> int:
