@@ -19,7 +19,7 @@ import torch
 from .errors import FlashPackError, ModelMismatchError, ModelNotFoundError, UsageError
 from .format import DTYPE_ITEMSIZE, DTYPE_NAMES, TENSOR_ALIGN, WeightMap, torch_dtype, verify_chunk
 from .io import Extent, open_reader, read_all
-from .io.sync import HelperThread, Latch
+from .io.sync import DeferredInterrupts, HelperThread, Latch
 from .loading.common import LoadStats, aligned_empty, assemble, cache_mode, parse_device, prepare, reconstruct
 from .loading.distributed import group_for, load_distributed
 from .loading.host import mmap_payload, read_into
@@ -100,8 +100,21 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         ValueError: ``cache`` is not ``auto``, ``keep`` or ``bypass``.
         ModelNotFoundError (``FileNotFoundError``): a repo id that is not cached while offline, cannot be
             fetched, or holds no pack (naming the id and what to do); a missing ``subfolder``.
+        KeyboardInterrupt: Ctrl-C in the main thread is held back while the load runs
+            (:class:`flashpack.io.sync.DeferredInterrupts`): the load stops at its next finished extent, or ends,
+            cleans up to the end (threads joined, memory and descriptors freed) and raises it then.
         No tensor is returned when anything fails.
     """
+    with DeferredInterrupts() as interrupts:
+        return _load(path, device=device, backend=backend, keys=keys, verify=verify, mmap=mmap,
+                     process_group=process_group, src_rank=src_rank, stats=stats, progress=progress, cache=cache,
+                     subfolder=subfolder, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
+                     token=token, interrupts=interrupts)
+
+
+def _load(path, *, device, backend, keys, verify, mmap, process_group, src_rank, stats, progress, cache, subfolder,
+          revision, local_files_only, cache_dir, token, interrupts: DeferredInterrupts) -> dict[str, torch.Tensor]:
+    """:func:`load`'s body, with Ctrl-C held back by ``interrupts``."""
     path = _local_pack(path, keys, subfolder=subfolder, revision=revision, local_files_only=local_files_only,
                        cache_dir=cache_dir, token=token)
     dev = parse_device(device)
@@ -140,7 +153,8 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         buffer, plan = mmap_payload(wm, plan, job.verify, stats)
     else:
         mode = cache_mode(cache, plan.read_nbytes, cfg, stats)
-        bar = Progress(plan.read_nbytes, progress, cfg, f"load {os.path.basename(wm.path)}")
+        bar = Progress(plan.read_nbytes, progress, cfg, f"load {os.path.basename(wm.path)}",
+                       stop=interrupts.check if interrupts.active else None)
         try:
             if dev.type == "cuda":
                 buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
@@ -679,8 +693,9 @@ def verify(path: str | os.PathLike, *, backend: str | None = None, buffer_nbytes
     buf = aligned_empty(per * (wm.chunk_nbytes + PAGE_NBYTES))
     mv = memoryview(buf.numpy()).cast("B")
     stride = wm.chunk_nbytes + PAGE_NBYTES
-    with open_reader(path, backend, expect=wm.file_id, cfg=cfg) as reader:
+    with DeferredInterrupts() as interrupts, open_reader(path, backend, expect=wm.file_id, cfg=cfg) as reader:
         for i in range(0, len(chunks), per):
+            interrupts.check()  # Ctrl-C: between batches, so the reader closes uncut
             batch = chunks[i:i + per]
             exts = []
             for j, c in enumerate(batch):

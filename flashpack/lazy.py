@@ -30,6 +30,7 @@ import torch
 from .errors import UsageError, WeightMapError
 from .format import Chunk, TensorInfo, WeightMap, torch_dtype, verify_chunk
 from .io import Extent, Reader, open_reader, read_all
+from .io.sync import DeferredInterrupts
 from .loading.common import LoadStats, parse_device
 from .loading.memory import aligned_empty
 from .settings import MiB, Settings, settings
@@ -161,7 +162,8 @@ class _File:
         reader = self._reader()
         before = (reader.stats.bytes_read, reader.stats.bytes_direct, reader.stats.bytes_buffered)
         try:
-            read_all(reader, extents)
+            with DeferredInterrupts():  # a Ctrl-C lands after the reads drained, not inside the reader's cleanup
+                read_all(reader, extents)
         except BaseException:
             self.reader = None  # every read has drained; a later call opens a fresh reader
             reader.close()

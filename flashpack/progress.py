@@ -39,12 +39,16 @@ class Progress:
         callback: ``callback(done, total)`` or ``None``; called at start (0), on every :meth:`add`.
         cfg: the settings read once by the caller.
         desc: the bar's label (``"load model.flashpack"``).
+        stop: ``None``, or called first on every :meth:`add` and may raise to stop the work there
+            (:meth:`flashpack.io.sync.DeferredInterrupts.check`: a Ctrl-C held back during a load).
     """
 
-    def __init__(self, total_nbytes: int, callback: ProgressCallback | None, cfg: Settings, desc: str = ""):
+    def __init__(self, total_nbytes: int, callback: ProgressCallback | None, cfg: Settings, desc: str = "",
+                 stop: Callable[[], None] | None = None):
         self.total = int(total_nbytes)
         self.done = 0
         self._cb = callback
+        self._stop = stop
         self._lock = threading.Lock()
         self._bar = None
         if want_bar(self.total, cfg):
@@ -57,11 +61,17 @@ class Progress:
 
     @property
     def active(self) -> bool:
-        """Whether anyone listens (a callback or a bar): callers may skip the counting otherwise."""
-        return self._cb is not None or self._bar is not None
+        """Whether anyone listens (a callback, a bar or a stop check): callers may skip the counting otherwise."""
+        return self._cb is not None or self._bar is not None or self._stop is not None
 
     def add(self, nbytes: int) -> None:
-        """``nbytes`` more are done (capped at the total)."""
+        """``nbytes`` more are done (capped at the total).
+
+        Raises:
+            Whatever ``stop`` raises (KeyboardInterrupt), before counting.
+        """
+        if self._stop is not None:
+            self._stop()
         with self._lock:
             step = max(0, min(nbytes, self.total - self.done))
             self.done += step

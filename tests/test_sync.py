@@ -492,3 +492,106 @@ def test_prefetcher_close_interrupted_while_joining_still_waits_for_the_helper_a
         assert len(joins) == 2 and helper.exited.is_set() and p._addr == 0
     finally:
         os.close(fd)
+
+
+def test_deferred_interrupts_hold_ctrl_c_back_until_a_check_or_the_end():
+    """:class:`flashpack.io.sync.DeferredInterrupts`, what ``flashpack.load`` runs under: a Ctrl-C during the block
+    raises nothing there (no cleanup can be cut short); :meth:`check` raises it once; otherwise the block's end re-sends
+    it to the program's handler, once."""
+    import signal
+
+    from flashpack.io.sync import DeferredInterrupts
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        with DeferredInterrupts() as held:
+            assert held.active
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # plenty of signal checks: nothing is raised here
+                len("x")
+            assert held.pending
+            reached_end = True
+    assert reached_end and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    with pytest.raises(KeyboardInterrupt):
+        with DeferredInterrupts() as held:
+            held.check()  # nothing pending: returns
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            try:
+                held.check()
+            except KeyboardInterrupt:
+                held.check()  # raised once only: the cleanup's own checks pass
+                raise
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    with pytest.raises(KeyboardInterrupt):  # nested (assign_from_file calling load): one record, one delivery
+        with DeferredInterrupts() as outer:
+            with DeferredInterrupts() as inner:
+                assert inner.active
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+            assert outer.pending  # the inner block's end delivers nothing
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    with DeferredInterrupts() as held:
+        pass
+    assert not held.pending  # no Ctrl-C: nothing raised at the end
+
+
+def test_deferred_interrupts_hand_a_held_ctrl_c_to_the_programs_own_handler_and_do_nothing_off_the_main_thread():
+    import signal
+
+    from flashpack.io.sync import DeferredInterrupts
+
+    seen = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with DeferredInterrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert seen == []
+        time.sleep(0.01)
+        assert seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+    states = []
+
+    def worker():
+        with DeferredInterrupts() as held:
+            states.append((held.active, signal.getsignal(signal.SIGINT) is signal.default_int_handler))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(10)
+    assert states == [(False, True)]
+
+
+def test_a_load_interrupted_by_ctrl_c_stops_at_its_next_extent_and_raises_after_cleaning_up(tmp_path):
+    """Ctrl-C during ``flashpack.load``: the load stops at the next finished extent (not at the end), raises
+    KeyboardInterrupt once its cleanup ran, and the process's handler is back."""
+    import signal
+
+    import torch
+
+    import flashpack
+
+    path = str(tmp_path / "m.flashpack")
+    flashpack.pack_to_file({f"w{i}": torch.full((1024, 1024), i, dtype=torch.float32) for i in range(8)}, path)
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if len(calls) == 2:  # the first extent landed
+            os.kill(os.getpid(), signal.SIGINT)
+
+    whole = []
+    flashpack.load(path, backend="threads", progress=lambda done, total: whole.append(done))
+    assert len(whole) > 3  # the start, then one call per finished extent
+    with pytest.raises(KeyboardInterrupt):
+        flashpack.load(path, backend="threads", progress=progress)
+    assert len(calls) == 2  # stopped at the next extent: its count never reached the callback
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    sd = flashpack.load(path)
+    assert all(torch.equal(sd[f"w{i}"], torch.full((1024, 1024), i, dtype=torch.float32)) for i in range(8))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import _thread
 import logging
+import signal
+import threading
 from concurrent.futures import CancelledError
 
 log = logging.getLogger(__name__)
@@ -200,6 +202,80 @@ def run_to_end(fn) -> KeyboardInterrupt | None:
             return first
         except KeyboardInterrupt as e:
             first = first or e
+
+
+class DeferredInterrupts:
+    """Holds Ctrl-C (SIGINT) back while a load runs in the main thread, so that no KeyboardInterrupt lands inside its
+    cleanup: the load stops at its next :meth:`check` (each finished extent or slot, through
+    :class:`flashpack.progress.Progress`), or, if none comes, the interrupt is delivered when the block ends.
+
+    Why: a KeyboardInterrupt is raised at any signal check of the main thread: after any call returns, at any
+    function's first bytecode. Cleanup code (closing a reader, unregistering windows, waiting for tasks) cut at such a
+    point leaked a registration or left a thread writing into freed memory, whatever re-runs guarded it (found by
+    review). With the handler swapped for one that only records (signal(2), Python's ``signal.signal``: handlers run
+    in the main thread between bytecodes), the load raises KeyboardInterrupt itself, at a point where its cleanup then
+    runs to the end.
+
+    On entry, in the main thread, the SIGINT handler is replaced (nested blocks share the outer one's record); in any
+    other thread, where Python raises no KeyboardInterrupt, or where the handler was not set from Python
+    (``signal.getsignal`` gives ``None``), nothing changes. On exit the handler is put back and a Ctrl-C that was
+    recorded and not yet raised by :meth:`check` is re-sent with ``signal.raise_signal``, so the program's own handler
+    (KeyboardInterrupt by default, or whatever it installed) sees it, once. A Ctrl-C while a read is stuck in the
+    kernel waits for that read, as it did before (the reader's close waits for it).
+    """
+
+    __slots__ = ("pending", "raised", "_owner", "_old")
+
+    def __init__(self) -> None:
+        self.pending = False  # a Ctrl-C arrived and was not delivered yet
+        self.raised = False  # check() raised it
+        self._owner: DeferredInterrupts | None = None  # the block whose handler records (self, or an outer one)
+        self._old = None
+
+    def _record(self, signum, frame) -> None:
+        self.pending = True
+
+    def __enter__(self) -> "DeferredInterrupts":
+        if _thread.get_ident() != threading.main_thread().ident:  # only it sees KeyboardInterrupt (signal docs)
+            return self
+        current = signal.getsignal(signal.SIGINT)
+        outer = getattr(current, "__self__", None)
+        if isinstance(outer, DeferredInterrupts):
+            self._owner = outer._owner
+            return self
+        if current is None:
+            return self
+        try:
+            self._old = signal.signal(signal.SIGINT, self._record)
+        except ValueError:  # not the main interpreter
+            return self
+        self._owner = self
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether Ctrl-C is being held back for this block (main thread, a handler set from Python)."""
+        return self._owner is not None
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if Ctrl-C was pressed since the block began (once).
+
+        Raises:
+            KeyboardInterrupt: at a point where the caller's cleanup may run (it is not cut short: Ctrl-C is held back
+                until the block ends).
+        """
+        owner = self._owner
+        if owner is not None and owner.pending and not owner.raised:
+            owner.raised = True
+            raise KeyboardInterrupt
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._owner is not self:
+            return
+        signal.signal(signal.SIGINT, self._old)
+        if self.pending and not self.raised and not (exc_type is not None and issubclass(exc_type, KeyboardInterrupt)):
+            self.raised = True
+            signal.raise_signal(signal.SIGINT)  # the program's handler now; by default KeyboardInterrupt from here
 
 
 _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
