@@ -100,21 +100,12 @@ def load(path: str | os.PathLike | WeightMap, *, device: str | torch.device = "c
         ValueError: ``cache`` is not ``auto``, ``keep`` or ``bypass``.
         ModelNotFoundError (``FileNotFoundError``): a repo id that is not cached while offline, cannot be
             fetched, or holds no pack (naming the id and what to do); a missing ``subfolder``.
-        KeyboardInterrupt: Ctrl-C in the main thread is held back while the load runs
-            (:class:`flashpack.io.sync.DeferredInterrupts`): the load stops at its next finished extent, or ends,
-            cleans up to the end (threads joined, memory and descriptors freed) and raises it then.
+        KeyboardInterrupt: while the payload is read (host or CUDA), Ctrl-C in the main thread, with Python's
+            default handler, is held back (:class:`flashpack.io.sync.DeferredInterrupts`): the load stops at its
+            next finished extent (or at the end), cleans up to the end (threads joined, memory and descriptors
+            freed) and raises it then.
         No tensor is returned when anything fails.
     """
-    with DeferredInterrupts() as interrupts:
-        return _load(path, device=device, backend=backend, keys=keys, verify=verify, mmap=mmap,
-                     process_group=process_group, src_rank=src_rank, stats=stats, progress=progress, cache=cache,
-                     subfolder=subfolder, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
-                     token=token, interrupts=interrupts)
-
-
-def _load(path, *, device, backend, keys, verify, mmap, process_group, src_rank, stats, progress, cache, subfolder,
-          revision, local_files_only, cache_dir, token, interrupts: DeferredInterrupts) -> dict[str, torch.Tensor]:
-    """:func:`load`'s body, with Ctrl-C held back by ``interrupts``."""
     path = _local_pack(path, keys, subfolder=subfolder, revision=revision, local_files_only=local_files_only,
                        cache_dir=cache_dir, token=token)
     dev = parse_device(device)
@@ -153,21 +144,24 @@ def _load(path, *, device, backend, keys, verify, mmap, process_group, src_rank,
         buffer, plan = mmap_payload(wm, plan, job.verify, stats)
     else:
         mode = cache_mode(cache, plan.read_nbytes, cfg, stats)
-        bar = Progress(plan.read_nbytes, progress, cfg, f"load {os.path.basename(wm.path)}",
-                       stop=interrupts.check if interrupts.active else None)
-        try:
-            if dev.type == "cuda":
-                buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
-                                           progress=bar, cache=mode)
-            else:
-                dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages, fill=mode == "keep",
-                                   userfaultfd=cfg.userfaultfd)
-                stats.memory = dest.kind
-                buffer = dest.tensor
-                read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg, progress=bar,
-                          populate=dest.prefault, cache=mode, fill=dest.region)
-        finally:
-            bar.close()
+        # Ctrl-C held back while the reads run, so it cannot cut their cleanup (a review found nine ways it did);
+        # the load stops at its next finished extent instead (Progress calls interrupts.check)
+        with DeferredInterrupts() as interrupts:
+            bar = Progress(plan.read_nbytes, progress, cfg, f"load {os.path.basename(wm.path)}",
+                           stop=interrupts.check if interrupts.active else None)
+            try:
+                if dev.type == "cuda":
+                    buffer = load_payload_cuda(wm, plan, dev, backend=backend, verify=job.verify, stats=stats,
+                                               cfg=cfg, progress=bar, cache=mode)
+                else:
+                    dest = host_buffer(plan.buffer_nbytes, huge_pages=cfg.huge_pages, fill=mode == "keep",
+                                       userfaultfd=cfg.userfaultfd)
+                    stats.memory = dest.kind
+                    buffer = dest.tensor
+                    read_into(wm, plan, buffer, backend=backend, verify=job.verify, stats=stats, cfg=cfg,
+                              progress=bar, populate=dest.prefault, cache=mode, fill=dest.region)
+            finally:
+                bar.close()
     return assemble(job, buffer, plan)
 
 

@@ -216,21 +216,21 @@ class DeferredInterrupts:
     in the main thread between bytecodes), the load raises KeyboardInterrupt itself, at a point where its cleanup then
     runs to the end.
 
-    On entry, in the main thread, the SIGINT handler is replaced (nested blocks share the outer one's record); in any
-    other thread, where Python raises no KeyboardInterrupt, or where the handler was not set from Python
-    (``signal.getsignal`` gives ``None``), nothing changes. On exit the handler is put back and a Ctrl-C that was
-    recorded and not yet raised by :meth:`check` is re-sent with ``signal.raise_signal``, so the program's own handler
-    (KeyboardInterrupt by default, or whatever it installed) sees it, once. A Ctrl-C while a read is stuck in the
-    kernel waits for that read, as it did before (the reader's close waits for it).
+    On entry, in the main thread, Python's default SIGINT handler (``signal.default_int_handler``, which raises
+    KeyboardInterrupt) is replaced by a recorder (nested blocks share the outer one's record). Any other handler
+    (``SIG_IGN``, ``SIG_DFL``, the program's own, or one not set from Python) is left alone, as is every thread but the
+    main one, where Python raises no KeyboardInterrupt. On exit the default handler is put back and a Ctrl-C that was
+    recorded and not yet raised by :meth:`check` is re-sent with ``signal.raise_signal``: KeyboardInterrupt, once.
+    Hold it back only around work that reaches :meth:`check` often (the reads of a load): a Ctrl-C while a read is
+    stuck in the kernel waits for that read, as it did before (the reader's close waits for it).
     """
 
-    __slots__ = ("pending", "raised", "_owner", "_old")
+    __slots__ = ("pending", "raised", "_owner")
 
     def __init__(self) -> None:
         self.pending = False  # a Ctrl-C arrived and was not delivered yet
         self.raised = False  # check() raised it
         self._owner: DeferredInterrupts | None = None  # the block whose handler records (self, or an outer one)
-        self._old = None
 
     def _record(self, signum, frame) -> None:
         self.pending = True
@@ -243,13 +243,16 @@ class DeferredInterrupts:
         if isinstance(outer, DeferredInterrupts):
             self._owner = outer._owner
             return self
-        if current is None:
-            return self
+        if current is not signal.default_int_handler:
+            return self  # SIG_IGN, SIG_DFL, the program's own handler: its Ctrl-C is its business (found by review)
         try:
-            self._old = signal.signal(signal.SIGINT, self._record)
+            signal.signal(signal.SIGINT, self._record)
+            self._owner = self
         except ValueError:  # not the main interpreter
             return self
-        self._owner = self
+        except BaseException:  # another signal's handler raised in between: leave no recorder behind
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise
         return self
 
     @property
@@ -272,7 +275,8 @@ class DeferredInterrupts:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._owner is not self:
             return
-        signal.signal(signal.SIGINT, self._old)
+        if signal.getsignal(signal.SIGINT) == self._record:  # not if code inside installed a handler of its own
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if self.pending and not self.raised and not (exc_type is not None and issubclass(exc_type, KeyboardInterrupt)):
             self.raised = True
             signal.raise_signal(signal.SIGINT)  # the program's handler now; by default KeyboardInterrupt from here
