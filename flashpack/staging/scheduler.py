@@ -129,12 +129,13 @@ def run_staged(reader: Reader, wm: WeightMap, plan: LoadPlan, pieces: Sequence[P
     pool = named_pool("verify", hash_threads) if hash_threads > 1 else None
     checking: list = []  # the slot's checks in flight: waited for before this returns, whatever interrupted it
     gate = Gate()  # and any a KeyboardInterrupt kept out of `checking`
-    check_task = None  # check as a task of the gate, made on first use
 
     def check(ci: int, slot: Slot, piece: Piece) -> None:
         c = plan.chunks[ci]
         so = c.offset - piece.file_offset
         verify_chunk(wm, c, slot.view[so:so + c.nbytes])
+
+    check_task = gate.wrap(check)  # for the pool: skipped once the gate closed
 
     try:
         while True:
@@ -169,7 +170,6 @@ def run_staged(reader: Reader, wm: WeightMap, plan: LoadPlan, pieces: Sequence[P
                         ids = fill.piece.chunks
                         if pool is not None and len(ids) > 1:
                             # every check ends before the slot goes back to the ring, the failed ones included
-                            check_task = check_task or gate.wrap(check)
                             checking[:] = [pool.submit(check_task, ci, fill.slot, fill.piece) for ci in ids]
                             failed = wait_all(checking)
                             if failed is not None:
