@@ -205,7 +205,7 @@ def run_to_end(fn) -> KeyboardInterrupt | None:
 
 
 class DeferredInterrupts:
-    """Holds Ctrl-C (SIGINT) back while a load runs in the main thread, so that no KeyboardInterrupt lands inside its
+    """Holds Ctrl-C (SIGINT) back while a load reads in the main thread, so that no KeyboardInterrupt lands inside its
     cleanup: the load stops at its next :meth:`check` (each finished extent or slot, through
     :class:`flashpack.progress.Progress`), or, if none comes, the interrupt is delivered when the block ends.
 
@@ -257,7 +257,7 @@ class DeferredInterrupts:
 
     @property
     def active(self) -> bool:
-        """Whether Ctrl-C is being held back for this block (main thread, a handler set from Python)."""
+        """Whether Ctrl-C is being held back for this block (main thread, Python's default handler in place)."""
         return self._owner is not None
 
     def check(self) -> None:
